@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-bdlora",
+    version="0.1.0",
+    description="Block-Diagonal LoRA (BD-LoRA) for Llama on Megatron-Core tensor parallelism",
+    packages=find_packages(include=["megatron_bdlora", "megatron_bdlora.*"]),
+    python_requires=">=3.10",
+    # torch is deliberately pinned by the Makefile before this package is installed:
+    # a bare `torch` requirement here would pull the CUDA build on a CPU machine.
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "transformers>=4.56",
+        "peft>=0.19",
+        "safetensors>=0.4",
+        "datasets>=3.0",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "wandb>=0.18",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+)
