@@ -1,0 +1,79 @@
+"""The autograd-aware TP collectives the LoRA baselines need (BD-LoRA needs none of them).
+
+Megatron-Core's own mappings assume the tensor downstream of a gather is used identically on
+every rank; S-LoRA's is not (each rank multiplies it by a different B shard), so the backward
+of its all-gather is a reduce-scatter and the backward of its all-reduce is an all-reduce.
+"""
+
+import torch
+import torch.distributed as dist
+
+
+def _tp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group()
+
+
+class _AllGatherLastDim(torch.autograd.Function):
+    """Forward: all-gather along the last dim. Backward: reduce-scatter along it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        group = _tp_group()
+        t = dist.get_world_size(group)
+        xt = x.movedim(-1, 0).contiguous()
+        out = torch.empty((t * xt.shape[0],) + xt.shape[1:], dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, xt, group=group)
+        return out.movedim(0, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group = _tp_group()
+        t = dist.get_world_size(group)
+        gt = grad.movedim(-1, 0).contiguous()
+        out = torch.empty((gt.shape[0] // t,) + gt.shape[1:], dtype=grad.dtype, device=grad.device)
+        dist.reduce_scatter_tensor(out, gt, group=group)
+        return out.movedim(0, -1)
+
+
+class _AllReduceBoth(torch.autograd.Function):
+    """Forward: all-reduce a partial sum. Backward: all-reduce the partial gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x, group=_tp_group())
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=_tp_group())
+        return grad
+
+
+class _AllReduceGrad(torch.autograd.Function):
+    """Identity forward; all-reduce the gradient (a factor replicated over TP ranks)."""
+
+    @staticmethod
+    def forward(ctx, w):
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=_tp_group())
+        return grad
+
+
+def all_gather_last_dim(x):
+    return _AllGatherLastDim.apply(x) if dist.get_world_size(_tp_group()) > 1 else x
+
+
+def all_reduce_fwd_bwd(x):
+    return _AllReduceBoth.apply(x) if dist.get_world_size(_tp_group()) > 1 else x
+
+
+def replicated_factor(w):
+    return _AllReduceGrad.apply(w) if dist.get_world_size(_tp_group()) > 1 else w

@@ -1,0 +1,288 @@
+"""LoRA / BD-LoRA around Megatron-Core's ColumnParallelLinear and RowParallelLinear.
+
+One self-contained module, `AdapterLinear`, holding this rank's pieces of the factors. How the
+factors are split over TP ranks is the strategy (design.md §2):
+
+  column layer (x replicated, W split by output rows)
+    bd:         A split on r, B block-diagonal (each rank owns whole blocks)  -> no communication
+    slora:      A split on r -> all-gather (b, r) -> B split on out
+    replicated: full A on every rank, B split on out; A's gradient all-reduced over TP
+  row layer (x split by input columns, partial sums all-reduced once)
+    bd:         A block-diagonal, B split on r; partial added before the base all-reduce
+    slora:      A split on in -> all-reduce (b, r) -> B split on out, added to this rank's slice
+    replicated: A split on in, full B on every rank; B's gradient all-reduced over TP
+
+Column layers share the base layer's input-gradient all-reduce: the input goes through one
+`copy_to_tensor_model_parallel_region`, the base layer stops reducing, and autograd adds the
+base and LoRA input gradients before the single reduction. Row layers add their partial to the
+base partial before the base's own all-reduce.
+
+Every factor has a TP-independent *global* form (whole factors, or per-block stacks for the
+block-diagonal ones); this rank's parameter is a chunk of it along `shard_dims[name]`. Global
+factors are drawn from generators seeded by (seed, module, group/block), so TP=1, 2, 4 of the
+same config hold the same adapter.
+"""
+
+import hashlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_bdlora.adapters import comm
+from megatron_bdlora.adapters.config import AdapterConfig
+from megatron_bdlora.adapters.layer_types import TargetSpec
+
+
+def _seed(*key) -> int:
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _kaiming_uniform(shape, fan_in, key) -> torch.Tensor:
+    """kaiming_uniform_(a=sqrt(5)) over the true fan-in: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / fan_in**0.5
+    gen = torch.Generator().manual_seed(_seed(*key))
+    return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+
+
+def validate(spec: TargetSpec, cfg: AdapterConfig, tp: int, name: str) -> None:
+    """The constraints of design.md §1, each a one-line error naming the fix."""
+    r = cfg.rank
+    if cfg.strategy == "bd":
+        n = cfg.nblocks
+        if n % tp:
+            raise ValueError(f"tensor-model-parallel-size {tp} does not divide --bd-nblocks {n}: "
+                             f"BD-LoRA with {n} blocks runs at TP in {_divisors(n)}")
+        if spec.kind == "column":
+            for c, out in spec.constituents:
+                if out % n:
+                    raise ValueError(f"{name}: {c} output size {out} is not divisible by "
+                                     f"--bd-nblocks {n}")
+            if spec.interleave > 1 and spec.interleave % n:
+                raise ValueError(f"{name}: --bd-nblocks {n} must divide num_query_groups "
+                                 f"{spec.interleave}; use N in {_divisors(spec.interleave)}")
+        elif spec.in_features % n:
+            raise ValueError(f"{name}: input size {spec.in_features} is not divisible by "
+                             f"--bd-nblocks {n}")
+    elif cfg.strategy == "slora" and r % tp:
+        raise ValueError(f"S-LoRA splits the rank over TP ranks: --lora-rank {r} must be a "
+                         f"multiple of tensor-model-parallel-size {tp}")
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+class AdapterLinear(nn.Module):
+    """A frozen Megatron-Core parallel linear plus this rank's share of a LoRA / BD-LoRA adapter."""
+
+    def __init__(self, base: nn.Module, spec: TargetSpec, cfg: AdapterConfig, name: str,
+                 tp_rank: int, tp_size: int):
+        super().__init__()
+        validate(spec, cfg, tp_size, name)
+        self.base, self.spec, self.cfg, self.name = base, spec, cfg, name
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.strategy = cfg.strategy
+        self.scale = cfg.scale
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.merged = False
+        if spec.kind == "column":
+            # The LoRA branch and the base share one input-gradient all-reduce (ours).
+            base.disable_grad_reduce = True
+            base.allreduce_dgrad = False
+        else:
+            # The base returns its partial sum; we add ours and reduce once.
+            if not base.skip_bias_add and base.bias is not None:
+                raise ValueError(f"{name}: row-parallel layer with a fused bias is not supported")
+            base.explicit_expert_comm = True
+            base.skip_bias_add = True
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+        self.shard_dims = {}
+        self.lora_B = nn.ParameterDict()
+        device = base.weight.device
+        for pname, (global_shape, dim, init) in self.global_layout().items():
+            local = torch.empty(self._local_shape(global_shape, dim), device=device)
+            if device.type != "meta":
+                local = self._shard(init(global_shape), dim).to(device)
+            param = nn.Parameter(local.contiguous())
+            if pname == "lora_A":
+                self.lora_A = param
+            else:
+                self.lora_B[pname.split(".", 1)[1]] = param
+            self.shard_dims[pname] = dim
+
+    # ---- layout -----------------------------------------------------------------------------
+    @property
+    def groups(self) -> list:
+        """A-factor groups: one per constituent (canonical) or one shared (fused / row)."""
+        if self.spec.kind == "column" and self.cfg.layout == "canonical":
+            return [c for c, _ in self.spec.constituents]
+        return ["fused"] if self.spec.kind == "column" else [self.spec.constituents[0][0]]
+
+    def group_of(self, constituent: str) -> int:
+        groups = self.groups
+        return groups.index(constituent) if constituent in groups else 0
+
+    @property
+    def local_groups(self) -> int:
+        """Interleave groups in this rank's fused output (qkv: its query groups; else 1)."""
+        return max(1, self.spec.interleave // self.tp_size)
+
+    def global_layout(self) -> dict:
+        """{param name: (global shape, TP shard dim or None, init fn)} — the TP-independent form."""
+        r, n, s = self.cfg.rank, self.cfg.nblocks, self.spec
+        seed, name, zeros = self.cfg.seed, self.name, torch.zeros
+        bd = self.strategy == "bd"
+        layout = {}
+        if s.kind == "column":
+            groups = self.groups
+
+            def init_a(shape):
+                return torch.stack([_kaiming_uniform(shape[1:], s.in_features, (seed, name, g))
+                                    for g in groups])
+
+            layout["lora_A"] = ((len(groups), r, s.in_features),
+                                None if self.strategy == "replicated" else 1, init_a)
+            for c, out in s.constituents:
+                shape = (n, out // n, r // n) if bd else (out, r)
+                layout[f"lora_B.{c}"] = (shape, 0, zeros)
+        else:
+            (c, out), = s.constituents
+            if bd:
+                def init_a(shape):
+                    return torch.stack([_kaiming_uniform(shape[1:], shape[2], (seed, name, j))
+                                        for j in range(shape[0])])
+
+                layout["lora_A"] = ((n, r // n, s.in_features // n), 0, init_a)
+                layout[f"lora_B.{c}"] = ((out, r), 1, zeros)
+            else:
+                layout["lora_A"] = ((r, s.in_features), 1,
+                                    lambda shape: _kaiming_uniform(shape, s.in_features, (seed, name)))
+                layout[f"lora_B.{c}"] = ((out, r), 0 if self.strategy == "slora" else None, zeros)
+        return layout
+
+    def _local_shape(self, shape, dim):
+        if dim is None:
+            return shape
+        return shape[:dim] + (shape[dim] // self.tp_size,) + shape[dim + 1:]
+
+    def _shard(self, tensor, dim):
+        return tensor if dim is None else tensor.chunk(self.tp_size, dim)[self.tp_rank]
+
+    def adapter_params(self) -> dict:
+        return {"lora_A": self.lora_A, **{f"lora_B.{c}": p for c, p in self.lora_B.items()}}
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, x, *args, **kwargs):
+        if self.spec.kind == "column":
+            return self._column_forward(x, *args, **kwargs)
+        return self._row_forward(x, *args, **kwargs)
+
+    def _column_forward(self, x, *args, **kwargs):
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        x = copy_to_tensor_model_parallel_region(x)
+        out, bias = self.base(x, *args, **kwargs)
+        if self.merged:
+            return out, bias
+        a = self.lora_A if self.strategy != "replicated" else comm.replicated_factor(self.lora_A)
+        u = torch.einsum("...i,gri->...gr", self.dropout(x), a)  # (..., groups, r_local)
+        if self.strategy == "slora":
+            u = comm.all_gather_last_dim(u)
+        ys = []
+        for c, b in self.lora_B.items():
+            uc = u[..., self.group_of(c), :]
+            if self.strategy == "bd":
+                nb, _, rb = b.shape
+                y = torch.einsum("...nr,nor->...no", uc.unflatten(-1, (nb, rb)), b).flatten(-2)
+            else:
+                y = F.linear(uc, b)
+            ys.append(y.unflatten(-1, (self.local_groups, -1)))
+        delta = torch.cat(ys, dim=-1).flatten(-2)
+        return out + self.scale * delta, bias
+
+    def _row_forward(self, x, *args, **kwargs):
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+        partial, bias = self.base(x, *args, **kwargs)  # not yet reduced
+        if not self.merged:
+            (b,) = self.lora_B.values()
+            xd = self.dropout(x)
+            if self.strategy == "bd":
+                nb = self.lora_A.shape[0]
+                u = torch.einsum("...ni,nri->...nr", xd.unflatten(-1, (nb, -1)), self.lora_A)
+                partial = partial + self.scale * F.linear(u.flatten(-2), b)
+            elif self.strategy == "slora":
+                u = comm.all_reduce_fwd_bwd(F.linear(xd, self.lora_A))
+                y = F.linear(u, b) * self.scale  # this rank's slice of the output
+                pad = [self.tp_rank * y.shape[-1], (self.tp_size - 1 - self.tp_rank) * y.shape[-1]]
+                partial = partial + F.pad(y, pad)
+            else:
+                u = F.linear(xd, self.lora_A)
+                partial = partial + self.scale * F.linear(u, comm.replicated_factor(b))
+        return reduce_from_tensor_model_parallel_region(partial), bias
+
+    # ---- merge ------------------------------------------------------------------------------
+    def local_delta(self) -> torch.Tensor:
+        """This rank's ΔW shard (the base weight's local shape). Communication only for S-LoRA,
+        whose factors are not aligned with the base shard."""
+        with torch.no_grad():
+            a, bs = self.lora_A, dict(self.lora_B)
+            if self.strategy == "slora":
+                gathered = self.gather_global()
+                dim_a = 1 if self.spec.kind == "column" else None
+                a = gathered["lora_A"] if dim_a else a
+                if self.spec.kind == "row":
+                    bs = {c: gathered[f"lora_B.{c}"] for c in bs}
+            if self.spec.kind == "column":
+                rows = []
+                for c, b in bs.items():
+                    b = torch.block_diag(*b) if self.strategy == "bd" else b
+                    rows.append((b @ a[self.group_of(c)]).unflatten(0, (self.local_groups, -1)))
+                return self.scale * torch.cat(rows, dim=1).flatten(0, 1)
+            (b,) = bs.values()
+            a = torch.block_diag(*a) if self.strategy == "bd" else a
+            return self.scale * (b @ a)
+
+    def merge(self) -> None:
+        if not self.merged:
+            with torch.no_grad():
+                self.base.weight.add_(self.local_delta().to(self.base.weight.dtype))
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            with torch.no_grad():
+                self.base.weight.sub_(self.local_delta().to(self.base.weight.dtype))
+            self.merged = False
+
+    # ---- TP-independent state ---------------------------------------------------------------
+    def gather_global(self) -> dict:
+        """The global (TP-independent) factors, assembled on every rank of the TP group."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        out = {}
+        for pname, p in self.adapter_params().items():
+            dim = self.shard_dims[pname]
+            if dim is None or self.tp_size == 1:
+                out[pname] = p.detach().clone()
+                continue
+            parts = [torch.empty_like(p) for _ in range(self.tp_size)]
+            dist.all_gather(parts, p.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+            out[pname] = torch.cat(parts, dim=dim)
+        return out
+
+    def load_global(self, tensors: dict) -> None:
+        """Set this rank's shards from global factors (any TP the constraints allow)."""
+        layout = self.global_layout()
+        with torch.no_grad():
+            for pname, p in self.adapter_params().items():
+                shape, dim, _ = layout[pname]
+                t = tensors[pname]
+                if tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"{self.name}.{pname}: checkpoint shape {tuple(t.shape)} does "
+                                     f"not match this adapter's {tuple(shape)}; check rank/nblocks/layout")
+                p.copy_(self._shard(t, dim))

@@ -1,0 +1,86 @@
+"""Put adapters on a GPTModel and work with them as a whole (torchtune-style small utilities)."""
+
+import torch.nn as nn
+
+from megatron_bdlora.adapters.config import AdapterConfig
+from megatron_bdlora.adapters.layer_types import target_spec
+from megatron_bdlora.adapters.layers import AdapterLinear
+
+
+def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> list:
+    """Wrap every target linear of `model` in an AdapterLinear; freeze everything else.
+
+    Raises if a target pattern matches nothing (a typo must not train a silently empty adapter).
+    """
+    from megatron.core import parallel_state as ps
+
+    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    config = model.config
+    found = {t: 0 for t in cfg.target_modules}
+    wrappers = []
+    for name, module in list(model.named_modules()):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in found or isinstance(module, AdapterLinear):
+            continue
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        wrapper = AdapterLinear(module, target_spec(leaf, module, config), cfg, name, tp_rank, tp_size)
+        setattr(parent, leaf, wrapper)
+        wrappers.append(wrapper)
+        found[leaf] += 1
+    missing = [t for t, n in found.items() if n == 0]
+    if missing:
+        raise ValueError(f"adapter target modules {missing} match no module of the model; "
+                         f"check --lora-target-modules")
+    model.adapter_config = cfg
+    return wrappers
+
+
+def adapter_modules(model: nn.Module) -> dict:
+    """{module name: AdapterLinear}, names as in the unwrapped model (TP-independent)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
+
+
+def get_adapter_params(model: nn.Module) -> dict:
+    return {f"{n}.{k}": p for n, m in adapter_modules(model).items()
+            for k, p in m.adapter_params().items()}
+
+
+def set_trainable_params(model: nn.Module, names) -> None:
+    names = set(names)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+
+
+def trainable_param_count(model: nn.Module) -> int:
+    """Parameters this rank trains (a BD-LoRA parameter lives on exactly one TP rank)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def global_adapter_state(model: nn.Module) -> dict:
+    """The whole adapter in TP-independent form, on every TP rank: {"<module>.<param>": tensor}."""
+    return {f"{n}.{k}": t for n, m in adapter_modules(model).items()
+            for k, t in m.gather_global().items()}
+
+
+def load_global_adapter_state(model: nn.Module, tensors: dict) -> None:
+    mods = adapter_modules(model)
+    expected = {f"{n}.{k}" for n, m in mods.items() for k in m.adapter_params()}
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    if missing or unexpected:
+        raise ValueError(f"adapter checkpoint does not match the model: missing "
+                         f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}; "
+                         "check the adapter config (method, target modules, layout)")
+    for n, m in mods.items():
+        m.load_global({k: tensors[f"{n}.{k}"] for k in m.adapter_params()})
+
+
+def merge_adapters(model: nn.Module) -> None:
+    for m in adapter_modules(model).values():
+        m.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for m in adapter_modules(model).values():
+        m.unmerge()

@@ -1,0 +1,105 @@
+"""Hugging Face Llama <-> Megatron-Core GPTModel weights: which HF slices make this rank's shard.
+
+Declarative per parameter (design.md §3), kept apart from I/O: `local_shard(name, read, ...)`
+gets a `read(hf_name, rows=None, cols=None)` callable that returns just the requested slice
+(safetensors slicing for files on disk, plain indexing for in-memory tensors), so a rank never
+materialises more than its own shard.
+"""
+
+import re
+
+import torch
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_LAYER_MAP = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+}
+
+
+def local_shard(name: str, read, hf: dict, tp: int, rank: int, padded_vocab: int) -> torch.Tensor:
+    """This rank's tensor for Megatron parameter `name` (local layer spec names)."""
+    h, heads = hf["hidden_size"], hf["num_attention_heads"]
+    groups = hf.get("num_key_value_heads", heads)
+    d = hf.get("head_dim") or h // heads
+    ffn = hf["intermediate_size"]
+
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        hf_name = "model.embed_tokens.weight" if name.startswith("embedding") else "lm_head.weight"
+        per = padded_vocab // tp
+        lo, hi = rank * per, min((rank + 1) * per, hf["vocab_size"])
+        shard = torch.zeros(per, h, dtype=torch.float32)  # padded rows stay zero
+        if hi > lo:
+            shard[: hi - lo] = read(hf_name, rows=(lo, hi)).float()
+        return shard
+    if name == "decoder.final_layernorm.weight":
+        return read("model.norm.weight")
+    m = _LAYER.match(name)
+    if not m:
+        raise KeyError(f"no Hugging Face mapping for Megatron parameter {name!r}")
+    layer, rest = m.groups()
+    pre = f"model.layers.{layer}."
+    if rest in _LAYER_MAP:
+        return read(pre + _LAYER_MAP[rest])
+    if rest == "self_attention.linear_qkv.weight":
+        gl = groups // tp
+        g0 = rank * gl
+        hpg = heads // groups
+        q = read(pre + "self_attn.q_proj.weight", rows=(g0 * hpg * d, (g0 + gl) * hpg * d))
+        k = read(pre + "self_attn.k_proj.weight", rows=(g0 * d, (g0 + gl) * d))
+        v = read(pre + "self_attn.v_proj.weight", rows=(g0 * d, (g0 + gl) * d))
+        # per query group: [its q heads, its k head, its v head]
+        return torch.cat([q.view(gl, hpg * d, h), k.view(gl, d, h), v.view(gl, d, h)], 1).reshape(-1, h)
+    if rest == "self_attention.linear_proj.weight":
+        per = heads * d // tp
+        return read(pre + "self_attn.o_proj.weight", cols=(rank * per, (rank + 1) * per))
+    if rest == "mlp.linear_fc1.weight":
+        per = ffn // tp
+        rows = (rank * per, (rank + 1) * per)
+        return torch.cat([read(pre + "mlp.gate_proj.weight", rows=rows),
+                          read(pre + "mlp.up_proj.weight", rows=rows)], 0)
+    if rest == "mlp.linear_fc2.weight":
+        per = ffn // tp
+        return read(pre + "mlp.down_proj.weight", cols=(rank * per, (rank + 1) * per))
+    raise KeyError(f"no Hugging Face mapping for Megatron parameter {name!r}")
+
+
+def base_param_names(model) -> dict:
+    """{Megatron name as in the unwrapped model: parameter} for the frozen base weights."""
+    out = {}
+    for n, p in model.named_parameters():
+        if ".lora_" in n:
+            continue
+        out[n.replace(".base.", ".")] = p
+    return out
+
+
+def load_base_weights(model, read, hf: dict) -> None:
+    """Fill every base parameter of a (possibly adapter-wrapped) GPTModel from HF slices."""
+    from megatron.core import parallel_state as ps
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    padded = model.embedding.word_embeddings.weight.shape[0] * tp
+    with torch.no_grad():
+        for name, p in base_param_names(model).items():
+            if name == "output_layer.weight" and hf.get("tie_word_embeddings"):
+                continue
+            t = local_shard(name, read, hf, tp, rank, padded)
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"{name}: Hugging Face slice has shape {tuple(t.shape)}, the model "
+                                 f"expects {tuple(p.shape)}; does config.json match the weights?")
+            p.copy_(t.to(p.dtype))
+
+
+def tensor_reader(state_dict: dict):
+    """`read` over in-memory HF tensors (tests, freshly built models)."""
+
+    def read(name, rows=None, cols=None):
+        t = state_dict[name]
+        if rows is not None:
+            t = t[rows[0]:rows[1]]
+        if cols is not None:
+            t = t[:, cols[0]:cols[1]]
+        return t
+
+    return read

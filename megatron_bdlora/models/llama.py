@@ -1,0 +1,153 @@
+"""Llama-3.x on Megatron-Core's GPTModel: config from a HF config.json, the model, logits and loss.
+
+Read in one sitting: `transformer_config` maps HF fields to Megatron-Core's TransformerConfig,
+`build_model` makes the GPTModel (local layer spec) with RoPE frequencies computed exactly as
+transformers does (llama3 scaling constants from the config, never defaults), and
+`forward_logits` / `lm_loss` run it with the padded vocabulary masked out.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from megatron_bdlora.parallel.cpu_compat import apply as _cpu_compat
+
+
+def hf_field(hf: dict, key: str, default=None):
+    """Read a config key, also from transformers v5's `rope_parameters`."""
+    if key in hf and hf[key] is not None:
+        return hf[key]
+    rope = hf.get("rope_parameters") or {}
+    return rope.get(key, default)
+
+
+def rope_scaling(hf: dict) -> dict | None:
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
+    if not scaling or scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+        return None
+    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+        raise ValueError(f"unsupported rope scaling {scaling!r}; only llama3 scaling is implemented")
+    return scaling
+
+
+def head_dim(hf: dict) -> int:
+    return hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+
+
+def rope_inv_freq(hf: dict) -> torch.Tensor:
+    """RoPE inverse frequencies, transformers' `_compute_llama3_parameters` formula."""
+    dim = head_dim(hf)
+    theta = float(hf_field(hf, "rope_theta", 10000.0))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = rope_scaling(hf)
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_ctx = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
+    """Pad to a multiple of lcm(multiple, tp): TP-independent for Llama's 128256 and any tp | 128."""
+    step = math.lcm(multiple, tp)
+    return -(-vocab // step) * step
+
+
+def transformer_config(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32,
+                       recompute: bool = False, init: bool = True):
+    from megatron.core.transformer import TransformerConfig
+
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError("Llama configs with attention_bias/mlp_bias are not supported")
+    heads, groups = hf["num_attention_heads"], hf.get("num_key_value_heads", hf["num_attention_heads"])
+    if heads % tp or groups % tp:
+        raise ValueError(f"tensor-model-parallel-size {tp} must divide the attention heads ({heads}) "
+                         f"and KV heads ({groups})")
+    extra = {}
+    if recompute:
+        extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(
+        num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"], num_attention_heads=heads,
+        num_query_groups=groups, kv_channels=head_dim(hf),
+        normalization="RMSNorm", layernorm_epsilon=hf.get("rms_norm_eps", 1e-5),
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=tp, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=True, perform_initialization=init,
+        # Fused kernels are CUDA-only; Megatron's unfused paths are numerically the reference.
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        **extra,
+    )
+
+
+def build_model(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32,
+                recompute: bool = False, init: bool = True):
+    """A Megatron-Core GPTModel for a Llama config, this rank's TP shard (local layer spec)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    _cpu_compat()
+    cfg = transformer_config(hf, tp, dtype, recompute, init)
+    model = GPTModel(
+        cfg, get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=padded_vocab_size(hf["vocab_size"], tp),
+        max_sequence_length=hf.get("max_position_embeddings", 8192),
+        position_embedding_type="rope", rotary_base=int(hf_field(hf, "rope_theta", 10000.0)),
+        share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
+        parallel_output=True,
+    )
+    model.rotary_pos_emb.inv_freq = rope_inv_freq(hf).to(model.rotary_pos_emb.inv_freq.device)
+    model.hf_config = dict(hf)
+    return model
+
+
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """Logits (b, s, vocab/t) of this rank's vocabulary shard; padded entries set to -inf."""
+    b, s = input_ids.shape
+    position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+    logits = model(input_ids, position_ids, attention_mask)
+    return _mask_padded_vocab(logits, model.hf_config["vocab_size"])
+
+
+def _mask_padded_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+
+    shard = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * shard
+    n_real = max(0, min(shard, vocab - start))
+    if n_real == shard:
+        return logits
+    pad = torch.full_like(logits[..., n_real:], float("-inf"))
+    return torch.cat([logits[..., :n_real], pad], dim=-1)
+
+
+def gather_logits(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Full-vocabulary logits on every rank (for generation and tests; training never needs it)."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    return gather_from_tensor_model_parallel_region(logits)[..., :vocab]
+
+
+def lm_loss(model, input_ids, labels, attention_mask=None):
+    """Mean next-token cross-entropy over labels != -100, and the token count.
+
+    `labels` are already shifted (labels[t] is the target for position t)."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    logits = forward_logits(model, input_ids, attention_mask)
+    mask = labels != -100
+    per_token = vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous(),
+                                             labels.clamp(min=0).transpose(0, 1).contiguous())
+    per_token = per_token.transpose(0, 1)
+    n = mask.sum()
+    return (per_token * mask).sum() / n.clamp(min=1), n
