@@ -259,19 +259,21 @@ class AdapterLinear(nn.Module):
             self.merged = False
 
     # ---- TP-independent state ---------------------------------------------------------------
-    def gather_global(self) -> dict:
-        """The global (TP-independent) factors, assembled on every rank of the TP group."""
+    def gather_global(self, tensor_of=lambda p: p.detach()) -> dict:
+        """The global (TP-independent) factors, assembled on every rank of the TP group.
+
+        `tensor_of(param)` picks what to gather: the weights, their gradients, optimizer states."""
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
         out = {}
         for pname, p in self.adapter_params().items():
-            dim = self.shard_dims[pname]
+            dim, local = self.shard_dims[pname], tensor_of(p)
             if dim is None or self.tp_size == 1:
-                out[pname] = p.detach().clone()
+                out[pname] = local.clone()
                 continue
-            parts = [torch.empty_like(p) for _ in range(self.tp_size)]
-            dist.all_gather(parts, p.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+            parts = [torch.empty_like(local) for _ in range(self.tp_size)]
+            dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
             out[pname] = torch.cat(parts, dim=dim)
         return out
 

@@ -58,10 +58,18 @@ def trainable_param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def global_adapter_state(model: nn.Module) -> dict:
-    """The whole adapter in TP-independent form, on every TP rank: {"<module>.<param>": tensor}."""
+def global_adapter_state(model: nn.Module, tensor_of=lambda p: p.detach()) -> dict:
+    """The whole adapter in TP-independent form, on every TP rank: {"<module>.<param>": tensor}.
+
+    `tensor_of` selects per parameter what to gather (default the weights; e.g. `lambda p: p.grad`)."""
     return {f"{n}.{k}": t for n, m in adapter_modules(model).items()
-            for k, t in m.gather_global().items()}
+            for k, t in m.gather_global(tensor_of).items()}
+
+
+def global_adapter_layout(model: nn.Module) -> dict:
+    """{"<module>.<param>": global shape} of the model's adapter."""
+    return {f"{n}.{k}": shape for n, m in adapter_modules(model).items()
+            for k, (shape, _, _) in m.global_layout().items()}
 
 
 def load_global_adapter_state(model: nn.Module, tensors: dict) -> None:
