@@ -1,0 +1,112 @@
+"""Per-GPU memory estimate for LoRA / BD-LoRA fine-tuning (TP x DP) and for serving.
+
+Training, per GPU (bf16 mixed precision, frozen base, AdamW on adapter parameters only):
+  base weights   bf16 shard: every linear / (TP), vocab-parallel embedding and LM head on the
+                 Megatron-padded vocab (multiple of 128*TP), norms replicated.
+  adapter        the rank's local LoRA factors (cost_model.lora_shards: BD owns exactly 1/TP,
+                 replicated keeps full copies), bf16 compute copy + fp32 master, fp32 grads,
+                 AdamW exp_avg + exp_avg_sq in fp32; master and AdamW states shard over DP with
+                 the distributed optimizer.
+  activations    per micro-batch, bytes saved for backward per decoder layer (no sequence
+                 parallel, flash attention so no s^2 term, SwiGLU, GQA, RMSNorm, no dropout):
+                     s*b*[8h + (4h + 4*g*d + 6f)/t]
+                 8h: inputs of the two RMSNorms, linear_qkv and linear_fc1 (replicated over TP);
+                 4h+4gd: q, k, v and attention output; 6f: fc1 output (gate, up) and fc2 input.
+                 It is Korthikanti et al. 2022's sbh(10 + 24/t + 5as/(ht)) redone for Llama.
+                 Plus LoRA intermediates: the shrink output x A^T kept for B's gradient,
+                 2*s*b*width per adapted module (width r/t-ish for bd, full r for slora).
+                 Full recompute (one checkpoint per layer): 2sbh per layer + one layer's full set.
+  logits / loss  bf16 logits, fp32 softmax kept by the vocab-parallel cross entropy and its
+                 fp32 gradient: 10 bytes per (token, vocab/t) entry, plus final-norm in/out.
+  overhead       CUDA context, NCCL buffers, allocator slack: a flat assumption (flag).
+Serving: base shard + one bf16 adapter per request + KV cache 2*L*(g/t)*d*seq*batch*2 bytes.
+"""
+
+from megatron_bdlora.adapters.config import AdapterConfig
+from megatron_bdlora.benchmarks.cost_model import check_tp, lora_shards
+from megatron_bdlora.models.presets import get_preset
+
+GiB = 1024 ** 3
+VOCAB_DIVISOR = 128  # Megatron's --make-vocab-size-divisible-by default
+
+
+def preset_from_hf_name(name: str) -> str:
+    """'meta-llama/Llama-3.1-8B(-Instruct)' -> 'llama3.1-8b' (a recipe names its hub checkpoint)."""
+    preset = name.rstrip("/").split("/")[-1].lower().removesuffix("-instruct").replace("llama-", "llama", 1)
+    get_preset(preset)  # one-line ValueError listing the presets when unknown
+    return preset
+
+
+def padded_vocab(vocab: int, tp: int) -> int:
+    m = VOCAB_DIVISOR * tp
+    return -(-vocab // m) * m
+
+
+def base_weight_params(hf: dict, tp: int) -> float:
+    """Base parameters held by one TP rank."""
+    h, heads, groups = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"]
+    d, f = hf.get("head_dim") or h // heads, hf["intermediate_size"]
+    linear = h * (heads + 2 * groups) * d + heads * d * h + 3 * h * f
+    embed = padded_vocab(hf["vocab_size"], tp) * h / tp
+    return (hf["num_hidden_layers"] * (linear / tp + 2 * h) + h
+            + embed * (1 if hf.get("tie_word_embeddings") else 2))
+
+
+def adapter_local_params(hf: dict, cfg: AdapterConfig | None, tp: int) -> int:
+    if cfg is None:
+        return 0
+    return hf["num_hidden_layers"] * sum(e["a"] + e["b"] for e in lora_shards(hf, cfg, tp))
+
+
+def layer_activation_bytes(hf: dict, tp: int, tokens: int, cfg: AdapterConfig | None) -> float:
+    """Bytes one decoder layer keeps for backward for `tokens` = s*b tokens (see module doc)."""
+    h, heads, groups = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"]
+    d, f = hf.get("head_dim") or h // heads, hf["intermediate_size"]
+    base = tokens * (8 * h + (4 * h + 4 * groups * d + 6 * f) / tp)
+    lora = 0 if cfg is None else sum(2 * tokens * e["b_io"][0] for e in lora_shards(hf, cfg, tp))
+    return base + lora
+
+
+def estimate(hf: dict, tp: int = 1, dp: int = 1, micro_batch: int = 1, seq: int = 4096,
+             adapter: AdapterConfig | None = None, recompute: bool = False,
+             distributed_optimizer: bool = False, overhead_gb: float = 3.0,
+             gpu_memory_gb: float = 80.0, serve_batch: int = 0, serve_seq: int = 0) -> dict:
+    """Per-GPU bytes for training (and serving when serve_batch > 0)."""
+    check_tp(hf, tp)
+    L, h = hf["num_hidden_layers"], hf["hidden_size"]
+    tokens = micro_batch * seq
+    n_adapter = adapter_local_params(hf, adapter, tp)
+    shard = dp if distributed_optimizer else 1
+    full_acts = L * layer_activation_bytes(hf, tp, tokens, adapter)
+    recompute_acts = L * 2 * tokens * h + layer_activation_bytes(hf, tp, tokens, adapter)
+    base = 2 * base_weight_params(hf, tp)
+    train = {
+        "base_weights_bf16": base,
+        "adapter_weights": n_adapter * (2 + 4 / shard),  # bf16 compute copy + fp32 master
+        "adapter_grads_fp32": n_adapter * 4,
+        "adamw_states_fp32": n_adapter * 8 / shard,
+        "activations": recompute_acts if recompute else full_acts,
+        "logits_loss": tokens * (10 * padded_vocab(hf["vocab_size"], tp) / tp + 4 * h),
+        "overhead": overhead_gb * GiB,
+    }
+    out = {
+        "tp": tp, "dp": dp, "micro_batch": micro_batch, "seq": seq, "recompute": recompute,
+        "adapter": adapter.to_dict() if adapter else None,
+        "adapter_params_per_gpu": n_adapter,
+        "activations_no_recompute": full_acts, "activations_full_recompute": recompute_acts,
+        "train": train, "train_total": sum(train.values()),
+        "gpu_memory": gpu_memory_gb * GiB,
+    }
+    out["train_fits"] = out["train_total"] <= out["gpu_memory"]
+    if serve_batch:
+        groups, d = hf["num_key_value_heads"], hf.get("head_dim") or h // hf["num_attention_heads"]
+        serve = {
+            "base_weights_bf16": base,
+            "adapters_bf16": 2 * serve_batch * n_adapter,  # one adapter per request
+            "kv_cache_bf16": 2 * L * groups // tp * d * serve_seq * serve_batch * 2,
+            "overhead": overhead_gb * GiB,
+        }
+        out.update(serve_batch=serve_batch, serve_seq=serve_seq, serve=serve,
+                   serve_total=sum(serve.values()))
+        out["serve_fits"] = out["serve_total"] <= out["gpu_memory"]
+    return out
