@@ -39,7 +39,8 @@ def rope_inv_freq(hf: dict) -> torch.Tensor:
     """RoPE inverse frequencies, transformers' `_compute_llama3_parameters` formula."""
     dim = head_dim(hf)
     theta = float(hf_field(hf, "rope_theta", 10000.0))
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    arange = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu")  # real even under a meta default
+    inv_freq = 1.0 / (theta ** (arange.float() / dim))
     scaling = rope_scaling(hf)
     if scaling is None:
         return inv_freq
