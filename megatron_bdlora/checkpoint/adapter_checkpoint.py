@@ -1,0 +1,484 @@
+"""TP-independent adapter checkpoints (design.md §4): safetensors + JSON, written atomically.
+
+Layout of a checkpoint root (the directory a run saves into):
+
+    ROOT/latest                      text: the name of the newest complete checkpoint dir
+    ROOT/step_00000100/
+        config.json                  format + version, step, adapter config, base model
+                                     (config + where it came from), the full run config,
+                                     TP at save time, the adapter tensor names and shapes
+        adapter.safetensors          global adapter factors (AdapterLinear.global_layout())
+        trainer_state.json           extra_state: scheduler, data position, step, RNG, ...
+        trainer_state.safetensors    the tensors inside extra_state (RNG states), if any
+        optimizer.safetensors        optimizer state, already in global (TP-independent) form
+        optimizer.json               optimizer metadata (param groups, step counts, ...)
+
+A save gathers the global factors (a collective over TP: call on every rank), rank 0 writes
+everything into ROOT/.tmp-step_XXXXXXXX-<pid>, fsyncs the files and the directory, renames it
+to ROOT/step_XXXXXXXX, fsyncs ROOT, then replaces `latest` atomically and prunes to the last K.
+A crash at any point leaves the previous checkpoint and `latest` intact; stale temp dirs are
+removed by the next save. Nothing here unpickles: tensors are safetensors, the rest JSON.
+"""
+
+import contextlib
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from megatron_bdlora.checkpoint.hf_import import CheckpointError, base_config_mismatch, open_safetensors
+
+FORMAT = "megatron-bdlora-adapter"
+FORMAT_VERSION = 1
+CONFIG = "config.json"
+ADAPTER = "adapter.safetensors"
+TRAINER_STATE = "trainer_state.json"
+TRAINER_TENSORS = "trainer_state.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TENSOR_REF = "__tensor__"
+
+
+# ---- JSON <-> tensors for arbitrary nested state ------------------------------------------------
+def _split_state(obj, prefix: str, tensors: dict):
+    """Nested dict/list state -> JSON-able structure; tensors moved out under dotted keys."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {_TENSOR_REF: prefix}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"checkpoint state key {prefix}.{k!r}: only str/int keys are supported")
+            out[str(k)] = _split_state(v, f"{prefix}.{k}" if prefix else str(k), tensors)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_split_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy arrays / scalars
+        return _split_state(torch.as_tensor(obj), prefix, tensors)
+    raise TypeError(f"checkpoint state {prefix!r} has type {type(obj).__name__}; store tensors, "
+                    "numbers, strings, lists or dicts (nothing is pickled)")
+
+
+def _join_state(obj, tensors: dict):
+    if isinstance(obj, dict):
+        if set(obj) == {_TENSOR_REF}:
+            return tensors[obj[_TENSOR_REF]]
+        return {k: _join_state(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_state(v, tensors) for v in obj]
+    return obj
+
+
+# ---- atomic file system helpers -----------------------------------------------------------------
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_tensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path,
+              metadata={"format": "pt", **(metadata or {})})
+    _fsync_file(path)
+
+
+def write_atomic_text(path: str, text: str) -> None:
+    """Replace a small file atomically (write temp, fsync, rename, fsync the directory)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def publish_dir(tmp: str, target: str) -> None:
+    """Move a finished temp dir to `target`, replacing an existing one only after success."""
+    parent = os.path.dirname(os.path.abspath(target))
+    _fsync_dir(tmp)
+    old = None
+    if os.path.lexists(target):
+        old = os.path.join(parent, f".old-{os.path.basename(target)}-{os.getpid()}")
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    _fsync_dir(parent)
+    if old is not None:
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.remove(old)
+
+
+# ---- save ---------------------------------------------------------------------------------------
+def step_dir_name(step: int) -> str:
+    return f"step_{int(step):08d}"
+
+
+def list_checkpoints(root: str) -> list:
+    """[(step, dir name)] of complete checkpoints under root, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(root, name, CONFIG)):
+            out.append((int(m.group(1)), name))
+    return sorted(out)
+
+
+def _base_info(model, run_config: dict) -> dict:
+    hf = dict(getattr(model, "hf_config", {}) or {})
+    name = (getattr(model, "hf_path", None) or run_config.get("hf_checkpoint")
+            or run_config.get("base_model") or run_config.get("model") or hf.get("_name_or_path"))
+    return {"name_or_path": name if isinstance(name, str) else None,
+            "tokenizer_path": getattr(model, "tokenizer_path", None), "config": hf}
+
+
+def build_config(model, step: int, run_config: dict, tensors: dict, tp: int) -> dict:
+    cfg = getattr(model, "adapter_config", None)
+    if cfg is None:
+        raise CheckpointError("the model has no adapters (apply_adapters was not called); nothing to save")
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step),
+        "adapter": cfg.to_dict(),
+        "base_model": _base_info(model, run_config),
+        "run_config": run_config,
+        "saved_at_tp": tp,
+        "adapter_tensors": {k: list(v.shape) for k, v in sorted(tensors.items())},
+    }
+
+
+def save_checkpoint(root: str, model, extra_state: dict | None = None, run_config: dict | None = None,
+                    step: int | None = None, optimizer_tensors: dict | None = None,
+                    optimizer_meta: dict | None = None, keep_last: int | None = 3) -> str | None:
+    """Save the adapter (+ training state) TP-independently under ROOT/step_XXXXXXXX.
+
+    Collective: every rank must call it (the adapter is gathered over TP). `extra_state`,
+    `optimizer_tensors` (already global, e.g. gathered with `global_adapter_state(model,
+    tensor_of=...)`) and `optimizer_meta` are taken from global rank 0. `step` defaults to
+    extra_state["step"]. Keeps the newest `keep_last` checkpoints (None: all). Returns the
+    checkpoint directory on rank 0, None elsewhere."""
+    import torch.distributed as dist
+
+    from megatron_bdlora.adapters import global_adapter_state
+    from megatron_bdlora.parallel import is_main_rank
+
+    extra_state = dict(extra_state or {})
+    run_config = dict(run_config or {})
+    if step is None:
+        step = extra_state.get("step", 0)
+    tensors = global_adapter_state(model)  # collective over TP
+    target = None
+    failed = torch.zeros(1, dtype=torch.int64)
+    error = None
+    if is_main_rank():
+        try:
+            tp = getattr(next(iter(_adapter_modules(model).values()), None), "tp_size", 1)
+            config = build_config(model, step, run_config, tensors, tp)
+            target = _save_rank0(root, config, tensors, extra_state, optimizer_tensors,
+                                 optimizer_meta, keep_last)
+        except BaseException as e:  # tell the other ranks, then re-raise
+            failed[0], error = 1, e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            failed = failed.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(failed)  # also the barrier: nobody reads before rank 0 is done
+    if error is not None:
+        raise error
+    if int(failed.item()):
+        raise CheckpointError(f"saving the checkpoint to {root} failed on rank 0 (see its error)")
+    return target
+
+
+def _adapter_modules(model):
+    from megatron_bdlora.adapters import adapter_modules
+
+    return adapter_modules(model)
+
+
+def _save_rank0(root, config, tensors, extra_state, optimizer_tensors, optimizer_meta, keep_last):
+    os.makedirs(root, exist_ok=True)
+    name = step_dir_name(config["step"])
+    target = os.path.join(root, name)
+    tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        files = [CONFIG, ADAPTER, TRAINER_STATE]
+        _write_tensors(os.path.join(tmp, ADAPTER), tensors, {"format_version": str(FORMAT_VERSION)})
+        state_tensors = {}
+        state = _split_state(extra_state, "", state_tensors)
+        if state_tensors:
+            _write_tensors(os.path.join(tmp, TRAINER_TENSORS), state_tensors)
+            files.append(TRAINER_TENSORS)
+        _write_json(os.path.join(tmp, TRAINER_STATE), state)
+        if optimizer_tensors is not None:
+            bad = [k for k, v in optimizer_tensors.items() if not isinstance(v, torch.Tensor)]
+            if bad:
+                raise TypeError(f"optimizer_tensors[{bad[0]!r}] is not a tensor; put metadata in optimizer_meta")
+            _write_tensors(os.path.join(tmp, OPTIMIZER), dict(optimizer_tensors))
+            files.append(OPTIMIZER)
+        if optimizer_meta is not None:
+            meta_tensors = {}
+            meta = _split_state(optimizer_meta, "", meta_tensors)
+            if meta_tensors:
+                raise TypeError(f"optimizer_meta holds tensor {next(iter(meta_tensors))!r}; "
+                                "put tensors in optimizer_tensors")
+            _write_json(os.path.join(tmp, OPTIMIZER_META), meta)
+            files.append(OPTIMIZER_META)
+        config["files"] = sorted(files)
+        _write_json(os.path.join(tmp, CONFIG), config)  # written last: marks the dir complete
+        publish_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_atomic_text(os.path.join(root, LATEST), name + "\n")
+    _prune(root, keep_last, keep=name)
+    return target
+
+
+def _prune(root: str, keep_last: int | None, keep: str) -> None:
+    """Drop checkpoints beyond the newest `keep_last` and temp dirs of crashed saves."""
+    mine = f"-{os.getpid()}"
+    for entry in os.listdir(root):
+        if entry.startswith((".tmp-", ".old-")) and not entry.endswith(mine):
+            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+        elif entry.startswith(f"{LATEST}.tmp-"):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(root, entry))
+    if keep_last is None:
+        return
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    done = list_checkpoints(root)
+    for _, name in done[:-keep_last]:
+        if name != keep:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+# ---- read ---------------------------------------------------------------------------------------
+def resolve_checkpoint_dir(path: str) -> str:
+    """A checkpoint root (follow `latest`) or one step directory -> the step directory."""
+    path = os.path.expanduser(str(path))
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if os.path.isfile(os.path.join(path, CONFIG)):
+        return path
+    latest = os.path.join(path, LATEST)
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            name = f.read().strip()
+        step = os.path.join(path, name)
+        if not name or os.sep in name or not os.path.isfile(os.path.join(step, CONFIG)):
+            raise CheckpointError(f"{latest} points to {name!r}, which is not a complete checkpoint; "
+                                  "pass one of the step_* directories explicitly")
+        return step
+    found = list_checkpoints(path)
+    if found:
+        return os.path.join(path, found[-1][1])
+    raise CheckpointError(f"no checkpoint in {path}: it has neither {CONFIG} nor a '{LATEST}' "
+                          "pointer; pass the run's checkpoint directory or a step_* directory in it")
+
+
+def read_config(ckpt_dir: str) -> dict:
+    path = os.path.join(ckpt_dir, CONFIG)
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path} is missing; not a megatron-bdlora checkpoint") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from e
+    if cfg.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a megatron-bdlora adapter checkpoint "
+                              f"(format {cfg.get('format')!r}, expected {FORMAT!r})")
+    if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {cfg['format_version']}, newer than this "
+                              f"code reads ({FORMAT_VERSION}); upgrade megatron-bdlora")
+    return cfg
+
+
+def read_tensors(path: str, required: bool = True) -> dict | None:
+    """All tensors of a safetensors file (one-line errors for missing / truncated files)."""
+    if not os.path.isfile(path):
+        if not required:
+            return None
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete (was it copied "
+                              "partially?) - use an earlier step_* directory")
+    with contextlib.ExitStack() as stack:
+        f = open_safetensors(path, stack)
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+class AdapterCheckpoint:
+    """A checkpoint read from disk: config, adapter config, global factors (lazily)."""
+
+    def __init__(self, path: str):
+        from megatron_bdlora.adapters import AdapterConfig
+
+        self.dir = resolve_checkpoint_dir(path)
+        self.config = read_config(self.dir)
+        try:
+            self.adapter_config = AdapterConfig.from_dict(self.config["adapter"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{os.path.join(self.dir, CONFIG)}: invalid adapter config ({e})") from e
+        for fname in self.config.get("files", [ADAPTER]):
+            if not os.path.isfile(os.path.join(self.dir, fname)):
+                raise CheckpointError(f"{os.path.join(self.dir, fname)} is missing; the checkpoint "
+                                      "is incomplete - use an earlier step_* directory")
+        self._tensors = None
+
+    @property
+    def step(self) -> int:
+        return int(self.config.get("step", 0))
+
+    @property
+    def base_config(self) -> dict:
+        return dict(self.config.get("base_model", {}).get("config") or {})
+
+    @property
+    def base_name_or_path(self) -> str | None:
+        return self.config.get("base_model", {}).get("name_or_path")
+
+    @property
+    def tensors(self) -> dict:
+        if self._tensors is None:
+            self._tensors = read_tensors(os.path.join(self.dir, ADAPTER))
+            expected = self.config.get("adapter_tensors")
+            if expected is not None:
+                for k, shape in expected.items():
+                    if k not in self._tensors:
+                        raise CheckpointError(f"{os.path.join(self.dir, ADAPTER)} lacks tensor {k} "
+                                              f"listed in {CONFIG}; the checkpoint is corrupt")
+                    if list(self._tensors[k].shape) != list(shape):
+                        raise CheckpointError(f"{os.path.join(self.dir, ADAPTER)}: {k} has shape "
+                                              f"{tuple(self._tensors[k].shape)}, {CONFIG} says "
+                                              f"{tuple(shape)}; the checkpoint is corrupt")
+        return self._tensors
+
+    def extra_state(self) -> dict:
+        path = os.path.join(self.dir, TRAINER_STATE)
+        if not os.path.isfile(path):
+            return {}
+        with open(path) as f:
+            state = json.load(f)
+        tensors = read_tensors(os.path.join(self.dir, TRAINER_TENSORS), required=False) or {}
+        return _join_state(state, tensors)
+
+    def optimizer_state(self) -> tuple:
+        """(global optimizer tensors or None, metadata dict or None)."""
+        tensors = read_tensors(os.path.join(self.dir, OPTIMIZER), required=False)
+        meta_path = os.path.join(self.dir, OPTIMIZER_META)
+        meta = None
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+        return tensors, meta
+
+
+# ---- load ---------------------------------------------------------------------------------------
+def _divisors(n: int) -> list:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_compatible(ckpt: AdapterCheckpoint, model, tp: int) -> None:
+    """One-line errors for an adapter checkpoint that cannot load into `model` at this TP."""
+    cfg = ckpt.adapter_config
+    where = ckpt.dir
+    if cfg.method == "bdlora" and cfg.nblocks % tp:
+        raise CheckpointError(f"{where} holds a BD-LoRA adapter with {cfg.nblocks} blocks: it loads at "
+                              f"tensor-model-parallel-size in {_divisors(cfg.nblocks)}, not {tp}")
+    if cfg.method == "lora" and cfg.sharding == "slora" and cfg.rank % tp:
+        raise CheckpointError(f"{where}: S-LoRA rank {cfg.rank} is not divisible by TP {tp}; load it "
+                              "with sharding 'replicated' or a TP dividing the rank")
+    hf = getattr(model, "hf_config", None)
+    if hf and ckpt.base_config:
+        diff = base_config_mismatch(ckpt.base_config, hf)
+        if diff:
+            raise CheckpointError(f"{where} was trained on a different base model ({diff}: "
+                                  "checkpoint vs model); load it on the base it was trained on")
+    have = getattr(model, "adapter_config", None)
+    if have is not None:
+        mine, theirs = have.to_dict(), cfg.to_dict()
+        keys = ["method", "rank", "layout", "alpha", "rslora"]
+        if cfg.method == "bdlora":
+            keys.append("nblocks")
+        for k in keys:
+            if mine[k] != theirs[k]:
+                raise CheckpointError(f"adapter config mismatch: checkpoint {where} has {k}={theirs[k]!r}, "
+                                      f"the model's adapter has {k}={mine[k]!r}")
+        if set(mine["target_modules"]) != set(theirs["target_modules"]):
+            raise CheckpointError(f"adapter config mismatch: checkpoint {where} targets "
+                                  f"{sorted(theirs['target_modules'])}, the model's adapter "
+                                  f"{sorted(mine['target_modules'])}")
+
+
+def load_checkpoint(path: str, model, load_optimizer: bool = True) -> dict:
+    """Load an adapter checkpoint (root or step dir) into `model` at the current TP size.
+
+    Applies the checkpoint's adapter config first when the model has no adapters yet. Returns
+    {"dir", "step", "config", "adapter_config", "run_config", "extra_state",
+    "optimizer_tensors", "optimizer_meta"}. Every rank reads the files (no collectives)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_bdlora.adapters import adapter_modules, apply_adapters, load_global_adapter_state
+
+    ckpt = AdapterCheckpoint(path)
+    tp = ps.get_tensor_model_parallel_world_size()
+    check_compatible(ckpt, model, tp)
+    if getattr(model, "adapter_config", None) is None:
+        apply_adapters(model, ckpt.adapter_config)
+    expected = {f"{n}.{k}": tuple(shape) for n, m in adapter_modules(model).items()
+                for k, (shape, _, _) in m.global_layout().items()}
+    tensors = ckpt.tensors
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{os.path.join(ckpt.dir, ADAPTER)} does not match the model's adapter "
+                              f"(missing {missing[:2]}, unexpected {unexpected[:2]}); check the "
+                              "adapter config and the base model")
+    for k, shape in expected.items():
+        if tuple(tensors[k].shape) != shape:
+            raise CheckpointError(f"{os.path.join(ckpt.dir, ADAPTER)}: {k} has shape "
+                                  f"{tuple(tensors[k].shape)}, the model's adapter expects {shape}; "
+                                  "rank, nblocks, layout or base shape differ")
+    load_global_adapter_state(model, tensors)
+    opt_tensors, opt_meta = ckpt.optimizer_state() if load_optimizer else (None, None)
+    return {"dir": ckpt.dir, "step": ckpt.step, "config": ckpt.config,
+            "adapter_config": ckpt.adapter_config, "run_config": ckpt.config.get("run_config", {}),
+            "extra_state": ckpt.extra_state(), "optimizer_tensors": opt_tensors,
+            "optimizer_meta": opt_meta}

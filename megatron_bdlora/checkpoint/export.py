@@ -1,0 +1,422 @@
+"""Export a TP-independent adapter checkpoint to Hugging Face PEFT (dense / BD), a merged HF model,
+or a vLLM bundle; and describe a checkpoint (`inspect`).
+
+Exports run in one process from the global factors: no TP, no Megatron model. The declarative
+part is `MODULES` (Megatron module -> HF sub-module, projections, column|row) and
+`hf_factors` (global factors -> per-HF-projection (A, B), dense or PEFT-packed); the writers
+below only arrange files. Every export is built in a temp dir next to the output and renamed
+into place at the end: on any error nothing is left behind.
+
+Factor algebra (design.md §1, `AdapterLinear.global_layout`):
+  column (q,k,v / gate,up): A (G, r, in), group g = constituent g (canonical) or one shared A
+      (fused, duplicated per projection on export: exact).  B: BD (N, out/N, r/N) blocks ->
+      dense block_diag (out, r) | PEFT-packed (out, r/N) = blocks stacked on out;  LoRA (out, r).
+  row (o / down): A: BD (N, r/N, in/N) -> dense block_diag (r, in) | PEFT-packed (r, in/N) =
+      blocks stacked on r;  LoRA (r, in).  B (out, r).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from megatron_bdlora.adapters.layer_types import HF_PROJECTIONS
+from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint, _fsync_dir
+from megatron_bdlora.checkpoint.hf_import import (
+    INDEX_NAME,
+    CheckpointError,
+    SafetensorsCheckpoint,
+    base_config_mismatch,
+    resolve_model_dir,
+    read_hf_config,
+)
+
+FORMATS = ("hf-peft", "hf-peft-bd", "hf-merged", "vllm")
+# Megatron module (leaf) -> (HF sub-module, column|row); projections from layer_types.HF_PROJECTIONS
+MODULES = {
+    "linear_qkv": ("self_attention", "self_attn", "column"),
+    "linear_proj": ("self_attention", "self_attn", "row"),
+    "linear_fc1": ("mlp", "mlp", "column"),
+    "linear_fc2": ("mlp", "mlp", "row"),
+}
+BD_A_MODULES = ["o_proj", "down_proj"]                                  # row: A block-diagonal
+BD_B_MODULES = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]   # column: B block-diagonal
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+PEFT_PREFIX = "base_model.model."
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+
+
+# ---- declarative mapping -------------------------------------------------------------------------
+def megatron_key(layer: int, module: str) -> str:
+    return f"decoder.layers.{layer}.{MODULES[module][0]}.{module}"
+
+
+def hf_module(layer: int, module: str, proj: str) -> str:
+    return f"model.layers.{layer}.{MODULES[module][1]}.{proj}"
+
+
+def hf_target_modules(cfg) -> list:
+    return [p for m in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+            if m in cfg.target_modules for p in HF_PROJECTIONS[m]]
+
+
+def projection_shapes(hf: dict) -> dict:
+    from megatron_bdlora.adapters.param_count import projection_shapes as shapes
+
+    return shapes({**hf, "num_key_value_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"]})
+
+
+def expected_global_shapes(hf: dict, cfg) -> dict:
+    """{"decoder.layers.L...<module>.<param>": shape} of the global factors (no model needed)."""
+    shapes = projection_shapes(hf)
+    r, n, bd = cfg.rank, cfg.nblocks, cfg.method == "bdlora"
+    out = {}
+    for layer in range(hf["num_hidden_layers"]):
+        for module in cfg.target_modules:
+            key = megatron_key(layer, module)
+            projs = HF_PROJECTIONS[module]
+            fan_in = shapes[projs[0]][0]
+            if MODULES[module][2] == "column":
+                groups = len(projs) if cfg.layout == "canonical" else 1
+                out[f"{key}.lora_A"] = (groups, r, fan_in)
+                for p in projs:
+                    o = shapes[p][1]
+                    out[f"{key}.lora_B.{p}"] = (n, o // n, r // n) if bd else (o, r)
+            else:
+                (p,) = projs
+                out[f"{key}.lora_A"] = (n, r // n, fan_in // n) if bd else (r, fan_in)
+                out[f"{key}.lora_B.{p}"] = (shapes[p][1], r)
+    return out
+
+
+def hf_factors(tensors: dict, cfg, hf: dict, packed: bool = False) -> dict:
+    """{HF module path: (A, B)} per projection, dense (r, in) / (out, r), or PEFT-packed (BD)."""
+    bd = cfg.method == "bdlora"
+    if packed and not bd:
+        raise CheckpointError("the packed BD-LoRA format needs a BD-LoRA adapter; this one is plain "
+                              "LoRA - export it as hf-peft")
+    out = {}
+    for layer in range(hf["num_hidden_layers"]):
+        for module in cfg.target_modules:
+            key = megatron_key(layer, module)
+            a = tensors[f"{key}.lora_A"]
+            for g, proj in enumerate(HF_PROJECTIONS[module]):
+                b = tensors[f"{key}.lora_B.{proj}"]
+                if MODULES[module][2] == "column":
+                    a_p = a[g if cfg.layout == "canonical" else 0]  # fused: shared A duplicated
+                    if bd:
+                        b = b.flatten(0, 1) if packed else torch.block_diag(*b)
+                else:
+                    a_p = (a.flatten(0, 1) if packed else torch.block_diag(*a)) if bd else a
+                out[hf_module(layer, module, proj)] = (a_p.clone(), b.clone())  # own storage each
+    return out
+
+
+def dense_deltas(tensors: dict, cfg, hf: dict) -> dict:
+    """{HF weight name: ΔW = s·B·A (out, in)} in fp32."""
+    return {f"{name}.weight": cfg.scale * (b.double() @ a.double()).float()
+            for name, (a, b) in hf_factors(tensors, cfg, hf).items()}
+
+
+def peft_config(cfg, base: str | None, bd: bool = False) -> dict:
+    out = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "use_rslora": bool(cfg.rslora), "target_modules": hf_target_modules(cfg), "bias": "none",
+        "fan_in_fan_out": False, "modules_to_save": None, "use_dora": False,
+        "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+    if bd:
+        out["use_bdlora"] = {"target_modules_bd_a": BD_A_MODULES, "target_modules_bd_b": BD_B_MODULES,
+                             "nblocks": cfg.nblocks, "match_strict": True}
+    return out
+
+
+# ---- checks --------------------------------------------------------------------------------------
+def load_for_export(path: str):
+    """The checkpoint with its tensors checked against the shapes its configs imply."""
+    ckpt = AdapterCheckpoint(path)
+    hf = ckpt.base_config
+    if not hf:
+        raise CheckpointError(f"{ckpt.dir}/config.json records no base model config; it cannot be exported")
+    expected = expected_global_shapes(hf, ckpt.adapter_config)
+    tensors = ckpt.tensors
+    for k, shape in expected.items():
+        if k not in tensors:
+            raise CheckpointError(f"{ckpt.dir}/adapter.safetensors lacks {k}; the adapter does not "
+                                  "match its recorded config (corrupt or hand-edited checkpoint)")
+        if tuple(tensors[k].shape) != tuple(shape):
+            raise CheckpointError(f"{ckpt.dir}/adapter.safetensors: {k} has shape "
+                                  f"{tuple(tensors[k].shape)}, the adapter config implies {tuple(shape)}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise CheckpointError(f"{ckpt.dir}/adapter.safetensors has unexpected tensor {extra[0]}; "
+                              "the adapter does not match its recorded config")
+    return ckpt
+
+
+def vllm_max_lora_rank(r: int) -> int:
+    for allowed in VLLM_MAX_LORA_RANKS:
+        if r <= allowed:
+            return allowed
+    raise CheckpointError(f"adapter rank {r} exceeds vLLM's largest --max-lora-rank "
+                          f"{VLLM_MAX_LORA_RANKS[-1]}; export hf-merged instead or train a smaller rank")
+
+
+def check_vllm_adapter(adapter_dir: str, max_lora_rank: int) -> None:
+    """vLLM's PEFT loader rules (design.md §4) applied to an adapter directory."""
+    from safetensors import safe_open
+
+    with open(os.path.join(adapter_dir, PEFT_CONFIG)) as f:
+        cfg = json.load(f)
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in cfg:
+            raise CheckpointError(f"{adapter_dir}: vLLM requires '{key}' in {PEFT_CONFIG}")
+    if cfg.get("modules_to_save"):
+        raise CheckpointError(f"{adapter_dir}: vLLM rejects modules_to_save")
+    if cfg.get("use_dora"):
+        raise CheckpointError(f"{adapter_dir}: vLLM rejects DoRA")
+    if cfg.get("bias", "none") != "none":
+        raise CheckpointError(f"{adapter_dir}: vLLM rejects LoRA bias")
+    if max_lora_rank not in VLLM_MAX_LORA_RANKS:
+        raise CheckpointError(f"--max-lora-rank {max_lora_rank} is not one of {VLLM_MAX_LORA_RANKS}")
+    if cfg["r"] > max_lora_rank:
+        raise CheckpointError(f"{adapter_dir}: LoRA rank {cfg['r']} > --max-lora-rank {max_lora_rank}")
+    allowed = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    with safe_open(os.path.join(adapter_dir, PEFT_WEIGHTS), "pt") as f:
+        for k in f.keys():
+            if not k.startswith(PEFT_PREFIX) or not k.endswith((".lora_A.weight", ".lora_B.weight")):
+                raise CheckpointError(f"{adapter_dir}: unexpected tensor {k} for vLLM")
+            module = k[: -len(".lora_A.weight")].rsplit(".", 1)[-1]
+            if module not in allowed:
+                raise CheckpointError(f"{adapter_dir}: vLLM expects unpacked projection names, got {module}")
+
+
+# ---- writers -------------------------------------------------------------------------------------
+def _save_tensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt", **(metadata or {})})
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def write_peft(out_dir: str, ckpt, base: str | None, packed: bool, dtype=None) -> dict:
+    """A PEFT LoRA adapter dir (dense, or BD-packed for PEFT's use_bdlora); returns its tensors."""
+    cfg, hf = ckpt.adapter_config, ckpt.base_config
+    factors = hf_factors(ckpt.tensors, cfg, hf, packed=packed)
+    tensors = {}
+    for name, (a, b) in factors.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.to(dtype) if dtype else a
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.to(dtype) if dtype else b
+    os.makedirs(out_dir, exist_ok=True)
+    _save_tensors(os.path.join(out_dir, PEFT_WEIGHTS), tensors)
+    _write_json(os.path.join(out_dir, PEFT_CONFIG), peft_config(cfg, base, bd=packed))
+    return tensors
+
+
+def export_hf_peft(ckpt, tmp: str, base: str | None, dtype=None, **_) -> list:
+    write_peft(tmp, ckpt, base, packed=False, dtype=dtype)
+    return [f"dense PEFT LoRA adapter (r={ckpt.adapter_config.rank}, loads in stock PEFT/vLLM)"]
+
+
+def export_hf_peft_bd(ckpt, tmp: str, base: str | None, dtype=None, **_) -> list:
+    cfg = ckpt.adapter_config
+    if cfg.method != "bdlora":
+        raise CheckpointError("hf-peft-bd needs a BD-LoRA adapter; this checkpoint is plain LoRA "
+                              f"({cfg.sharding}) - export it as hf-peft")
+    write_peft(tmp, ckpt, base, packed=True, dtype=dtype)
+    note = [f"PEFT BD-LoRA adapter (use_bdlora, nblocks={cfg.nblocks}); needs peft >= 0.19"]
+    if cfg.layout == "fused":
+        note.append("fused layout: the shared A of linear_qkv / linear_fc1 is duplicated per "
+                    "projection (exact)")
+    return note
+
+
+def export_hf_merged(ckpt, tmp: str, base: str | None, hf_checkpoint: str | None = None, **_) -> list:
+    src = hf_checkpoint or ckpt.base_name_or_path
+    if not src:
+        raise CheckpointError("hf-merged needs the base model: pass --hf-checkpoint (the checkpoint "
+                              "records none)")
+    base_dir = resolve_model_dir(src)
+    base_hf = read_hf_config(base_dir)
+    diff = base_config_mismatch(ckpt.base_config, base_hf)
+    if diff:
+        raise CheckpointError(f"--hf-checkpoint {src} does not match the base the adapter was trained on "
+                              f"({diff}: checkpoint vs {src}); pass the right base model")
+    deltas = dense_deltas(ckpt.tensors, ckpt.adapter_config, ckpt.base_config)
+    with SafetensorsCheckpoint(base_dir) as base_ckpt:
+        base_ckpt.validate(base_hf)
+        for name in deltas:
+            base_ckpt.where(name)
+        by_file = {}
+        for name, fname in base_ckpt.weight_map.items():
+            by_file.setdefault(fname, []).append(name)
+        for fname, names in sorted(by_file.items()):
+            f = base_ckpt._file(fname)
+            meta = f.metadata() or {}
+            out = {}
+            for name in names:
+                w = f.get_tensor(name)
+                if name in deltas:
+                    w = (w.float() + deltas[name]).to(w.dtype)
+                out[name] = w
+            _save_tensors(os.path.join(tmp, fname), out, meta)
+    for entry in os.listdir(base_dir):
+        p = os.path.join(base_dir, entry)
+        if os.path.isfile(p) and not entry.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt")):
+            shutil.copy2(p, os.path.join(tmp, entry))  # config.json, index, tokenizer, generation config
+    return [f"merged HF Llama (W + s·B·A on {len(deltas)} projections) from {src}"]
+
+
+VLLM_README = """# vLLM bundle for {name}
+
+Adapter: {method}, rank r={r}, alpha={alpha}{rs}, layout {layout}{blocks}; base model `{base}`.
+Trained {steps} steps. Exported by megatron-bdlora (tools/convert_checkpoint.py).
+
+## Stock vLLM (dense adapter, this directory)
+
+The block-diagonal factors are expanded with zeros: exact, served by any vLLM with LoRA support
+at any tensor-parallel size.
+
+```
+vllm serve {base} --enable-lora --lora-modules {name}={dense_dir} --max-lora-rank {max_rank}
+```
+
+S-LoRA-style sharded LoRA compute (fewer LoRA FLOPs per GPU, extra collectives):
+
+```
+vllm serve {base} --enable-lora --lora-modules {name}={dense_dir} --max-lora-rank {max_rank} --tensor-parallel-size {tp_example} --fully-sharded-loras
+```
+{bd_section}"""
+
+VLLM_BD_SECTION = """
+## BD-LoRA build of vLLM (packed adapter, `bd/`)
+
+`bd/` holds the packed block-diagonal adapter (PEFT `use_bdlora`, nblocks={n}). It is only for a
+vLLM built with BD-LoRA support (vLLM PR #28136, `--block-diagonal-sharded-loras`), which needs
+nblocks == tensor-parallel size and r == --max-lora-rank:
+
+```
+vllm serve {base} --enable-lora --lora-modules {name}={bd_dir} --max-lora-rank {r} --tensor-parallel-size {n} --block-diagonal-sharded-loras
+```
+{rank_note}
+**WARNING: do not load `bd/` into a stock vLLM.** Its packed factors have the same tensor names
+as a dense LoRA with different shapes; a stock vLLM that accepts them gives silently wrong
+output. Use the dense adapter in this directory with stock vLLM.
+"""
+
+
+def export_vllm(ckpt, tmp: str, base: str | None, final_dir: str, name: str | None = None,
+                dtype=None, **_) -> list:
+    cfg = ckpt.adapter_config
+    max_rank = vllm_max_lora_rank(cfg.rank)  # error for r > 512
+    write_peft(tmp, ckpt, base, packed=False, dtype=dtype)
+    check_vllm_adapter(tmp, max_rank)
+    name = name or os.path.basename(os.path.normpath(final_dir))
+    bd = cfg.method == "bdlora"
+    bd_section = ""
+    if bd:
+        write_peft(os.path.join(tmp, "bd"), ckpt, base, packed=True, dtype=dtype)
+        rank_note = ""
+        if cfg.rank not in VLLM_MAX_LORA_RANKS:
+            rank_note = (f"\nNote: r={cfg.rank} is not an allowed --max-lora-rank "
+                         f"{VLLM_MAX_LORA_RANKS}; the BD build needs r == --max-lora-rank, so it "
+                         "cannot serve this adapter packed. Serve the dense adapter instead.\n")
+        bd_section = VLLM_BD_SECTION.format(n=cfg.nblocks, base=base or "BASE_MODEL", name=name,
+                                            bd_dir=os.path.join(final_dir, "bd"), r=cfg.rank,
+                                            rank_note=rank_note)
+    readme = VLLM_README.format(
+        name=name, method=cfg.method, r=cfg.rank, alpha=cfg.alpha, rs=" (rsLoRA)" if cfg.rslora else "",
+        layout=cfg.layout, blocks=f", {cfg.nblocks} blocks" if bd else "", base=base or "BASE_MODEL",
+        steps=ckpt.step, dense_dir=final_dir, max_rank=max_rank,
+        tp_example=cfg.nblocks if bd and cfg.nblocks > 1 else 2, bd_section=bd_section)
+    with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(readme)
+    msgs = [f"vLLM dense adapter: serve with --max-lora-rank {max_rank}"]
+    if bd:
+        msgs.append(f"vLLM BD build (PR #28136): bd/ with --block-diagonal-sharded-loras "
+                    f"--tensor-parallel-size {cfg.nblocks} --max-lora-rank {cfg.rank}; never load bd/ "
+                    "into stock vLLM (silently wrong output)")
+    return msgs
+
+
+EXPORTERS = {"hf-peft": export_hf_peft, "hf-peft-bd": export_hf_peft_bd,
+             "hf-merged": export_hf_merged, "vllm": export_vllm}
+
+
+def export(ckpt_path: str, fmt: str, out: str, hf_checkpoint: str | None = None,
+           overwrite: bool = False, name: str | None = None, dtype=None) -> list:
+    """Export atomically: everything is built in a temp dir next to `out`, renamed at the end.
+
+    Returns human-readable lines describing what was written (the CLI prints them)."""
+    if fmt not in EXPORTERS:
+        raise CheckpointError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
+    out = os.path.abspath(os.path.expanduser(out))
+    if os.path.lexists(out) and not overwrite:
+        raise CheckpointError(f"output {out} already exists; pass --overwrite to replace it")
+    ckpt = load_for_export(ckpt_path)
+    base = hf_checkpoint or ckpt.base_name_or_path
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    try:
+        msgs = EXPORTERS[fmt](ckpt, tmp, base, hf_checkpoint=hf_checkpoint, final_dir=out,
+                              name=name, dtype=dtype)
+        os.chmod(tmp, 0o755)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [f"wrote {fmt} export of {ckpt.dir} to {out}"] + msgs
+
+
+def _publish(tmp: str, out: str) -> None:
+    from megatron_bdlora.checkpoint.adapter_checkpoint import publish_dir
+
+    _fsync_dir(tmp)
+    publish_dir(tmp, out)
+
+
+# ---- inspect -------------------------------------------------------------------------------------
+def describe(path: str) -> str:
+    """What `convert_checkpoint.py inspect` prints."""
+    from megatron_bdlora.adapters.param_count import adapter_params
+
+    ckpt = AdapterCheckpoint(path)
+    cfg, hf = ckpt.adapter_config, ckpt.base_config
+    stored = sum(t.numel() for t in ckpt.tensors.values())
+    lines = [
+        f"checkpoint:      {ckpt.dir}",
+        f"method:          {cfg.method}" + (" (BD-LoRA)" if cfg.method == "bdlora" else " (LoRA)"),
+        f"rank:            {cfg.rank}",
+        f"alpha:           {cfg.alpha}" + (" (rsLoRA)" if cfg.rslora else "") + f"  scale {cfg.scale:g}",
+        f"nblocks (N):     {cfg.nblocks if cfg.method == 'bdlora' else '-'}",
+        f"layout:          {cfg.layout}",
+        f"sharding:        {cfg.strategy}",
+        f"target modules:  {', '.join(cfg.target_modules)} -> {', '.join(hf_target_modules(cfg))}",
+    ]
+    if hf:
+        counted = adapter_params(hf, cfg)
+        lines.append(f"parameters:      {stored:,} ({cfg.layout} layout"
+                     + ("" if counted == stored else f"; config implies {counted:,}") + ")")
+        lines.append(f"base model:      {ckpt.base_name_or_path or '?'} ({hf.get('num_hidden_layers')} "
+                     f"layers, hidden {hf.get('hidden_size')})")
+    else:
+        lines.append(f"parameters:      {stored:,} ({cfg.layout} layout)")
+    if cfg.method == "bdlora":
+        tps = [d for d in range(1, cfg.nblocks + 1) if cfg.nblocks % d == 0]
+        lines.append(f"loads at TP:     {tps}")
+    lines.append(f"trained steps:   {ckpt.step}")
+    lines.append(f"saved at TP:     {ckpt.config.get('saved_at_tp', '?')}")
+    return "\n".join(lines)

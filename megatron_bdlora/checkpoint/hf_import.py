@@ -1,0 +1,254 @@
+"""Load a Hugging Face Llama checkpoint (a local dir or a hub name) into our Megatron-Core GPTModel.
+
+Everything that can be wrong with the files is checked before the model is built, each as a
+one-line `CheckpointError` naming the file and the fix: config.json, the safetensors files and
+their index, truncated or corrupt files, tensors missing from the index, shapes that disagree with
+config.json. Then every rank reads only its own slices (`safe_open(...).get_slice(name)[lo:hi]`)
+and `hf_mapping.load_base_weights` fills the model.
+"""
+
+import contextlib
+import json
+import os
+import re
+
+import torch
+
+from megatron_bdlora.checkpoint.hf_mapping import load_base_weights
+
+INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "tokenizer.tiktoken", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_BASE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size")
+
+
+class CheckpointError(ValueError):
+    """A problem with checkpoint files or their compatibility; the message is one line."""
+
+
+def resolve_model_dir(name_or_path: str) -> str:
+    """A local directory; a hub name (`org/name`, not an existing path) is downloaded first."""
+    path = os.path.expanduser(str(name_or_path))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path} is a file; pass the Hugging Face model directory that "
+                                  "holds config.json and the *.safetensors files")
+        return path
+    if not _HUB_NAME.match(str(name_or_path)):
+        raise CheckpointError(f"model directory {path} does not exist (and is not a hub name "
+                              "like org/name)")
+    return _snapshot_download(str(name_or_path))
+
+
+def _snapshot_download(repo_id: str) -> str:
+    import torch.distributed as dist
+
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub ships with transformers
+        raise CheckpointError(f"{repo_id} is not a local directory and huggingface_hub is not "
+                              "installed to download it") from e
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja"]
+    try:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # rank 0 downloads, the others then read the local cache
+            path = snapshot_download(repo_id, allow_patterns=patterns) if dist.get_rank() == 0 else None
+            dist.barrier()
+            return path or snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+        return snapshot_download(repo_id, allow_patterns=patterns)
+    except Exception as e:
+        raise CheckpointError(f"could not download {repo_id} from the Hugging Face hub "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                              "pass a local model directory or check the name, network and HF_TOKEN") from e
+
+
+def read_hf_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{model_dir} has no config.json; pass a Hugging Face Llama model "
+                              "directory (as written by save_pretrained)")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or re-save the model") from e
+    if cfg.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{path}: model_type {cfg.get('model_type')!r} is not supported; "
+                              "only Llama (LlamaForCausalLM) checkpoints load")
+    cfg.setdefault("num_key_value_heads", cfg.get("num_attention_heads"))
+    return cfg
+
+
+def expected_hf_shapes(hf: dict) -> dict:
+    """{HF tensor name: shape} of a Llama checkpoint for config `hf` (lm_head only when untied)."""
+    h, heads = hf["hidden_size"], hf["num_attention_heads"]
+    kv = hf.get("num_key_value_heads") or heads
+    d = hf.get("head_dim") or h // heads
+    ffn, vocab = hf["intermediate_size"], hf["vocab_size"]
+    shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
+    if not hf.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, h)
+    for layer in range(hf["num_hidden_layers"]):
+        pre = f"model.layers.{layer}."
+        shapes.update({
+            pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,),
+            pre + "self_attn.q_proj.weight": (heads * d, h), pre + "self_attn.k_proj.weight": (kv * d, h),
+            pre + "self_attn.v_proj.weight": (kv * d, h), pre + "self_attn.o_proj.weight": (h, heads * d),
+            pre + "mlp.gate_proj.weight": (ffn, h), pre + "mlp.up_proj.weight": (ffn, h),
+            pre + "mlp.down_proj.weight": (h, ffn),
+        })
+    return shapes
+
+
+def open_safetensors(path: str, handles: contextlib.ExitStack):
+    """safe_open with corrupt/truncated files turned into a one-line error naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return handles.enter_context(safe_open(path, framework="pt"))
+    except (SafetensorError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is truncated or corrupt ({msg}); re-download or re-save "
+                              "this file (an interrupted copy or download leaves it incomplete)") from e
+
+
+class SafetensorsCheckpoint:
+    """The weight map of a HF model directory: one or many *.safetensors files (+ index)."""
+
+    def __init__(self, model_dir: str):
+        self.dir = model_dir
+        self.index = os.path.join(model_dir, INDEX_NAME)
+        self._handles = contextlib.ExitStack()
+        self._files = {}
+        if os.path.isfile(self.index):
+            try:
+                with open(self.index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{self.index} is not a valid safetensors index (needs a "
+                                      "'weight_map'); re-download it") from e
+            for fname in sorted(set(weight_map.values())):
+                if not os.path.isfile(os.path.join(model_dir, fname)):
+                    raise CheckpointError(f"{self.index} names {fname}, which is missing from "
+                                          f"{model_dir}; download all the shards")
+            self.weight_map = dict(weight_map)
+        else:
+            files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+            if not files:
+                bins = [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth"))]
+                hint = (f" (found {bins[0]}: pickled weights are never loaded; convert them with "
+                        "transformers' save_pretrained(safe_serialization=True))" if bins else "")
+                raise CheckpointError(f"{model_dir} has no *.safetensors weights{hint}")
+            self.weight_map = {}
+            for fname in files:
+                for key in self._file(fname).keys():
+                    self.weight_map[key] = fname
+
+    def _file(self, fname: str):
+        if fname not in self._files:
+            self._files[fname] = open_safetensors(os.path.join(self.dir, fname), self._handles)
+        return self._files[fname]
+
+    def where(self, name: str) -> str:
+        if name not in self.weight_map:
+            where = self.index if os.path.isfile(self.index) else f"the *.safetensors files of {self.dir}"
+            raise CheckpointError(f"tensor {name} is missing from {where}; the checkpoint is "
+                                  "incomplete or not a Llama checkpoint")
+        return self.weight_map[name]
+
+    def shape(self, name: str) -> tuple:
+        fname = self.where(name)
+        f = self._file(fname)
+        if name not in f.keys():
+            raise CheckpointError(f"{os.path.join(self.dir, fname)} has no tensor {name} although "
+                                  f"{INDEX_NAME} says so; re-download the checkpoint")
+        return tuple(f.get_slice(name).get_shape())
+
+    def validate(self, hf: dict) -> None:
+        """Every tensor config.json implies exists with the implied shape."""
+        for name, shape in expected_hf_shapes(hf).items():
+            got = self.shape(name)
+            if got != tuple(shape):
+                raise CheckpointError(
+                    f"{name} in {os.path.join(self.dir, self.where(name))} has shape {got} but "
+                    f"config.json implies {tuple(shape)}; config.json does not match the weights")
+
+    def read(self, name: str, rows=None, cols=None) -> torch.Tensor:
+        """Only the requested slice is read from disk."""
+        sl = self._file(self.where(name)).get_slice(name)
+        if rows is None and cols is None:
+            return sl[:]
+        r = slice(*rows) if rows is not None else slice(None)
+        if cols is None:
+            return sl[r]
+        return sl[r, slice(*cols)]
+
+    def close(self) -> None:
+        self._handles.close()
+        self._files.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def tokenizer_dir(model_dir: str) -> str | None:
+    """The directory to load the tokenizer from, when the model directory has tokenizer files."""
+    return model_dir if any(os.path.isfile(os.path.join(model_dir, f))
+                            for f in TOKENIZER_FILES[:5]) else None
+
+
+def check_hf_checkpoint(name_or_path: str) -> tuple[str, dict]:
+    """Resolve and validate a HF Llama checkpoint without building anything: (dir, config dict)."""
+    model_dir = resolve_model_dir(name_or_path)
+    hf = read_hf_config(model_dir)
+    with SafetensorsCheckpoint(model_dir) as ckpt:
+        ckpt.validate(hf)
+    return model_dir, hf
+
+
+def load_hf_llama(model_dir_or_hub_name: str, tp: int | None = None, dtype: torch.dtype = torch.float32,
+                  recompute: bool = False, config_overrides: dict | None = None):
+    """Build this rank's GPTModel shard for a HF Llama checkpoint and load its weights.
+
+    `tp` defaults to the initialised TP size (it must equal it). The returned model carries
+    `hf_config`, `hf_path` (the resolved local directory) and `tokenizer_path` (or None).
+    Needs Megatron-Core parallel state (`megatron_bdlora.parallel.init_distributed`)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_bdlora.models.llama import build_model
+
+    model_dir = resolve_model_dir(model_dir_or_hub_name)
+    hf = read_hf_config(model_dir)
+    hf.update(config_overrides or {})
+    with SafetensorsCheckpoint(model_dir) as ckpt:
+        ckpt.validate(hf)
+        world_tp = ps.get_tensor_model_parallel_world_size()
+        if tp is not None and tp != world_tp:
+            raise CheckpointError(f"load_hf_llama(tp={tp}) but tensor-model-parallel-size is "
+                                  f"{world_tp}; initialise parallel state with the same TP")
+        model = build_model(hf, tp=world_tp, dtype=dtype, recompute=recompute, init=False)
+        load_base_weights(model, ckpt.read, hf)
+    model.hf_path = os.path.abspath(model_dir)
+    model.hf_name_or_path = str(model_dir_or_hub_name)
+    model.tokenizer_path = tokenizer_dir(model_dir)
+    return model
+
+
+def base_config_mismatch(a: dict, b: dict) -> str | None:
+    """The first Llama shape field on which two HF config dicts differ, as text (None if equal)."""
+    for key in _BASE_FIELDS:
+        va, vb = a.get(key), b.get(key)
+        if key == "head_dim":
+            va = va or a["hidden_size"] // a["num_attention_heads"]
+            vb = vb or b["hidden_size"] // b["num_attention_heads"]
+        if key == "num_key_value_heads":
+            va, vb = va or a["num_attention_heads"], vb or b["num_attention_heads"]
+        if va != vb:
+            return f"{key} {va} vs {vb}"
+    return None

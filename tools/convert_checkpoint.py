@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Convert megatron-bdlora adapter checkpoints (TP-independent; any TP they were trained at).
+
+    python tools/convert_checkpoint.py inspect runs/demo/checkpoints
+    python tools/convert_checkpoint.py export --load runs/demo/checkpoints --format hf-peft --out out/peft
+    python tools/convert_checkpoint.py export --load CKPT --format hf-merged --out out/merged \\
+        --hf-checkpoint meta-llama/Llama-3.2-1B
+    python tools/convert_checkpoint.py export --load CKPT --format vllm --out out/vllm
+
+Formats: hf-peft (dense PEFT LoRA; BD blocks expanded with zeros, exact), hf-peft-bd (PEFT >= 0.19
+use_bdlora, packed blocks), hf-merged (full HF Llama with W + s*B*A), vllm (dense PEFT dir +
+packed bd/ for the BD-LoRA vLLM build + README with the exact `vllm serve` commands).
+Exports run in one process; the output appears atomically (nothing is left on error).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{export,inspect}")
+
+    e = sub.add_parser("export", help="export an adapter checkpoint to PEFT / merged HF / vLLM",
+                       description="Export an adapter checkpoint (a run's checkpoint dir, following "
+                                   "its 'latest' pointer, or one step_* dir) in one process.")
+    e.add_argument("--load", required=True, metavar="CKPT",
+                   help="checkpoint root (uses 'latest') or a step_* directory")
+    e.add_argument("--format", required=True, choices=["hf-peft", "hf-peft-bd", "hf-merged", "vllm"],
+                   help="hf-peft: dense PEFT LoRA (exact, stock PEFT/vLLM); hf-peft-bd: PEFT "
+                        "use_bdlora packed blocks (BD-LoRA only); hf-merged: full HF model with the "
+                        "adapter merged; vllm: dense adapter + bd/ + README with serve commands")
+    e.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
+    e.add_argument("--hf-checkpoint", metavar="BASE",
+                   help="HF base model dir or hub name (hf-merged reads its weights; default: the "
+                        "base recorded in the checkpoint; also written as base_model_name_or_path)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    e.add_argument("--name", help="adapter name in the vLLM README commands (default: basename of --out)")
+    e.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="dtype of exported adapter weights (default: as trained)")
+
+    i = sub.add_parser("inspect", help="describe a checkpoint",
+                       description="Print method, rank, N, layout, sharding, target modules, "
+                                   "parameter count and trained steps of a checkpoint.")
+    i.add_argument("ckpt", metavar="CKPT", help="checkpoint root or step_* directory")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from megatron_bdlora.checkpoint.export import describe, export
+    from megatron_bdlora.checkpoint.hf_import import CheckpointError
+
+    try:
+        if args.command == "inspect":
+            print(describe(args.ckpt))
+        else:
+            dtype = getattr(torch, args.dtype) if args.dtype else None
+            for line in export(args.load, args.format, args.out, hf_checkpoint=args.hf_checkpoint,
+                               overwrite=args.overwrite, name=args.name, dtype=dtype):
+                print(line)
+    except (CheckpointError, FileNotFoundError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
