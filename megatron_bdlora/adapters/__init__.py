@@ -7,6 +7,7 @@ from megatron_bdlora.adapters.model import (
     global_adapter_layout,
     global_adapter_state,
     load_global_adapter_state,
+    local_shards,
     merge_adapters,
     set_trainable_params,
     trainable_param_count,
@@ -15,6 +16,6 @@ from megatron_bdlora.adapters.model import (
 from megatron_bdlora.adapters.param_count import adapter_params, match_bd_rank
 
 __all__ = ["AdapterConfig", "AdapterLinear", "adapter_modules", "adapter_params", "apply_adapters",
-           "get_adapter_params", "global_adapter_layout", "global_adapter_state", "load_global_adapter_state",
+           "get_adapter_params", "global_adapter_layout", "global_adapter_state", "load_global_adapter_state", "local_shards",
            "match_bd_rank", "merge_adapters", "set_trainable_params", "trainable_param_count",
            "unmerge_adapters"]

@@ -21,6 +21,12 @@ Every factor has a TP-independent *global* form (whole factors, or per-block sta
 block-diagonal ones); this rank's parameter is a chunk of it along `shard_dims[name]`. Global
 factors are drawn from generators seeded by (seed, module, group/block), so TP=1, 2, 4 of the
 same config hold the same adapter.
+
+Multi-adapter batching (inference): `load_global_stack` holds K adapters' local shards stacked
+on a leading adapter dimension, and `adapter_index` (LongTensor (batch,), set by
+`megatron_bdlora.inference.multi_adapter.adapter_batch`) picks one per request. Each request's
+factors are gathered (punica-style BGMV) and applied with the same sharding and the same
+collectives as the single-adapter path. With `adapter_index` unset, nothing changes.
 """
 
 import hashlib
@@ -76,6 +82,10 @@ def _divisors(n):
 class AdapterLinear(nn.Module):
     """A frozen Megatron-Core parallel linear plus this rank's share of a LoRA / BD-LoRA adapter."""
 
+    # Multi-adapter batching (inference only): {param name: (K, *local shape)} and (batch,) indices.
+    adapter_stack: dict | None = None
+    adapter_index: torch.Tensor | None = None
+
     def __init__(self, base: nn.Module, spec: TargetSpec, cfg: AdapterConfig, name: str,
                  tp_rank: int, tp_size: int):
         super().__init__()
@@ -105,8 +115,9 @@ class AdapterLinear(nn.Module):
         for pname, (global_shape, dim, init) in self.global_layout().items():
             local = torch.empty(self._local_shape(global_shape, dim), device=device)
             if device.type != "meta":
-                local = self._shard(init(global_shape), dim).to(device)
+                local = self.shard(init(global_shape), dim).to(device)
             param = nn.Parameter(local.contiguous())
+            param.tensor_model_parallel = dim is not None  # Megatron's flag: sharded, not replicated
             if pname == "lora_A":
                 self.lora_A = param
             else:
@@ -168,7 +179,7 @@ class AdapterLinear(nn.Module):
             return shape
         return shape[:dim] + (shape[dim] // self.tp_size,) + shape[dim + 1:]
 
-    def _shard(self, tensor, dim):
+    def shard(self, tensor, dim):
         return tensor if dim is None else tensor.chunk(self.tp_size, dim)[self.tp_rank]
 
     def adapter_params(self) -> dict:
@@ -176,6 +187,8 @@ class AdapterLinear(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, x, *args, **kwargs):
+        if self.adapter_index is not None:
+            return self._multi_forward(x, *args, **kwargs)
         if self.spec.kind == "column":
             return self._column_forward(x, *args, **kwargs)
         return self._row_forward(x, *args, **kwargs)
@@ -188,11 +201,13 @@ class AdapterLinear(nn.Module):
         if self.merged:
             return out, bias
         a = self.lora_A if self.strategy != "replicated" else comm.replicated_factor(self.lora_A)
+        a = a.to(x.dtype)
         u = torch.einsum("...i,gri->...gr", self.dropout(x), a)  # (..., groups, r_local)
         if self.strategy == "slora":
             u = comm.all_gather_last_dim(u)
         ys = []
         for c, b in self.lora_B.items():
+            b = b.to(x.dtype)
             uc = u[..., self.group_of(c), :]
             if self.strategy == "bd":
                 nb, _, rb = b.shape
@@ -209,20 +224,90 @@ class AdapterLinear(nn.Module):
         partial, bias = self.base(x, *args, **kwargs)  # not yet reduced
         if not self.merged:
             (b,) = self.lora_B.values()
+            a, b = self.lora_A.to(x.dtype), b.to(x.dtype)
             xd = self.dropout(x)
             if self.strategy == "bd":
-                nb = self.lora_A.shape[0]
-                u = torch.einsum("...ni,nri->...nr", xd.unflatten(-1, (nb, -1)), self.lora_A)
+                nb = a.shape[0]
+                u = torch.einsum("...ni,nri->...nr", xd.unflatten(-1, (nb, -1)), a)
                 partial = partial + self.scale * F.linear(u.flatten(-2), b)
             elif self.strategy == "slora":
-                u = comm.all_reduce_fwd_bwd(F.linear(xd, self.lora_A))
+                u = comm.all_reduce_fwd_bwd(F.linear(xd, a))
                 y = F.linear(u, b) * self.scale  # this rank's slice of the output
                 pad = [self.tp_rank * y.shape[-1], (self.tp_size - 1 - self.tp_rank) * y.shape[-1]]
                 partial = partial + F.pad(y, pad)
             else:
-                u = F.linear(xd, self.lora_A)
+                u = F.linear(xd, a)
                 partial = partial + self.scale * F.linear(u, comm.replicated_factor(b))
         return reduce_from_tensor_model_parallel_region(partial), bias
+
+    # ---- multi-adapter batching (inference) -------------------------------------------------
+    def load_global_stack(self, states: list) -> None:
+        """Hold K adapters at once: states[k] = {param name: global factor} (as `load_global`).
+
+        Stored as this rank's shards stacked on a new leading dim, outside the state dict."""
+        if not states:
+            raise ValueError(f"{self.name}: load_global_stack needs at least one adapter state")
+        layout = self.global_layout()
+        stack = {}
+        for pname, p in self.adapter_params().items():
+            shape, dim, _ = layout[pname]
+            shards = []
+            for k, st in enumerate(states):
+                t = st[pname]
+                if tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"{self.name}.{pname}: adapter {k} has shape {tuple(t.shape)}, "
+                                     f"this adapter expects {tuple(shape)}; check rank/nblocks/layout")
+                shards.append(t if dim is None else t.chunk(self.tp_size, dim)[self.tp_rank])
+            stack[pname] = torch.stack(shards).to(device=p.device, dtype=p.dtype).contiguous()
+        self.adapter_stack = stack
+
+    def _multi_forward(self, x, *args, **kwargs):
+        """Every request b of the [seq, batch, hidden] input uses adapter `adapter_index[b]`."""
+        from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
+                                                   reduce_from_tensor_model_parallel_region)
+
+        if self.adapter_stack is None:
+            raise RuntimeError(f"{self.name}: adapter_index is set but no adapters were loaded "
+                               "with load_global_stack")
+        if self.merged:
+            raise RuntimeError(f"{self.name}: multi-adapter batching needs unmerged adapters")
+        idx = self.adapter_index
+        if x.dim() != 3 or x.shape[1] != idx.shape[0]:
+            raise ValueError(f"{self.name}: input {tuple(x.shape)} is not [seq, batch={idx.shape[0]}, "
+                             "hidden]")
+        # per-request factors (b, *local shape): each request reads its own adapter
+        st = {k: v[idx].to(x.dtype) for k, v in self.adapter_stack.items()}
+        bd, slora = self.strategy == "bd", self.strategy == "slora"
+        if self.spec.kind == "column":
+            x = copy_to_tensor_model_parallel_region(x)
+            out, bias = self.base(x, *args, **kwargs)
+            u = torch.einsum("sbi,bgri->sbgr", self.dropout(x), st["lora_A"])
+            if slora:
+                u = comm.all_gather_last_dim(u)
+            ys = []
+            for c in self.lora_B:
+                b, uc = st[f"lora_B.{c}"], u[..., self.group_of(c), :]
+                if bd:
+                    _, nb, _, rb = b.shape
+                    y = torch.einsum("sbnr,bnor->sbno", uc.unflatten(-1, (nb, rb)), b).flatten(-2)
+                else:
+                    y = torch.einsum("sbr,bor->sbo", uc, b)
+                ys.append(y.unflatten(-1, (self.local_groups, -1)))
+            return out + self.scale * torch.cat(ys, dim=-1).flatten(-2), bias
+
+        partial, bias = self.base(x, *args, **kwargs)  # not yet reduced
+        (c,) = self.lora_B
+        a, b, xd = st["lora_A"], st[f"lora_B.{c}"], self.dropout(x)
+        if bd:
+            u = torch.einsum("sbni,bnri->sbnr", xd.unflatten(-1, (a.shape[1], -1)), a).flatten(-2)
+        else:
+            u = torch.einsum("sbi,bri->sbr", xd, a)
+        if slora:
+            u = comm.all_reduce_fwd_bwd(u)
+        y = self.scale * torch.einsum("sbr,bor->sbo", u, b)
+        if slora:  # this rank's slice of the output
+            y = F.pad(y, [self.tp_rank * y.shape[-1], (self.tp_size - 1 - self.tp_rank) * y.shape[-1]])
+        return reduce_from_tensor_model_parallel_region(partial + y), bias
 
     # ---- merge ------------------------------------------------------------------------------
     def local_delta(self) -> torch.Tensor:
@@ -287,4 +372,4 @@ class AdapterLinear(nn.Module):
                 if tuple(t.shape) != tuple(shape):
                     raise ValueError(f"{self.name}.{pname}: checkpoint shape {tuple(t.shape)} does "
                                      f"not match this adapter's {tuple(shape)}; check rank/nblocks/layout")
-                p.copy_(self._shard(t, dim))
+                p.copy_(self.shard(t, dim))

@@ -84,6 +84,12 @@ def load_global_adapter_state(model: nn.Module, tensors: dict) -> None:
         m.load_global({k: tensors[f"{n}.{k}"] for k in m.adapter_params()})
 
 
+def local_shards(model: nn.Module, tensors: dict) -> dict:
+    """{parameter: this rank's chunk} of global per-parameter tensors (e.g. optimizer moments)."""
+    return {p: m.shard(tensors[f"{n}.{k}"], m.shard_dims[k])
+            for n, m in adapter_modules(model).items() for k, p in m.adapter_params().items()}
+
+
 def merge_adapters(model: nn.Module) -> None:
     for m in adapter_modules(model).values():
         m.merge()

@@ -103,3 +103,57 @@ def tensor_reader(state_dict: dict):
         return t
 
     return read
+
+
+def hf_state_from_model(model, hf: dict) -> dict:
+    """The full HF Llama state dict of a GPTModel's base weights (collective over TP).
+
+    The inverse of `local_shard`: each TP shard is gathered and un-interleaved, so a base trained
+    with `--adapter none` at any TP is saved as an ordinary HF checkpoint."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    h, heads = hf["hidden_size"], hf["num_attention_heads"]
+    groups = hf.get("num_key_value_heads", heads)
+    d = hf.get("head_dim") or h // heads
+    hpg, gl = heads // groups, groups // tp
+
+    def shards(p):
+        p = p.detach().contiguous().float()
+        if tp == 1:
+            return [p]
+        parts = [torch.empty_like(p) for _ in range(tp)]
+        dist.all_gather(parts, p, group=ps.get_tensor_model_parallel_group())
+        return parts
+
+    out = {}
+    for name, p in base_param_names(model).items():
+        parts = shards(p) if getattr(p, "tensor_model_parallel", False) else [p.detach().float()]
+        if name == "embedding.word_embeddings.weight":
+            out["model.embed_tokens.weight"] = torch.cat(parts)[: hf["vocab_size"]]
+        elif name == "output_layer.weight":
+            out["lm_head.weight"] = torch.cat(parts)[: hf["vocab_size"]]
+        elif name == "decoder.final_layernorm.weight":
+            out["model.norm.weight"] = parts[0]
+        else:
+            layer, rest = _LAYER.match(name).groups()
+            pre = f"model.layers.{layer}."
+            if rest in _LAYER_MAP:
+                out[pre + _LAYER_MAP[rest]] = parts[0]
+            elif rest == "self_attention.linear_qkv.weight":
+                per = [x.view(gl, (hpg + 2) * d, h) for x in parts]
+                out[pre + "self_attn.q_proj.weight"] = torch.cat([x[:, : hpg * d] for x in per]).reshape(-1, h)
+                out[pre + "self_attn.k_proj.weight"] = torch.cat([x[:, hpg * d: (hpg + 1) * d] for x in per]).reshape(-1, h)
+                out[pre + "self_attn.v_proj.weight"] = torch.cat([x[:, (hpg + 1) * d:] for x in per]).reshape(-1, h)
+            elif rest == "self_attention.linear_proj.weight":
+                out[pre + "self_attn.o_proj.weight"] = torch.cat(parts, 1)
+            elif rest == "mlp.linear_fc1.weight":
+                halves = [x.chunk(2) for x in parts]
+                out[pre + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in halves])
+                out[pre + "mlp.up_proj.weight"] = torch.cat([u for _, u in halves])
+            elif rest == "mlp.linear_fc2.weight":
+                out[pre + "mlp.down_proj.weight"] = torch.cat(parts, 1)
+    if hf.get("tie_word_embeddings"):
+        out.pop("lm_head.weight", None)
+    return {k: v.contiguous() for k, v in out.items()}

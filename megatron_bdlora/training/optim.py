@@ -1,0 +1,86 @@
+"""AdamW on the trainable parameters, the LR schedule, DP gradient sync and TP-aware clipping."""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+def lr_at(step: int, args) -> float:
+    """Linear warmup to --lr, then cosine / linear decay to --min-lr at --train-iters."""
+    if args.lr_warmup_iters and step < args.lr_warmup_iters:
+        return args.lr * (step + 1) / args.lr_warmup_iters
+    if args.lr_decay_style == "constant":
+        return args.lr
+    span = max(1, args.train_iters - args.lr_warmup_iters)
+    frac = min(1.0, (step - args.lr_warmup_iters) / span)
+    decay = 0.5 * (1 + math.cos(math.pi * frac)) if args.lr_decay_style == "cosine" else 1 - frac
+    return args.min_lr + (args.lr - args.min_lr) * decay
+
+
+def make_optimizer(params, args) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                             weight_decay=args.weight_decay)
+
+
+def sync_data_parallel_grads(params) -> None:
+    """Average gradients over the DP group in one flat all-reduce."""
+    from megatron.core import parallel_state as ps
+
+    dp = ps.get_data_parallel_world_size()
+    grads = [p.grad for p in params if p.grad is not None]
+    if dp == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=ps.get_data_parallel_group())
+    flat /= dp
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Global L2 norm over the whole (TP-sharded) model; replicated parameters counted once."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    sq = torch.zeros(1, dtype=torch.float64)
+    for p in params:
+        if p.grad is not None:
+            weight = 1.0 if getattr(p, "tensor_model_parallel", False) else 1.0 / tp
+            sq += weight * p.grad.double().pow(2).sum().cpu()
+    if tp > 1:
+        dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
+    norm = float(sq.sqrt())
+    if max_norm and max_norm > 0 and norm > max_norm:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def global_optimizer_state(model, optimizer) -> tuple[dict, dict]:
+    """Adam moments in the TP-independent adapter layout (collective over TP), and metadata."""
+    from megatron_bdlora.adapters import global_adapter_state
+
+    tensors = {}
+    for moment in MOMENTS:
+        state = global_adapter_state(model, lambda p: optimizer.state[p][moment])
+        tensors.update({f"{moment}/{k}": v for k, v in state.items()})
+    steps = {int(s["step"]) for s in optimizer.state.values()}
+    return tensors, {"step": max(steps) if steps else 0}
+
+
+def load_optimizer_state(model, optimizer, tensors: dict, meta: dict) -> None:
+    """Re-slice global Adam moments for this TP size."""
+    from megatron_bdlora.adapters import local_shards
+
+    per_moment = {m: local_shards(model, {k.split("/", 1)[1]: v for k, v in tensors.items()
+                                          if k.startswith(m + "/")}) for m in MOMENTS}
+    for p in per_moment[MOMENTS[0]]:
+        optimizer.state[p] = {"step": torch.tensor(float(meta["step"])),
+                              **{m: per_moment[m][p].clone().to(p.dtype) for m in MOMENTS}}

@@ -1,0 +1,230 @@
+"""The fine-tuning job: model + adapter + data + AdamW over TP x DP, checkpoints, eval, logging."""
+
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_bdlora.adapters import AdapterConfig, apply_adapters, match_bd_rank
+from megatron_bdlora.adapters.param_count import adapter_params
+from megatron_bdlora.parallel import destroy_distributed, init_distributed, is_main_rank
+from megatron_bdlora.training.arguments import parse_args, run_config
+from megatron_bdlora.training.metrics import MetricsLogger
+from megatron_bdlora.training import optim
+
+
+def log0(*a):
+    if is_main_rank():
+        print(*a, flush=True)
+
+
+def adapter_config(args, hf: dict) -> AdapterConfig | None:
+    if args.adapter == "none":
+        return None
+    rank = args.lora_rank
+    common = dict(alpha=args.lora_alpha, dropout=args.lora_dropout, rslora=args.lora_rslora,
+                  target_modules=tuple(args.lora_target_modules), layout=args.lora_layout,
+                  seed=args.seed)
+    if args.adapter == "bdlora" and args.match_lora_rank_params:
+        lora = AdapterConfig(method="lora", rank=args.match_lora_rank_params, **common)
+        rank = match_bd_rank(hf, lora, args.bd_nblocks)
+        log0(f"BD rank {rank} matches LoRA rank {args.match_lora_rank_params}: "
+             f"{adapter_params(hf, AdapterConfig(method='bdlora', rank=rank, nblocks=args.bd_nblocks, **common)):,}"
+             f" vs {adapter_params(hf, lora):,} parameters ({args.lora_layout} layout)")
+    return AdapterConfig(method=args.adapter, rank=rank, nblocks=args.bd_nblocks,
+                         sharding=args.lora_sharding, **common)
+
+
+def build(args):
+    """Model (with adapter), tokenizer path."""
+    from megatron_bdlora.checkpoint.hf_import import load_hf_llama
+    from megatron_bdlora.models.llama import build_model
+    from megatron_bdlora.models.presets import get_preset
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    if args.hf_checkpoint:
+        model = load_hf_llama(args.hf_checkpoint, dtype=dtype, recompute=args.recompute_activations)
+        tokenizer = args.tokenizer or model.tokenizer_path
+    else:
+        hf = get_preset(args.model_preset)
+        model = build_model(hf, tp=args.tensor_model_parallel_size, dtype=dtype,
+                            recompute=args.recompute_activations)
+        tokenizer = args.tokenizer
+    cfg = adapter_config(args, model.hf_config)
+    if cfg is not None:
+        apply_adapters(model, cfg)
+        if args.recompute_activations:
+            # Frozen base + recompute: the checkpointed block's input must require grad, or the
+            # recomputed adapters receive no gradient at all.
+            model.embedding.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    if torch.cuda.is_available():
+        model.cuda()
+    return model, tokenizer
+
+
+def data_iterator(args, tokenizer, path, seed_offset=0):
+    from megatron.core import parallel_state as ps
+
+    from megatron_bdlora.data import DataIterator, DistributedBatchSampler, build_dataset
+
+    def make():
+        return build_dataset(path, tokenizer, args.seq_length, pack_sequences=args.pack_sequences,
+                             prompt_template=args.prompt_template, cache_dir=args.data_cache_dir)
+
+    if is_main_rank():  # tokenise once; the other ranks read the cache
+        rows = make()
+    dist.barrier()
+    if not is_main_rank():
+        rows = make()
+    sampler = DistributedBatchSampler(
+        len(rows), args.micro_batch_size, dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(), global_batch_size=args.global_batch_size,
+        seed=args.seed + seed_offset)
+    return DataIterator(rows, sampler), rows.stats
+
+
+def _to_device(batch):
+    from megatron_bdlora.data import attention_mask_from_document_ids
+    from megatron_bdlora.parallel import device
+
+    dev = device()
+    ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
+    mask = attention_mask_from_document_ids(batch["document_ids"]).to(dev)
+    return ids, labels, mask
+
+
+def evaluate(model, it, iters: int) -> dict:
+    """Token-weighted mean loss over `iters` micro-batches (summed over DP ranks)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_bdlora.models.llama import lm_loss
+
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(iters):
+            ids, labels, mask = _to_device(next(it))
+            loss, n = lm_loss(model, ids, labels, mask)
+            total += torch.tensor([loss.item() * n.item(), n.item()], dtype=torch.float64)
+    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    model.train()
+    loss = float(total[0] / total[1].clamp(min=1))
+    return {"loss": loss, "ppl": float(torch.exp(torch.tensor(loss))), "tokens": int(total[1])}
+
+
+def save(args, model, optimizer, step, train_it, config) -> None:
+    from megatron_bdlora.checkpoint.adapter_checkpoint import save_checkpoint
+
+    if getattr(model, "adapter_config", None) is None:
+        from megatron_bdlora.checkpoint.hf_base import save_hf_base
+
+        save_hf_base(model, os.path.join(args.save, "hf"), tokenizer=config.get("tokenizer_path"))
+        return
+    tensors, meta = optim.global_optimizer_state(model, optimizer)
+    extra = {"step": step, "data": train_it.state_dict(), "rng": torch.get_rng_state()}
+    save_checkpoint(args.save, model, extra_state=extra, run_config=config, step=step,
+                    optimizer_tensors=tensors, optimizer_meta=meta, keep_last=args.keep_last)
+
+
+def train(args) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint
+    from megatron_bdlora.models.llama import lm_loss
+
+    init_distributed(args.tensor_model_parallel_size, seed=args.seed)
+    from megatron_bdlora.data import load_tokenizer
+
+    model, tokenizer_path = build(args)
+    if not tokenizer_path:
+        raise ValueError("no tokenizer: the checkpoint has none; pass --tokenizer DIR")
+    tokenizer = load_tokenizer(tokenizer_path)
+    config = run_config(args)
+    config["tokenizer_path"] = tokenizer_path
+    if args.eval_only:
+        load_checkpoint(args.load, model, load_optimizer=False)
+        it, _ = data_iterator(args, tokenizer, args.eval_data_path or args.data_path, 1)
+        result = evaluate(model, it, args.eval_iters)
+        log0(json.dumps(result))
+        return result
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = optim.make_optimizer(params, args)
+    train_it, stats = data_iterator(args, tokenizer, args.data_path)
+    log0(f"data: {stats.summary()}")
+    eval_it = data_iterator(args, tokenizer, args.eval_data_path, 1)[0] if args.eval_data_path else None
+    step = 0
+    if args.load:
+        state = load_checkpoint(args.load, model)
+        step = state["step"]
+        if state["optimizer_tensors"] is not None:
+            optim.load_optimizer_state(model, optimizer, state["optimizer_tensors"],
+                                       state["optimizer_meta"])
+        extra = state["extra_state"]
+        train_it.load_state_dict(extra["data"])
+        torch.set_rng_state(extra["rng"])
+        log0(f"resumed from {state['dir']} at step {step}")
+    n_trainable = sum(p.numel() for p in params)
+    log0(f"trainable parameters on rank 0: {n_trainable:,}; TP={ps.get_tensor_model_parallel_world_size()}"
+         f" DP={ps.get_data_parallel_world_size()}")
+    micro_steps = args.global_batch_size // (args.micro_batch_size * ps.get_data_parallel_world_size())
+    logger = MetricsLogger(args, config, args.train_iters, step)
+    last = {}
+    model.train()
+    while step < args.train_iters:
+        t0 = time.time()
+        lr = optim.lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, tokens = 0.0, 0
+        for _ in range(micro_steps):
+            ids, labels, mask = _to_device(next(train_it))
+            loss, n = lm_loss(model, ids, labels, mask)
+            (loss / micro_steps).backward()
+            loss_sum += loss.item() / micro_steps
+            tokens += int(n)
+        optim.sync_data_parallel_grads(params)
+        grad_norm = optim.clip_grad_norm(params, args.clip_grad)
+        optimizer.step()
+        step += 1
+        stats_t = torch.tensor([loss_sum, tokens], dtype=torch.float64)
+        dist.all_reduce(stats_t, group=ps.get_data_parallel_group())
+        dt = time.time() - t0
+        last = {"loss": float(stats_t[0]) / ps.get_data_parallel_world_size(), "lr": lr,
+                "grad_norm": grad_norm, "tokens_per_s": float(stats_t[1]) / dt}
+        if torch.cuda.is_available():
+            last["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        logger.advance()
+        logger.log(step, last, show=step % args.log_interval == 0 or step == 1)
+        if eval_it is not None and args.eval_interval and step % args.eval_interval == 0:
+            ev = evaluate(model, eval_it, args.eval_iters)
+            last["eval_loss"] = ev["loss"]
+            logger.log(step, {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"]})
+        stop = args.exit_after_iters is not None and step >= args.exit_after_iters
+        if args.save and (step % args.save_interval == 0 or step == args.train_iters or stop):
+            save(args, model, optimizer, step, train_it, config)
+        if stop:
+            break
+    if eval_it is not None:
+        last["eval"] = evaluate(model, eval_it, args.eval_iters)
+    logger.close()
+    log0(f"done: step {step}, loss {last.get('loss', float('nan')):.4f}")
+    return {"step": step, **last}
+
+
+def main(argv=None):
+    import sys
+
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        # Bad input: one line that names the problem and the fix, not a traceback per rank.
+        if is_main_rank():
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        destroy_distributed()
