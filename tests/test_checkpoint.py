@@ -29,8 +29,9 @@ ADAPTERS = {
     "bd4": dict(method="bdlora", rank=8, nblocks=4, alpha=12.0),
     "bd4_fused": dict(method="bdlora", rank=8, nblocks=4, alpha=16.0, layout="fused"),
     "bd2_fused_rs": dict(method="bdlora", rank=4, nblocks=2, alpha=4.0, layout="fused", rslora=True),
-    "slora": dict(method="lora", rank=8, alpha=16.0, sharding="slora"),
-    "replicated": dict(method="lora", rank=6, alpha=8.0, sharding="replicated", layout="fused",
+    # rank 6: S-LoRA at TP=4 cannot split it; load_checkpoint then runs it replicated
+    "slora": dict(method="lora", rank=6, alpha=16.0, sharding="slora"),
+    "replicated": dict(method="lora", rank=5, alpha=8.0, sharding="replicated", layout="fused",
                        rslora=True),
 }
 
@@ -165,6 +166,7 @@ def _run_tp4(dirs, ckpt_root):
     """TP=4: base logits; N=4 BD and LoRA checkpoints load at TP=4; N=2 must not."""
     import torch.distributed as dist
 
+    from megatron_bdlora.adapters import global_adapter_state
     from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint
     from megatron_bdlora.checkpoint.hf_import import load_hf_llama
 
@@ -173,6 +175,10 @@ def _run_tp4(dirs, ckpt_root):
         model = load_hf_llama(dirs["kv4"], tp=4)
         load_checkpoint(os.path.join(ckpt_root, name), model)
         out["adapters"][name] = _logits(model)
+        if name == "bd4":  # the global factors round-trip bit-exactly through TP=2 -> disk -> TP=4
+            out["bd4_global"] = global_adapter_state(model)
+        if name == "slora":
+            out["slora_strategy"] = model.adapter_config.strategy
     out["tp_err"] = _err(load_checkpoint, os.path.join(ckpt_root, "bd2"), load_hf_llama(dirs["kv4"], tp=4))
     dist.barrier()
     return out if dist.get_rank() == 0 else None
@@ -318,6 +324,21 @@ def test_hf_import_errors(env, tmp_path):
     assert "shape" in msgs["shape"] and "config.json" in msgs["shape"]
     with pytest.raises(CheckpointError, match="does not exist"):
         check_hf_checkpoint(str(tmp_path / "no" / "such" / "dir"))
+    # an `org/name` that is not a local path goes to the hub (faked here: no network in tests)
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, **kw):
+        calls.append(repo_id)
+        return src
+
+    orig = huggingface_hub.snapshot_download
+    huggingface_hub.snapshot_download = fake_download
+    try:
+        assert check_hf_checkpoint("some-org/llama-tiny")[0] == src and calls == ["some-org/llama-tiny"]
+    finally:
+        huggingface_hub.snapshot_download = orig
     for k, m in msgs.items():
         print(f"[hf import error] {k}: {m}")
 
@@ -335,6 +356,9 @@ def test_checkpoint_tp_independent(env):
             msg += f", TP4 vs TP2 {_close(tp4[name], tp2[name], f'{name} TP=4 vs TP=2'):.2e}"
         print(msg)
     assert "loads at tensor-model-parallel-size in [1, 2], not 4" in _one_line(env["runs"][4]["tp_err"])
+    saved, loaded = env["runs"][2]["bd4_factors"], env["runs"][4]["bd4_global"]
+    assert set(saved) == set(loaded) and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert env["runs"][4]["slora_strategy"] == "replicated"
 
 
 def test_checkpoint_state_roundtrip(env):
@@ -456,7 +480,8 @@ def test_exports_match_peft(env, tmp_path):
                     assert not os.path.exists(os.path.join(out, "bd"))
     worst = {}
     for (name, fmt), d in sorted(report.items()):
-        print(f"[export] {name:14s} {fmt:11s} max |transformers+PEFT - ours(TP=2)| = {d:.2e}")
+        print(f"[export] {name:14s} {fmt:11s} max |transformers+PEFT - ours(TP=2)| = {d:.2e} "
+              f"(max |logit| {ours[name].abs().max().item():.2f})")
         worst[fmt] = max(worst.get(fmt, 0.0), d)
     for fmt, d in sorted(worst.items()):
         print(f"[export] largest difference, {fmt}: {d:.2e}")
@@ -537,7 +562,8 @@ def test_cli(env, tmp_path, capsys):
 
     n = adapter_params(read_hf_config(env["dirs"]["kv4"]), AdapterConfig(**ADAPTERS["bd4_fused"]))
     assert f"parameters:      {n:,} (fused layout)" in text
-    print(text)
+    with capsys.disabled():
+        print(text)
 
     out = str(tmp_path / "vllm")
     assert _cli("export", "--load", ck, "--format", "vllm", "--out", out) == 0
@@ -546,8 +572,12 @@ def test_cli(env, tmp_path, capsys):
     assert _cli("export", "--load", ck, "--format", "vllm", "--out", out) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "--overwrite" in err
-    assert _cli("export", "--load", ck, "--format", "hf-peft", "--out", out, "--overwrite") == 0
+    assert _cli("export", "--load", ck, "--format", "hf-peft", "--out", out, "--overwrite",
+                "--dtype", "bfloat16") == 0
     assert not os.path.exists(os.path.join(out, "bd"))
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(os.path.join(out, "adapter_model.safetensors")).values()} == {torch.bfloat16}
 
     helps = {}
     for sub in ("export", "inspect"):

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 
 import torch
 
@@ -423,9 +424,6 @@ def check_compatible(ckpt: AdapterCheckpoint, model, tp: int) -> None:
     if cfg.method == "bdlora" and cfg.nblocks % tp:
         raise CheckpointError(f"{where} holds a BD-LoRA adapter with {cfg.nblocks} blocks: it loads at "
                               f"tensor-model-parallel-size in {_divisors(cfg.nblocks)}, not {tp}")
-    if cfg.method == "lora" and cfg.sharding == "slora" and cfg.rank % tp:
-        raise CheckpointError(f"{where}: S-LoRA rank {cfg.rank} is not divisible by TP {tp}; load it "
-                              "with sharding 'replicated' or a TP dividing the rank")
     hf = getattr(model, "hf_config", None)
     if hf and ckpt.base_config:
         diff = base_config_mismatch(ckpt.base_config, hf)
@@ -451,7 +449,9 @@ def check_compatible(ckpt: AdapterCheckpoint, model, tp: int) -> None:
 def load_checkpoint(path: str, model, load_optimizer: bool = True) -> dict:
     """Load an adapter checkpoint (root or step dir) into `model` at the current TP size.
 
-    Applies the checkpoint's adapter config first when the model has no adapters yet. Returns
+    Any TP dividing N loads a BD-LoRA adapter, any TP a plain LoRA one. Applies the checkpoint's
+    adapter config first when the model has no adapters yet (an S-LoRA adapter whose rank the TP
+    size does not divide is then run 'replicated'; the factors are the same). Returns
     {"dir", "step", "config", "adapter_config", "run_config", "extra_state",
     "optimizer_tensors", "optimizer_meta"}. Every rank reads the files (no collectives)."""
     from megatron.core import parallel_state as ps
@@ -462,7 +462,13 @@ def load_checkpoint(path: str, model, load_optimizer: bool = True) -> dict:
     tp = ps.get_tensor_model_parallel_world_size()
     check_compatible(ckpt, model, tp)
     if getattr(model, "adapter_config", None) is None:
-        apply_adapters(model, ckpt.adapter_config)
+        cfg = ckpt.adapter_config
+        if cfg.strategy == "slora" and cfg.rank % tp:
+            # The global factors of plain LoRA do not depend on the sharding: run it replicated.
+            warnings.warn(f"S-LoRA rank {cfg.rank} is not divisible by TP {tp}: loading {ckpt.dir} "
+                          "with sharding 'replicated' (same adapter, different TP split)")
+            cfg = type(cfg).from_dict({**cfg.to_dict(), "sharding": "replicated"})
+        apply_adapters(model, cfg)
     expected = {f"{n}.{k}": tuple(shape) for n, m in adapter_modules(model).items()
                 for k, (shape, _, _) in m.global_layout().items()}
     tensors = ckpt.tensors

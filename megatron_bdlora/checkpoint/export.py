@@ -25,7 +25,6 @@ import torch
 from megatron_bdlora.adapters.layer_types import HF_PROJECTIONS
 from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint, _fsync_dir
 from megatron_bdlora.checkpoint.hf_import import (
-    INDEX_NAME,
     CheckpointError,
     SafetensorsCheckpoint,
     base_config_mismatch,
@@ -293,7 +292,8 @@ at any tensor-parallel size.
 vllm serve {base} --enable-lora --lora-modules {name}={dense_dir} --max-lora-rank {max_rank}
 ```
 
-S-LoRA-style sharded LoRA compute (fewer LoRA FLOPs per GPU, extra collectives):
+S-LoRA-style sharded LoRA compute (fewer LoRA FLOPs per GPU, extra collectives; shown at
+TP={tp_example}, any TP that divides the attention heads works):
 
 ```
 vllm serve {base} --enable-lora --lora-modules {name}={dense_dir} --max-lora-rank {max_rank} --tensor-parallel-size {tp_example} --fully-sharded-loras
