@@ -1,0 +1,63 @@
+"""Exact-match accuracy of greedy generation on {"prompt", "completion"} records (torchrun).
+
+    torchrun --nproc_per_node 2 tools/eval_accuracy.py --hf-checkpoint BASE [--load CKPT] \
+        --data-path eval.jsonl [--limit 200] [--json out.json]
+"""
+
+import argparse
+import json
+import os
+import warnings
+
+warnings.filterwarnings("ignore")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf-checkpoint", required=True)
+    p.add_argument("--load", help="adapter checkpoint (default: the base alone)")
+    p.add_argument("--tokenizer")
+    p.add_argument("--data-path", required=True)
+    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--json")
+    args = p.parse_args()
+
+    import torch
+
+    from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint
+    from megatron_bdlora.checkpoint.hf_import import load_hf_llama
+    from megatron_bdlora.data import exact_match, load_records, load_tokenizer
+    from megatron_bdlora.inference import generate
+    from megatron_bdlora.parallel import destroy_distributed, init_distributed, is_main_rank
+
+    init_distributed(int(os.environ.get("WORLD_SIZE", "1")))
+    model = load_hf_llama(args.hf_checkpoint)
+    if args.load:
+        load_checkpoint(args.load, model, load_optimizer=False)
+    model.eval()
+    tok = load_tokenizer(args.tokenizer or model.tokenizer_path)
+    records = load_records(args.data_path).select(range(args.limit))
+    predictions = []
+    with torch.no_grad():
+        for i in range(0, len(records), args.batch_size):
+            batch = records[i: i + args.batch_size]
+            prompts = [tok(pr, add_special_tokens=False)["input_ids"] for pr in batch["prompt"]]
+            outs = generate(model, prompts, args.max_new_tokens, eos_id=tok.eos_token_id,
+                            pad_id=tok.pad_token_id or 0)
+            predictions += [tok.decode(o, skip_special_tokens=True) for o in outs]
+    acc = exact_match(predictions, records["completion"])
+    if is_main_rank():
+        result = {"exact_match": acc, "n": len(records), "example": {
+            "prompt": records[0]["prompt"], "prediction": predictions[0],
+            "reference": records[0]["completion"]}}
+        print(json.dumps(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f)
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
