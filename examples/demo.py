@@ -39,7 +39,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "demo"))
     p.add_argument("--pretrain-iters", type=int, default=400)
-    p.add_argument("--train-iters", type=int, default=150)
+    p.add_argument("--train-iters", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     t0 = time.time()
@@ -69,7 +69,8 @@ def main():
     after = last_json(torchrun(2, acc, "--hf-checkpoint", base_hf, "--load", ft,
                                "--data-path", paths["eval"]))
     metrics = [json.loads(l) for l in open(os.path.join(ft, "metrics.jsonl"))]
-    eval_after = [m["eval_loss"] for m in metrics if "eval_loss" in m][-1]
+    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    losses = [m["loss"] for m in metrics if "loss" in m]
     coll_json = os.path.join(out, "collectives.json")
     torchrun(2, os.path.join(ROOT, "tools", "collective_table.py"), "--json", coll_json)
     coll = json.load(open(coll_json))["results"]
@@ -85,8 +86,8 @@ def main():
     print(f"  task: {after['example']['prompt']!r} -> {after['example']['reference']!r}")
     print(f"  exact match before: {before['exact_match']:.3f}   after: {after['exact_match']:.3f}"
           f"   ({after['n']} held-out prompts)")
-    print(f"  eval loss after fine-tuning: {eval_after:.4f}; train loss {metrics[0]['loss']:.3f} -> "
-          f"{metrics[-1]['loss']:.3f}")
+    print(f"  eval loss before: {evals[0]:.4f}   after: {evals[-1]:.4f};   train loss "
+          f"{losses[0]:.3f} -> {losses[-1]:.3f}")
     print(f"  all-reduces per training step (fwd/bwd): base {ar('base', 'forward')}/{ar('base', 'backward')}"
           f"  bd {ar('bd', 'forward')}/{ar('bd', 'backward')}  slora {ar('slora', 'forward')}/"
           f"{ar('slora', 'backward')} (+{coll['slora']['forward']['all_gather']['calls']} all-gathers)")

@@ -43,7 +43,8 @@ def main():
     with torch.no_grad():
         for i in range(0, len(records), args.batch_size):
             batch = records[i: i + args.batch_size]
-            prompts = [tok(pr, add_special_tokens=False)["input_ids"] for pr in batch["prompt"]]
+            # tokenised exactly as the trainer tokenises prompts (with BOS)
+            prompts = [tok(pr, add_special_tokens=True)["input_ids"] for pr in batch["prompt"]]
             outs = generate(model, prompts, args.max_new_tokens, eos_id=tok.eos_token_id,
                             pad_id=tok.pad_token_id or 0)
             predictions += [tok.decode(o, skip_special_tokens=True) for o in outs]

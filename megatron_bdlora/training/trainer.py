@@ -172,6 +172,8 @@ def train(args) -> dict:
     micro_steps = args.global_batch_size // (args.micro_batch_size * ps.get_data_parallel_world_size())
     logger = MetricsLogger(args, config, args.train_iters, step)
     last = {}
+    if eval_it is not None and step == 0:  # the starting point, for before/after comparisons
+        logger.log(0, {"eval_loss": evaluate(model, eval_it, args.eval_iters)["loss"]})
     model.train()
     while step < args.train_iters:
         t0 = time.time()
