@@ -85,6 +85,7 @@ class AdapterLinear(nn.Module):
     # Multi-adapter batching (inference only): {param name: (K, *local shape)} and (batch,) indices.
     adapter_stack: dict | None = None
     adapter_index: torch.Tensor | None = None
+    adapter_index_is_identity: bool = False  # adapter_index == arange(K): skip the gather
 
     def __init__(self, base: nn.Module, spec: TargetSpec, cfg: AdapterConfig, name: str,
                  tp_rank: int, tp_size: int):
@@ -275,8 +276,10 @@ class AdapterLinear(nn.Module):
         if x.dim() != 3 or x.shape[1] != idx.shape[0]:
             raise ValueError(f"{self.name}: input {tuple(x.shape)} is not [seq, batch={idx.shape[0]}, "
                              "hidden]")
-        # per-request factors (b, *local shape): each request reads its own adapter
-        st = {k: v[idx].to(x.dtype) for k, v in self.adapter_stack.items()}
+        # per-request factors (b, *local shape): each request reads its own adapter; when request
+        # b uses adapter b (the adapter_batch fast path) the stack is used as is, no gather copy
+        st = {k: (v if self.adapter_index_is_identity else v.index_select(0, idx)).to(x.dtype)
+              for k, v in self.adapter_stack.items()}
         bd, slora = self.strategy == "bd", self.strategy == "slora"
         if self.spec.kind == "column":
             x = copy_to_tensor_model_parallel_region(x)

@@ -174,10 +174,11 @@ def left_pad(prompts: list, pad_id: int = 0) -> tuple:
 
 def generate(model, prompts_ids: list, max_new_tokens: int, eos_id=None, pad_id: int = 0,
              device=None) -> list:
-    """Greedy continuations of token-id prompts (lists of ints, any lengths), KV-cached.
+    """Greedy continuations of token-id prompts (lists of ints, any lengths), KV-cached, batched
+    (left-padded with `pad_id`, which is masked out), on the model's device unless given.
 
     Returns one list of new token ids per prompt, stopping before `eos_id`."""
     ids, lengths = left_pad(prompts_ids, pad_id)
-    if device is not None:
-        ids, lengths = ids.to(device), lengths.to(device)
+    device = device or next(model.parameters()).device
+    ids, lengths = ids.to(device), lengths.to(device)
     return greedy_generate(model, ids, max_new_tokens, eos_token_id=eos_id, lengths=lengths)

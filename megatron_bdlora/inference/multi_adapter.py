@@ -51,8 +51,11 @@ def adapter_batch(model, adapter_index: torch.Tensor):
         if adapter_index.numel() and (adapter_index.min() < 0 or adapter_index.max() >= k):
             raise ValueError(f"adapter_index {adapter_index.tolist()} out of range for {k} adapters")
         m.adapter_index = adapter_index.to(m.lora_A.device)
+        m.adapter_index_is_identity = (adapter_index.numel() == k and
+                                       torch.equal(adapter_index, torch.arange(k)))
     try:
         yield
     finally:
         for m in mods:
             m.adapter_index = None
+            m.adapter_index_is_identity = False

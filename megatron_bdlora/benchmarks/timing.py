@@ -1,0 +1,159 @@
+"""Shared pieces of the measured benchmarks: model shapes, adapter configs, random adapters,
+side-by-side timing statistics, the bar chart.
+
+Timing rules (design.md §6): every method lives in the same processes, repetitions are
+interleaved round-robin (the order rotates every repetition) so that machine noise hits all
+methods alike, a step is timed between a barrier and its last collective, and the time of a
+step is the slowest rank's. Ratios are taken per repetition (paired) and summarised by their
+median and p10/p90, never from absolute seconds of separate runs.
+"""
+
+import statistics
+
+import torch
+
+METHODS = ("base", "replicated", "slora", "bd")
+
+
+def llama_shape(hidden=1024, ffn=2816, layers=4, heads=16, kv_heads=4, vocab=8192,
+                max_positions=2048) -> dict:
+    """A Llama config dict (plain RoPE, untied) for randomly initialised benchmark models."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads, "vocab_size": vocab, "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0, "max_position_embeddings": max_positions,
+        "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "bos_token_id": 0, "eos_token_id": 1,
+    }
+
+
+def adapter_configs(hf: dict, lora_rank: int, bd_rank: int | None, nblocks: int,
+                    alpha_per_rank: float = 2.0) -> dict:
+    """{method: AdapterConfig or None}; canonical layout, all four target modules.
+
+    bd_rank None: parameter-matched to LoRA rank `lora_rank` (design.md §1 rank matching)."""
+    from megatron_bdlora.adapters import AdapterConfig, match_bd_rank
+
+    lora = dict(method="lora", rank=lora_rank, alpha=alpha_per_rank * lora_rank)
+    if bd_rank is None:
+        bd_rank = match_bd_rank(hf, AdapterConfig(**lora), nblocks)
+    return {
+        "base": None,
+        "replicated": AdapterConfig(**lora, sharding="replicated"),
+        "slora": AdapterConfig(**lora, sharding="slora"),
+        "bd": AdapterConfig(method="bdlora", rank=bd_rank, alpha=alpha_per_rank * bd_rank,
+                            nblocks=nblocks),
+    }
+
+
+def build_models(hf: dict, configs: dict, seed: int = 0) -> dict:
+    """{method: GPTModel}: one randomly initialised base, shared (same tensors) by every method's
+    model, each wrapped with its adapter. Base weights are never modified by these models."""
+    from megatron_bdlora.adapters import apply_adapters
+    from megatron_bdlora.models.llama import build_model
+    from megatron_bdlora.parallel import tp_rank_size
+
+    tp = tp_rank_size()[1]
+    torch.manual_seed(seed)
+    ref = build_model(hf, tp=tp)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    models = {}
+    for method, cfg in configs.items():
+        model = ref if method == "base" else build_model(hf, tp=tp, init=False)
+        if model is not ref:
+            share_base_weights(model, ref)
+        if cfg is not None:
+            apply_adapters(model, cfg)
+        models[method] = model
+    return models
+
+
+def share_base_weights(model, ref) -> None:
+    """Point every parameter of `model` (unwrapped, same shape) at `ref`'s storage."""
+    for (n, p), (n_ref, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        assert n == n_ref and p.shape == q.shape, (n, n_ref)
+        p.data = q.data
+        p.requires_grad_(False)
+    model.rotary_pos_emb.inv_freq = ref.rotary_pos_emb.inv_freq
+
+
+def random_adapter_states(layout: dict, count: int, seed: int, b_std: float = 0.05) -> list:
+    """`count` random non-zero global adapters for a layout {name: shape}.
+
+    A ~ N(0, 1/fan_in) (fan-in = the last dim), B ~ N(0, b_std^2): with alpha = 2r the update
+    s·B·A is of the order of the base weights, so every adapter visibly changes the output."""
+    states = []
+    for k in range(count):
+        gen = torch.Generator().manual_seed(seed * 100003 + k)
+        st = {}
+        for name, shape in sorted(layout.items()):
+            std = shape[-1] ** -0.5 if name.endswith("lora_A") else b_std
+            st[name] = torch.randn(shape, generator=gen) * std
+        states.append(st)
+    return states
+
+
+def slowest_rank(times: list) -> list:
+    """Element-wise max over all ranks of a list of per-step seconds (after the timed loop)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(times, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def percentile(xs, q) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summary_ms(seconds: list) -> dict:
+    ms = [1e3 * s for s in seconds]
+    return {"median": statistics.median(ms), "p10": percentile(ms, 10), "p90": percentile(ms, 90),
+            "n": len(ms)}
+
+
+def paired_ratio(per_rep_a: list, per_rep_b: list) -> dict:
+    """Ratio a/b per repetition (each a median within the repetition), summarised."""
+    r = [a / b for a, b in zip(per_rep_a, per_rep_b)]
+    return {"median": statistics.median(r), "p10": percentile(r, 10), "p90": percentile(r, 90)}
+
+
+def round_robin(methods, rep: int) -> list:
+    methods = list(methods)
+    k = rep % len(methods)
+    return methods[k:] + methods[:k]
+
+
+def bar_chart(path: str, title: str, panels: list) -> None:
+    """panels: [(ylabel, {method: (median, p10, p90)})]; one bar panel each, p10-p90 whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"base": "#888888", "replicated": "#4c72b0", "slora": "#dd8452", "bd": "#55a868"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.0))
+    axes = [axes] if len(panels) == 1 else list(axes)
+    for ax, (ylabel, data) in zip(axes, panels):
+        names = list(data)
+        med = [data[n][0] for n in names]
+        err = [[data[n][0] - data[n][1] for n in names], [data[n][2] - data[n][0] for n in names]]
+        ax.bar(names, med, yerr=err, capsize=3, color=[colors.get(n, "#999999") for n in names])
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=8)
+        for i, v in enumerate(med):
+            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=7,
+                        xytext=(0, 2), textcoords="offset points")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
