@@ -26,6 +26,11 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
+# Check the flags once, in one process, before starting the ranks: a bad flag / file / batch
+# size is then a single one-line error (status 2), not one per rank plus torchrun's traceback.
+case " $* " in *" -h "*|*" --help "*) exec "$PYTHON" "$here/finetune_llama.py" "$@" ;; esac
+WORLD_SIZE=$((NPROC * NNODES)) RANK=0 "$PYTHON" -c \
+  'import sys; from megatron_bdlora.training.arguments import parse_args; parse_args(sys.argv[1:])' "$@"
 exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" --nnodes "$NNODES" \
   --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
   "$here/finetune_llama.py" "$@"

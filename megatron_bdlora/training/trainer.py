@@ -52,7 +52,9 @@ def build(args):
         model = build_model(hf, tp=args.tensor_model_parallel_size, dtype=dtype,
                             recompute=args.recompute_activations)
         tokenizer = args.tokenizer
-    cfg = adapter_config(args, model.hf_config)
+    # --eval-only: load_checkpoint applies the checkpoint's own adapter config (the adapter flags'
+    # defaults would otherwise not match it)
+    cfg = None if args.eval_only else adapter_config(args, model.hf_config)
     if cfg is not None:
         apply_adapters(model, cfg)
         if args.recompute_activations:

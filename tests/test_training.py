@@ -1,0 +1,260 @@
+"""End-to-end trainer tests through the launcher (pretrain_scripts/finetune_llama.sh + torchrun).
+
+One module-scoped fixture makes the demo data and a pretrained tiny base once; every test runs
+the real launcher in a subprocess on CPU (gloo). Small iters / batches: the file takes a few
+minutes on 2 cores.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from megatron_bdlora.checkpoint.adapter_checkpoint import (
+    AdapterCheckpoint,
+    list_checkpoints,
+    resolve_checkpoint_dir,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(ROOT, "pretrain_scripts", "finetune_llama.sh")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(nproc: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and
+           k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
+    env.update(NPROC=str(nproc), MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
+               WANDB_SILENT="true", CI="true", PYTHONUNBUFFERED="1")
+    env.setdefault("PYTHON", sys.executable)
+    return env
+
+
+def launch(args, cwd, nproc=1, check=True, timeout=300):
+    r = subprocess.run(["bash", LAUNCHER, *map(str, args)], cwd=cwd, env=_env(nproc),
+                       capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"launcher failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r
+
+
+def metrics(save_dir):
+    with open(os.path.join(save_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    subprocess.run([sys.executable, os.path.join(ROOT, "examples", "make_demo_data.py"), "--out",
+                    "data", "--seed", "0", "--num-train", "400", "--num-eval", "64",
+                    "--num-pretrain", "800"], cwd=d, check=True, capture_output=True)
+    launch(["--model-preset", "tiny", "--tokenizer", "data/tokenizer", "--adapter", "none",
+            "--data-path", "data/pretrain.jsonl", "--pack-sequences", "--seq-length", 64,
+            "--micro-batch-size", 16, "--train-iters", 30, "--lr", 3e-3, "--save", "base_run"], d)
+    assert os.path.isfile(d / "base_run" / "hf" / "config.json")
+    return d
+
+
+# Fine-tuning flags shared by the resume runs (TP=2 -> N=2 blocks; loads at TP 1 or 2).
+FT = ["--hf-checkpoint", "base_run/hf", "--adapter", "bdlora", "--lora-rank", 4, "--bd-nblocks", 2,
+      "--data-path", "data/train.jsonl", "--seq-length", 32, "--micro-batch-size", 4,
+      "--global-batch-size", 8, "--train-iters", 8, "--lr", 3e-3, "--log-interval", 1,
+      "--lr-warmup-iters", 2]
+
+
+def _tensors(path):
+    return AdapterCheckpoint(path).tensors
+
+
+# ---- end to end -------------------------------------------------------------------------------
+def test_tp2_dp2_end_to_end(work):
+    # world 4 = TP 2 x DP 2; global 16 = 2 micro-steps x micro 4 x DP 2.
+    r = launch(["--tensor-model-parallel-size", 2, "--hf-checkpoint", "base_run/hf",
+                "--adapter", "bdlora", "--lora-rank", 8, "--bd-nblocks", 2,
+                "--data-path", "data/train.jsonl", "--eval-data-path", "data/eval.jsonl",
+                "--seq-length", 32, "--micro-batch-size", 4, "--global-batch-size", 16,
+                "--train-iters", 12, "--lr", 1e-2, "--save", "e2e", "--save-interval", 6,
+                "--eval-interval", 6, "--eval-iters", 2, "--log-interval", 1], work, nproc=4)
+    assert "TP=2 DP=2" in r.stdout
+    m = [x for x in metrics(work / "e2e") if "loss" in x]
+    assert [x["step"] for x in m] == list(range(1, 13))
+    losses = [x["loss"] for x in m]  # CPU + fixed seed: deterministic, not flaky
+    assert losses[-1] < losses[0] and sum(losses[-3:]) < sum(losses[:3]) - 0.03, losses
+    assert any("eval_loss" in x for x in metrics(work / "e2e"))
+    ckpts = [name for _, name in list_checkpoints(str(work / "e2e"))]
+    assert ckpts == ["step_00000006", "step_00000012"]
+    assert (work / "e2e" / "latest").read_text().strip() == "step_00000012"
+    ck = AdapterCheckpoint(str(work / "e2e"))
+    assert ck.step == 12 and ck.config["saved_at_tp"] == 2
+    assert ck.tensors and all(torch.isfinite(t).all() for t in ck.tensors.values())
+    assert any(t.abs().sum() > 0 for k, t in ck.tensors.items() if "lora_B" in k)
+
+
+# ---- resume -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def resume_runs(work):
+    """Uninterrupted and stopped-at-4 TP=2 runs, with dropout (RNG) and without (cross-TP)."""
+    out = {}
+    for tag, extra in (("drop", ["--lora-dropout", 0.1]), ("nodrop", [])):
+        launch(["--tensor-model-parallel-size", 2, *FT, *extra, "--save", f"full_{tag}"], work, 2)
+        launch(["--tensor-model-parallel-size", 2, *FT, *extra, "--save", f"part_{tag}",
+                "--exit-after-iters", 4], work, 2)
+        assert AdapterCheckpoint(str(work / f"part_{tag}")).step == 4
+        out[tag] = extra
+    return out
+
+
+def test_resume_same_tp_bit_exact(work, resume_runs):
+    extra = resume_runs["drop"]
+    launch(["--tensor-model-parallel-size", 2, *FT, *extra, "--save", "resumed_drop",
+            "--load", "part_drop"], work, 2)
+    a, b = _tensors(str(work / "full_drop")), _tensors(str(work / "resumed_drop"))
+    assert AdapterCheckpoint(str(work / "resumed_drop")).step == 8
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # The resumed run logged exactly steps 5..8, with the uninterrupted run's losses.
+    full = {x["step"]: x["loss"] for x in metrics(work / "full_drop") if "loss" in x}
+    res = {x["step"]: x["loss"] for x in metrics(work / "resumed_drop") if "loss" in x}
+    assert sorted(res) == [5, 6, 7, 8]
+    assert all(res[s] == full[s] for s in res)
+
+
+def test_resume_at_other_tp_close(work, resume_runs):
+    launch([*FT, "--save", "resumed_tp1", "--load", "part_nodrop"], work, 1)
+    a, b = _tensors(str(work / "full_nodrop")), _tensors(str(work / "resumed_tp1"))
+    assert a.keys() == b.keys()
+    for k in a:
+        rel = ((a[k] - b[k]).norm() / a[k].norm().clamp(min=1e-12)).item()
+        assert rel < 1e-5, (k, rel)
+
+
+def test_eval_only(work, resume_runs):
+    r = launch(["--eval-only", "--load", "full_nodrop", "--hf-checkpoint", "base_run/hf",
+                "--eval-data-path", "data/eval.jsonl", "--seq-length", 32,
+                "--micro-batch-size", 4, "--eval-iters", 2], work, 1)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    assert len(lines) == 1, r.stdout
+    result = json.loads(lines[0])
+    assert result["tokens"] > 0 and 0 < result["loss"] < 20
+
+
+# ---- config + wandb ---------------------------------------------------------------------------
+def test_yaml_config_cli_override_and_wandb_offline(work):
+    cfg = work / "run.yaml"
+    cfg.write_text("train-iters: 3\nlr: 0.05\nlora_rank: 4\nbd-nblocks: 2\n"
+                   "data-path: data/train.jsonl\nseq-length: 32\nmicro-batch-size: 4\n")
+    launch(["--config", cfg, "--hf-checkpoint", "base_run/hf", "--lr", 0.002, "--save", "yaml_run",
+            "--wandb-project", "demo", "--wandb-exp-name", "t1", "--log-interval", 1], work, 1)
+    ck = AdapterCheckpoint(str(work / "yaml_run"))
+    rc = ck.config["run_config"]
+    assert ck.step == 3 and rc["train_iters"] == 3 and rc["lora_rank"] == 4
+    assert rc["lr"] == 0.002 and rc["bd_nblocks"] == 2
+    m = [x for x in metrics(work / "yaml_run") if "loss" in x]
+    assert [x["step"] for x in m] == [1, 2, 3] and m[0]["lr"] == 0.002
+    # wandb offline run dir under the save dir, holding the .wandb log with the metrics
+    wb = work / "yaml_run" / "wandb"
+    runs = [p for p in wb.iterdir() if p.name.startswith("offline-run-")]
+    assert len(runs) == 1, list(wb.iterdir())
+    files = list(runs[0].glob("*.wandb"))
+    assert files and files[0].stat().st_size > 0
+    blob = files[0].read_bytes()
+    assert b"loss" in blob and b"grad_norm" in blob
+
+
+# ---- bad input --------------------------------------------------------------------------------
+def _bad(work, args, nproc=1):
+    r = launch(args, work, nproc, check=False, timeout=120)
+    assert r.returncode != 0
+    return r
+
+
+def _one_line_error(r, needle):
+    lines = [l for l in r.stderr.splitlines() if "error" in l.lower()]
+    assert any(needle in l for l in lines), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "usage:" not in r.stderr  # one line, not argparse's usage block (per rank)
+
+
+BASE = ["--hf-checkpoint", "base_run/hf", "--seq-length", 32, "--train-iters", 2]
+
+
+def test_error_missing_data_file(work):
+    r = _bad(work, [*BASE, "--data-path", "data/nope.jsonl"], 2)
+    _one_line_error(r, "data/nope.jsonl does not exist")
+    assert r.stderr.count("does not exist") == 1
+
+
+def test_error_batch_not_divisible(work):
+    r = _bad(work, [*BASE, "--data-path", "data/train.jsonl", "--micro-batch-size", 4,
+                    "--global-batch-size", 12], 2)
+    _one_line_error(r, "--global-batch-size 12 is not divisible")
+
+
+def test_error_tp_does_not_divide_world(work):
+    r = _bad(work, [*BASE, "--data-path", "data/train.jsonl", "--tensor-model-parallel-size", 2], 3)
+    _one_line_error(r, "does not divide the world size 3")
+
+
+def test_error_unknown_flag(work):
+    r = _bad(work, [*BASE, "--data-path", "data/train.jsonl", "--no-such-flag", 1])
+    _one_line_error(r, "--no-such-flag")
+
+
+def test_error_no_target_tokens(work):
+    path = work / "empty_completions.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"copy: {c} =>", "completion": ""}) + "\n"
+                            for c in "abcdefgh"))
+    r = _bad(work, [*BASE, "--data-path", path, "--save", "never"])
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "target" in lines[0], r.stderr[-3000:]
+    # the trainer reports it in one line; no Python traceback from the trainer's ranks
+    assert "megatron_bdlora/" not in r.stderr.split(lines[0])[0], r.stderr[-3000:]
+    assert not (work / "never").exists() or not list_checkpoints(str(work / "never"))
+
+
+# ---- crash during save ------------------------------------------------------------------------
+def test_kill_during_save_leaves_loadable_checkpoint(work):
+    save = work / "killed"
+    args = [*FT[:-4], "--train-iters", 10000, "--save", save, "--save-interval", 1,
+            "--keep-last", 2]
+    env = _env(1)
+    for attempt in range(3):
+        p = subprocess.Popen(["bash", LAUNCHER, *map(str, args)], cwd=work, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline and len(list_checkpoints(str(save))) < 1:
+                time.sleep(0.05)
+            # let several more saves start, then kill at an arbitrary point (likely mid-save)
+            time.sleep(1.0 + 0.37 * attempt)
+        finally:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=60)
+        if list_checkpoints(str(save)):
+            break
+    assert list_checkpoints(str(save)), "no checkpoint was written before the kill"
+    latest = (save / "latest").read_text().strip()
+    assert latest.startswith("step_") and (save / latest / "config.json").is_file()
+    assert resolve_checkpoint_dir(str(save)) == str(save / latest)
+    for _, name in list_checkpoints(str(save)):  # every complete-looking dir really is complete
+        ck = AdapterCheckpoint(str(save / name))
+        assert ck.tensors and ck.extra_state()["step"] == ck.step
+    ck = AdapterCheckpoint(str(save))
+    assert ck.step == int(latest.split("_")[1])
+    # and training resumes from it
+    launch([*FT[:-4], "--train-iters", ck.step + 1, "--save", save, "--load", save], work, 1)
+    assert AdapterCheckpoint(str(save)).step == ck.step + 1
