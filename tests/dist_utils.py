@@ -1,6 +1,7 @@
 """Run a function on N gloo ranks (spawned processes) with Megatron-Core parallel state set up."""
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -23,7 +24,9 @@ def _worker(rank, world, tp, port, fn, args, queue):
 
     try:
         init_distributed(tp, seed=1234)
-        result = fn(*args)
+        # Plain pickle bytes: torch's queue pickler would share tensors through file descriptors
+        # that vanish when this process exits before the parent has read them.
+        result = pickle.dumps(fn(*args))
         queue.put((rank, "ok", result))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
@@ -46,7 +49,7 @@ def run_distributed(fn, world_size: int, tp: int | None = None, *args, timeout: 
             rank, status, value = queue.get(timeout=timeout)
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=30)
