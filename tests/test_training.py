@@ -5,6 +5,7 @@ the real launcher in a subprocess on CPU (gloo). Small iters / batches: the file
 minutes on 2 cores.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -226,6 +227,24 @@ def test_error_no_target_tokens(work):
 
 
 # ---- crash during save ------------------------------------------------------------------------
+def _descendants(pid: int) -> list:
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
 def test_kill_during_save_leaves_loadable_checkpoint(work):
     save = work / "killed"
     args = [*FT[:-4], "--train-iters", 10000, "--save", save, "--save-interval", 1,
@@ -242,6 +261,11 @@ def test_kill_during_save_leaves_loadable_checkpoint(work):
             # let several more saves start, then kill at an arbitrary point (likely mid-save)
             time.sleep(1.0 + 0.37 * attempt)
         finally:
+            # torchrun starts its workers in their own session: kill the whole tree by pid,
+            # the worker (the process that is saving) first
+            for pid in reversed(_descendants(p.pid)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=60)
         if list_checkpoints(str(save)):
