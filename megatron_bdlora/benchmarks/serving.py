@@ -14,8 +14,7 @@ import torch
 
 from megatron_bdlora.benchmarks.timing import (METHODS, adapter_configs, bar_chart, build_models,
                                                llama_shape, paired_ratio, random_adapter_states,
-                                               round_robin, share_base_weights, slowest_rank,
-                                               summary_ms)
+                                               round_robin, slowest_rank, summary_ms, sync)
 
 
 @dataclass
@@ -66,7 +65,7 @@ def check_bd_matches_merged(hf, model_bd, base, states, ids, new_tokens: int) ->
     with adapter_batch(model_bd, torch.arange(b)):
         batched, batched_logits = greedy_generate(model_bd, ids, new_tokens, return_logits=True)
     base_tokens = greedy_generate(base, ids, new_tokens)
-    merged = build_model(hf, tp=tp_rank_size()[1], init=False)
+    merged = build_model(hf, tp=tp_rank_size()[1], init=False).to(ids.device)
     apply_adapters(merged, model_bd.adapter_config)
     base_by_name = dict(base.named_parameters())
     copies = [(p, base_by_name[n.replace(".base.", ".")]) for n, p in merged.named_parameters()
@@ -107,16 +106,20 @@ def _time_method(model, ids, cfg, adapters: bool, barrier):
     ctx = adapter_batch(model, torch.arange(cfg.batch)) if adapters else contextlib.nullcontext()
     session = KVCacheSession(model, cfg.batch, cfg.prompt_len + cfg.decode_steps + 1)
     with ctx:
+        sync()
         barrier()
         t0 = time.perf_counter()
         logits = session.prefill(ids)
+        sync()
         prefill = time.perf_counter() - t0
         steps = []
         for _ in range(cfg.decode_steps):
             tok = logits.argmax(-1)
+            sync()
             barrier()
             t0 = time.perf_counter()
             logits = session.step(tok)
+            sync()
             steps.append(time.perf_counter() - t0)
     return prefill, steps
 
@@ -143,7 +146,7 @@ def run_serving(cfg: ServingConfig) -> dict:
 
     from megatron_bdlora.adapters import adapter_params, global_adapter_layout
     from megatron_bdlora.inference import load_adapter_stack
-    from megatron_bdlora.parallel import tp_rank_size
+    from megatron_bdlora.parallel import device, tp_rank_size
 
     tp = tp_rank_size()[1]
     nblocks = cfg.bd_nblocks or tp
@@ -158,7 +161,7 @@ def run_serving(cfg: ServingConfig) -> dict:
             states[method] = random_adapter_states(global_adapter_layout(models[method]),
                                                    cfg.batch, seed=cfg.seed + 10 * i + 1)
             load_adapter_stack(models[method], states[method])
-    ids = _prompts(cfg)
+    ids = _prompts(cfg).to(device())
 
     check = check_bd_matches_merged(hf, models["bd"], models["base"], states["bd"], ids,
                                     cfg.check_tokens)

@@ -53,11 +53,11 @@ def build_models(hf: dict, configs: dict, seed: int = 0) -> dict:
     model, each wrapped with its adapter. Base weights are never modified by these models."""
     from megatron_bdlora.adapters import apply_adapters
     from megatron_bdlora.models.llama import build_model
-    from megatron_bdlora.parallel import tp_rank_size
+    from megatron_bdlora.parallel import device, tp_rank_size
 
     tp = tp_rank_size()[1]
     torch.manual_seed(seed)
-    ref = build_model(hf, tp=tp)
+    ref = build_model(hf, tp=tp).to(device())
     for p in ref.parameters():
         p.requires_grad_(False)
     models = {}
@@ -65,6 +65,7 @@ def build_models(hf: dict, configs: dict, seed: int = 0) -> dict:
         model = ref if method == "base" else build_model(hf, tp=tp, init=False)
         if model is not ref:
             share_base_weights(model, ref)
+            model.to(device())
         if cfg is not None:
             apply_adapters(model, cfg)
         models[method] = model
@@ -96,14 +97,22 @@ def random_adapter_states(layout: dict, count: int, seed: int, b_std: float = 0.
     return states
 
 
+def sync() -> None:
+    """Wait for the accelerator (GPU kernels and NCCL run asynchronously to the host)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def slowest_rank(times: list) -> list:
     """Element-wise max over all ranks of a list of per-step seconds (after the timed loop)."""
     import torch.distributed as dist
 
-    t = torch.tensor(times, dtype=torch.float64)
+    from megatron_bdlora.parallel import device
+
+    t = torch.tensor(times, dtype=torch.float64, device=device())
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 def percentile(xs, q) -> float:

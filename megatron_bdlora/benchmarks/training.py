@@ -16,7 +16,7 @@ import torch
 
 from megatron_bdlora.benchmarks.timing import (METHODS, adapter_configs, bar_chart, build_models,
                                                llama_shape, paired_ratio, round_robin,
-                                               slowest_rank, summary_ms)
+                                               slowest_rank, summary_ms, sync)
 
 
 @dataclass
@@ -108,7 +108,7 @@ def run_training(cfg: TrainingConfig) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_bdlora.adapters import adapter_params
-    from megatron_bdlora.parallel import count_collectives, tp_rank_size
+    from megatron_bdlora.parallel import count_collectives, device, tp_rank_size
 
     tp = tp_rank_size()[1]
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -121,7 +121,7 @@ def run_training(cfg: TrainingConfig) -> dict:
         model.train()
         _embedding_output_requires_grad(model)
         trainers[m] = _Trainer(model, cfg.lr)
-    ids, labels = _batch(cfg, dp_rank)
+    ids, labels = (t.to(device()) for t in _batch(cfg, dp_rank))
 
     collectives, losses = {}, {}
     for m in METHODS:  # one counted step each (also the first warm-up step)
@@ -136,9 +136,11 @@ def run_training(cfg: TrainingConfig) -> dict:
         for m in round_robin(METHODS, rep):
             ts = []
             for _ in range(cfg.steps):
+                sync()
                 barrier()
                 t0 = time.perf_counter()
                 trainers[m].step(ids, labels)
+                sync()
                 ts.append(time.perf_counter() - t0)
             ts = slowest_rank(ts)
             if rep >= cfg.warmup:

@@ -43,7 +43,7 @@ def clear_adapter_stack(model) -> None:
 def adapter_batch(model, adapter_index: torch.Tensor):
     """Within the block, request b of every forward uses stacked adapter `adapter_index[b]`."""
     mods = adapter_modules(model).values()
-    adapter_index = torch.as_tensor(adapter_index, dtype=torch.long)
+    adapter_index = torch.as_tensor(adapter_index, dtype=torch.long).cpu()
     for m in mods:
         if m.adapter_stack is None:
             raise RuntimeError("no adapter stack loaded; call load_adapter_stack first")
