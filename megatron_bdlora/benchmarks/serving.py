@@ -28,7 +28,7 @@ class ServingConfig:
     batch: int = 8              # concurrent requests, each with its own adapter
     prompt_len: int = 128
     decode_steps: int = 16      # timed decode steps per repetition
-    reps: int = 6               # timed repetitions (each: prefill + decode_steps, every method)
+    reps: int = 8               # timed repetitions (each: prefill + decode_steps, every method)
     warmup: int = 1
     lora_rank: int = 16
     bd_rank: int | None = None  # None: parameter-matched to lora_rank (design.md §1)
@@ -96,31 +96,36 @@ def check_bd_matches_merged(hf, model_bd, base, states, ids, new_tokens: int) ->
     return result
 
 
-def _time_method(model, ids, cfg, adapters: bool, barrier):
-    """One repetition: (prefill seconds, [decode step seconds]) on this rank."""
+def _time_repetition(models, ids, cfg, rep: int, barrier) -> tuple:
+    """One repetition, every method interleaved at the finest grain: the prefills one after the
+    other, then decode step i of every method before step i+1 of any (method order rotating with
+    rep and i). Returns ({method: prefill s}, {method: [decode step s]}) of this rank."""
     import contextlib
     import time
 
     from megatron_bdlora.inference import KVCacheSession, adapter_batch
 
-    ctx = adapter_batch(model, torch.arange(cfg.batch)) if adapters else contextlib.nullcontext()
-    session = KVCacheSession(model, cfg.batch, cfg.prompt_len + cfg.decode_steps + 1)
-    with ctx:
+    def timed(fn, *args):
         sync()
         barrier()
         t0 = time.perf_counter()
-        logits = session.prefill(ids)
+        out = fn(*args)
         sync()
-        prefill = time.perf_counter() - t0
-        steps = []
-        for _ in range(cfg.decode_steps):
-            tok = logits.argmax(-1)
-            sync()
-            barrier()
-            t0 = time.perf_counter()
-            logits = session.step(tok)
-            sync()
-            steps.append(time.perf_counter() - t0)
+        return out, time.perf_counter() - t0
+
+    with contextlib.ExitStack() as stack:
+        for m in METHODS:
+            if m != "base":
+                stack.enter_context(adapter_batch(models[m], torch.arange(cfg.batch)))
+        sessions = {m: KVCacheSession(models[m], cfg.batch, cfg.prompt_len + cfg.decode_steps + 1)
+                    for m in METHODS}
+        logits, prefill, steps = {}, {}, {m: [] for m in METHODS}
+        for m in round_robin(METHODS, rep):
+            logits[m], prefill[m] = timed(sessions[m].prefill, ids)
+        for i in range(cfg.decode_steps):
+            for m in round_robin(METHODS, rep + i):
+                logits[m], dt = timed(sessions[m].step, logits[m].argmax(-1))
+                steps[m].append(dt)
     return prefill, steps
 
 
@@ -170,15 +175,14 @@ def run_serving(cfg: ServingConfig) -> dict:
     barrier = dist.barrier if dist.is_initialized() else (lambda: None)
     prefill = {m: [] for m in METHODS}
     decode = {m: [] for m in METHODS}
-    decode_rep_median = {m: [] for m in METHODS}
     for rep in range(cfg.warmup + cfg.reps):
-        for m in round_robin(METHODS, rep):
-            p, steps = _time_method(models[m], ids, cfg, m != "base", barrier)
-            p, *steps = slowest_rank([p] + steps)
-            if rep >= cfg.warmup:
-                prefill[m].append(p)
-                decode[m] += steps
-                decode_rep_median[m].append(sorted(steps)[len(steps) // 2])
+        p, steps = _time_repetition(models, ids, cfg, rep, barrier)
+        flat = slowest_rank([p[m] for m in METHODS] + [t for m in METHODS for t in steps[m]])
+        if rep >= cfg.warmup:
+            n = cfg.decode_steps
+            for j, m in enumerate(METHODS):
+                prefill[m].append(flat[j])
+                decode[m] += flat[len(METHODS) + j * n: len(METHODS) + (j + 1) * n]
 
     results = {}
     for m in METHODS:
@@ -190,8 +194,8 @@ def run_serving(cfg: ServingConfig) -> dict:
             "decode_tokens_per_s": cfg.batch / (d["median"] / 1e3),
             "collectives_per_decode_step": collectives[m][1],
             "collectives_per_prefill": collectives[m][0],
-            "decode_ratio_to_base": paired_ratio(decode_rep_median[m], decode_rep_median["base"]),
-            "decode_ratio_to_bd": paired_ratio(decode_rep_median[m], decode_rep_median["bd"]),
+            "decode_ratio_to_base": paired_ratio(decode[m], decode["base"]),
+            "decode_ratio_to_bd": paired_ratio(decode[m], decode["bd"]),
             "prefill_ratio_to_base": paired_ratio(prefill[m], prefill["base"]),
             "prefill_ratio_to_bd": paired_ratio(prefill[m], prefill["bd"]),
             "adapter": None if acfg is None else {
@@ -208,8 +212,9 @@ def run_serving(cfg: ServingConfig) -> dict:
               "threads_per_rank": torch.get_num_threads(), "dtype": "float32",
               "model": hf, "adapters": "canonical layout, targets linear_qkv/linear_proj/"
               "linear_fc1/linear_fc2, one distinct random adapter per request",
-              "timing": "round-robin interleaved repetitions; step time = slowest rank; ratios "
-                        "paired per repetition (median of that repetition's decode steps)"}
+              "timing": "methods interleaved step by step (decode step i of every method, order "
+                        "rotating, before step i+1); step time = slowest rank; ratios paired per "
+                        "decode step (same repetition and step index) and per prefill"}
     return {"config": config, "results": results}
 
 

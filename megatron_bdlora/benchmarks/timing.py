@@ -1,11 +1,12 @@
 """Shared pieces of the measured benchmarks: model shapes, adapter configs, random adapters,
 side-by-side timing statistics, the bar chart.
 
-Timing rules (design.md §6): every method lives in the same processes, repetitions are
-interleaved round-robin (the order rotates every repetition) so that machine noise hits all
-methods alike, a step is timed between a barrier and its last collective, and the time of a
-step is the slowest rank's. Ratios are taken per repetition (paired) and summarised by their
-median and p10/p90, never from absolute seconds of separate runs.
+Timing rules (design.md §6): every method lives in the same processes and the methods are
+interleaved step by step (step i of every method, in an order that rotates, before step i+1 of
+any), so that machine noise hits all methods alike; a step is timed from a barrier to its end
+(accelerator synchronised), and the time of a step is the slowest rank's. Ratios are taken per
+pair of neighbouring steps (same repetition, same step index) and summarised by their median
+and p10/p90, never from absolute seconds of separate runs.
 """
 
 import statistics
@@ -130,15 +131,16 @@ def summary_ms(seconds: list) -> dict:
             "n": len(ms)}
 
 
-def paired_ratio(per_rep_a: list, per_rep_b: list) -> dict:
-    """Ratio a/b per repetition (each a median within the repetition), summarised."""
-    r = [a / b for a, b in zip(per_rep_a, per_rep_b)]
+def paired_ratio(a: list, b: list) -> dict:
+    """Ratio a[i]/b[i] of paired samples (same repetition and step), summarised."""
+    r = [x / y for x, y in zip(a, b, strict=True)]
     return {"median": statistics.median(r), "p10": percentile(r, 10), "p90": percentile(r, 90)}
 
 
-def round_robin(methods, rep: int) -> list:
+def round_robin(methods, i: int) -> list:
+    """The methods in the i-th rotation of their order."""
     methods = list(methods)
-    k = rep % len(methods)
+    k = i % len(methods)
     return methods[k:] + methods[:k]
 
 
@@ -160,8 +162,8 @@ def bar_chart(path: str, title: str, panels: list) -> None:
         ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(labelsize=8)
         for i, v in enumerate(med):
-            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=7,
-                        xytext=(0, 2), textcoords="offset points")
+            ax.annotate(f"{v:.0f}" if v >= 100 else f"{v:.3g}", (i, v / 2), ha="center",
+                        va="center", fontsize=7, color="white", fontweight="bold")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
