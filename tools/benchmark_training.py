@@ -18,36 +18,22 @@ warnings.filterwarnings("ignore")
 
 def main():
     from megatron_bdlora.benchmarks.training import TrainingConfig
+    from megatron_bdlora.benchmarks.timing import add_config_flags, config_from_flags
 
-    d, sm = TrainingConfig(), TrainingConfig.smoke()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny model, few steps (a test)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=None, help="default: world size")
-    for name in ("hidden", "ffn", "layers", "heads", "kv_heads", "vocab", "batch", "seq_len",
-                 "steps", "reps", "warmup", "lora_rank", "seed"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
-                       help=f"default {getattr(d, name)} (smoke: {getattr(sm, name)})")
-    p.add_argument("--bd-rank", type=int, default=None, help="default: parameter-matched to --lora-rank")
-    p.add_argument("--bd-nblocks", type=int, default=None, help="default: the TP size")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per rank (CPU); "
-                   "default: cores / ranks")
-    p.add_argument("--json", default="benchmark_training.json")
-    p.add_argument("--png", default="benchmark_training.png")
+    names = ("hidden", "ffn", "layers", "heads", "kv_heads", "vocab", "batch", "seq_len",
+             "steps", "reps", "warmup", "lora_rank", "seed")
+    add_config_flags(p, TrainingConfig(), TrainingConfig.smoke(), names, "benchmark_training")
     args = p.parse_args()
 
-    import torch
     import torch.distributed as dist
 
     from megatron_bdlora.benchmarks.training import format_table, plot, run_training
     from megatron_bdlora.parallel import destroy_distributed, init_distributed, is_main_rank
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if not torch.cuda.is_available():
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
-    cfg = TrainingConfig.smoke() if args.smoke else TrainingConfig()
-    for k, v in vars(args).items():
-        if v is not None and hasattr(cfg, k):
-            setattr(cfg, k, v)
+    cfg = config_from_flags(TrainingConfig, args, world)
     init_distributed(tensor_parallel_size=args.tensor_model_parallel_size or world)
     result = run_training(cfg)
     if is_main_rank():

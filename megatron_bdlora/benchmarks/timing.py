@@ -168,3 +168,31 @@ def bar_chart(path: str, title: str, panels: list) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def add_config_flags(parser, default_cfg, smoke_cfg, names, stem: str) -> None:
+    """The flags both benchmark scripts share: one int flag per config field, BD rank/N,
+    threads, and the JSON/PNG outputs named after `stem`."""
+    parser.add_argument("--smoke", action="store_true", help="tiny model, few steps (a test)")
+    for name in names:
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                            help=f"default {getattr(default_cfg, name)} (smoke: {getattr(smoke_cfg, name)})")
+    parser.add_argument("--bd-rank", type=int, default=None, help="default: parameter-matched to --lora-rank")
+    parser.add_argument("--bd-nblocks", type=int, default=None, help="default: the TP size")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (CPU); "
+                        "default: cores / ranks")
+    parser.add_argument("--json", default=f"{stem}.json")
+    parser.add_argument("--png", default=f"{stem}.png")
+
+
+def config_from_flags(config_cls, args, world: int):
+    """Set CPU threads per rank, then the (smoke) config with the given flags applied."""
+    import os
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
+    cfg = config_cls.smoke() if args.smoke else config_cls()
+    for k, v in vars(args).items():
+        if v is not None and hasattr(cfg, k):
+            setattr(cfg, k, v)
+    return cfg
