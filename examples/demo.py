@@ -11,28 +11,10 @@
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCH = os.path.join(ROOT, "pretrain_scripts", "finetune_llama.sh")
-
-
-def run(cmd, env=None, capture=False):
-    print("+", " ".join(cmd), flush=True)
-    out = subprocess.run(cmd, env={**os.environ, **(env or {})}, check=True, text=True,
-                         stdout=subprocess.PIPE if capture else None)
-    return out.stdout if capture else None
-
-
-def torchrun(n, script, *args):
-    return run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-                script, *args], capture=True)
-
-
-def last_json(text):
-    return json.loads([l for l in text.splitlines() if l.startswith("{")][-1])
+from megatron_bdlora.training.launch import ROOT, finetune, last_json, run, torchrun
 
 
 def main():
@@ -52,20 +34,20 @@ def main():
     paths = write_demo_data(data, seed=args.seed)
     common = ["--seq-length", "48", "--log-interval", "50", "--seed", str(args.seed)]
     if not os.path.isdir(os.path.join(base, "hf")):
-        run([LAUNCH, "--model-preset", "tiny", "--tokenizer", paths["tokenizer"], "--adapter", "none",
-             "--data-path", paths["pretrain"], "--pack-sequences", "--micro-batch-size", "32",
-             "--train-iters", str(args.pretrain_iters), "--lr", "3e-3", "--lr-warmup-iters", "20",
-             "--save", base, *common], env={"NPROC": "1"})
+        finetune(["--model-preset", "tiny", "--tokenizer", paths["tokenizer"], "--adapter", "none",
+                  "--data-path", paths["pretrain"], "--pack-sequences", "--micro-batch-size", "32",
+                  "--train-iters", str(args.pretrain_iters), "--lr", "3e-3", "--lr-warmup-iters", "20",
+                  "--save", base, *common])
     base_hf = os.path.join(base, "hf")
     acc = os.path.join(ROOT, "tools", "eval_accuracy.py")
     before = last_json(torchrun(2, acc, "--hf-checkpoint", base_hf, "--data-path", paths["eval"]))
 
-    run([LAUNCH, "--tensor-model-parallel-size", "2", "--hf-checkpoint", base_hf,
-         "--adapter", "bdlora", "--lora-rank", "8", "--lora-alpha", "16", "--bd-nblocks", "2",
-         "--data-path", paths["train"], "--eval-data-path", paths["eval"],
-         "--micro-batch-size", "32", "--train-iters", str(args.train_iters), "--lr", "4e-3",
-         "--lr-warmup-iters", "10", "--eval-interval", str(args.train_iters), "--eval-iters", "4",
-         "--save", ft, "--save-interval", str(args.train_iters), *common], env={"NPROC": "2"})
+    finetune(["--tensor-model-parallel-size", "2", "--hf-checkpoint", base_hf,
+              "--adapter", "bdlora", "--lora-rank", "8", "--lora-alpha", "16", "--bd-nblocks", "2",
+              "--data-path", paths["train"], "--eval-data-path", paths["eval"],
+              "--micro-batch-size", "32", "--train-iters", str(args.train_iters), "--lr", "4e-3",
+              "--lr-warmup-iters", "10", "--eval-interval", str(args.train_iters), "--eval-iters", "4",
+              "--save", ft, "--save-interval", str(args.train_iters), *common], nproc=2)
     after = last_json(torchrun(2, acc, "--hf-checkpoint", base_hf, "--load", ft,
                                "--data-path", paths["eval"]))
     metrics = [json.loads(l) for l in open(os.path.join(ft, "metrics.jsonl"))]

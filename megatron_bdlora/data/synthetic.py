@@ -5,6 +5,9 @@ exercises ("copy: c f b => c f b"). Pretraining on it teaches a tiny model the l
 order and how to copy after "=>". The downstream task is new to it: "shift: c f b =>" ->
 " d g c" (each letter to the next one, j wraps to a). A base model copies or guesses (low exact
 match); a short fine-tune learns it (high exact match). "reverse" is a harder alternative.
+"cipher0".."cipher15" are fixed random letter substitutions; a mixture of several of them is a
+task whose difficulty grows with the number of ciphers (10 letter mappings each), which is what
+the parameter-efficiency experiment needs: small adapters cannot hold all of them.
 
 Measured with a 2-layer, hidden-64 HF Llama (4 heads, MLP 256), seq 24, batch 32, AdamW 3e-3:
 400 pretraining steps on pretrain.jsonl, then 300 LoRA (r=8, all linears) steps on train.jsonl,
@@ -22,7 +25,13 @@ def _shift(xs):
     return [LETTERS[(LETTERS.index(x) + 1) % len(LETTERS)] for x in xs]
 
 
-TASKS = {"shift": _shift, "reverse": lambda xs: xs[::-1]}
+def _cipher(key: int):
+    table = dict(zip(LETTERS, random.Random(f"cipher{key}").sample(LETTERS, len(LETTERS))))
+    return lambda xs: [table[x] for x in xs]
+
+
+TASKS = {"shift": _shift, "reverse": lambda xs: xs[::-1],
+         **{f"cipher{k}": _cipher(k) for k in range(16)}}
 
 
 def _letters(rng, lo=3, hi=5):
@@ -43,20 +52,25 @@ def task_example(xs, task: str = "shift") -> dict:
 
 
 def generate_task(seed: int = 0, num_train: int = 2000, num_eval: int = 200,
-                  num_pretrain: int = 4000, task: str = "shift") -> dict:
+                  num_pretrain: int = 4000, task: str | list = "shift") -> dict:
     """{"pretrain": [{"text"}], "train"/"eval": [{"prompt", "completion"}]}, deterministic in
-    `seed`. Eval prompts never appear in train, so exact match measures generalisation."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
+    `seed`. `task`: one name, or a list to draw each example's task from uniformly. Eval prompts
+    never appear in train, so exact match measures generalisation."""
+    tasks = [task] if isinstance(task, str) else list(task)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown task {unknown or tasks!r}; choose from {sorted(TASKS)}")
     rng = random.Random(seed)
     pretrain = [{"text": _pretrain_text(rng)} for _ in range(num_pretrain)]
     seen, splits = set(), {"train": [], "eval": []}
     for split, n in (("eval", num_eval), ("train", num_train)):
         while len(splits[split]) < n:
+            # one task draws no task choice: the single-task data stays what it always was
+            name = tasks[0] if len(tasks) == 1 else rng.choice(tasks)
             xs = _letters(rng)
-            if tuple(xs) not in seen:  # 10^3 + 10^4 + 10^5 sequences: plenty for unique samples
-                seen.add(tuple(xs))
-                splits[split].append(task_example(xs, task))
+            if (name, tuple(xs)) not in seen:  # 10^3 + 10^4 + 10^5 sequences per task
+                seen.add((name, tuple(xs)))
+                splits[split].append(task_example(xs, name))
     return {"pretrain": pretrain, **splits}
 
 
@@ -73,7 +87,7 @@ def write_jsonl(path: str, records):
 
 
 def write_demo_data(out_dir: str, seed: int = 0, num_train: int = 2000, num_eval: int = 200,
-                    num_pretrain: int = 4000, task: str = "shift") -> dict:
+                    num_pretrain: int = 4000, task: str | list = "shift") -> dict:
     """Write pretrain.jsonl, train.jsonl, eval.jsonl and tokenizer/ under out_dir; returns paths."""
     from megatron_bdlora.data.tokenizer import build_tiny_tokenizer
 
