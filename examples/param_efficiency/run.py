@@ -14,7 +14,7 @@
    match on test, per run; mean and spread over seeds; each LoRA rank beside its parameter-matched
    BD-LoRA.
 
-Writes results.json, results.md (tables) and param_efficiency.png (eval loss and exact match vs
+Writes results.json, results.md (tables) and param_efficiency.png (test loss and exact match vs
 trainable parameters) under --out. Every run happens at TP=1 with N blocks: the adapter math is
 identical at any TP dividing N (tests/test_core.py checks TP=1/2/4 agree), and one process per
 run lets two runs share the 2 cores.
