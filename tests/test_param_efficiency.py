@@ -46,3 +46,34 @@ def test_param_efficiency_smoke(tmp_path):
     assert lora["min"] <= lora["mean"] <= lora["max"] and sorted(lora["per_seed"])[0] == lora["min"]
     assert (out / "param_efficiency.png").stat().st_size > 10_000
     assert f"| 8 | {bd_rank} |" in (out / "results.md").read_text()
+
+
+def _load_experiment():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "param_efficiency_run", os.path.join(ROOT, "examples", "param_efficiency", "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_reads_lora_curve_at_bd_parameter_count():
+    exp = _load_experiment()
+    assert exp.interpolate([(1000, 1.0), (4000, 0.0)], 2000) == pytest.approx(0.5)  # log-x midpoint
+    assert exp.interpolate([(1000, 1.0), (4000, 0.0)], 500) is None
+
+    def run(method, rank, params, seed, loss, match=None):
+        return {"method": method, "rank": rank, "params": params, "matches_lora_rank": match,
+                "seed": seed, "lr": 1e-3, "test_loss": loss, "exact_match": 1 - loss}
+
+    runs = [run("lora", 4, 1000, 0, 0.9), run("lora", 4, 1000, 1, 0.7),
+            run("lora", 8, 4000, 0, 0.1), run("lora", 8, 4000, 1, 0.1),
+            run("bdlora", 12, 2000, 0, 0.5, match=8), run("bdlora", 12, 2000, 1, 0.3, match=8)]
+    results, (pair,) = exp.summarise(runs)
+    assert [(r["method"], r["rank"]) for r in results] == [("lora", 4), ("lora", 8), ("bdlora", 12)]
+    assert results[0]["test_loss"]["mean"] == pytest.approx(0.8)
+    assert results[0]["test_loss"]["std"] == pytest.approx(0.1)
+    assert pair["param_ratio"] == 0.5 and pair["test_loss"] == pytest.approx([0.1, 0.4])
+    assert pair["test_loss_lora_at_bd_params"] == pytest.approx(0.45)  # between 0.8 and 0.1
+    assert pair["exact_match_lora_at_bd_params"] == pytest.approx(0.55)
