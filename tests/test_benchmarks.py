@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = {
     "bd": AdapterConfig(method="bdlora", rank=8, alpha=16, nblocks=2),
     "bd-fused": AdapterConfig(method="bdlora", rank=8, alpha=16, nblocks=2, layout="fused"),
+    "bd-4blocks": AdapterConfig(method="bdlora", rank=8, alpha=16, nblocks=4),  # 2 per rank
     "slora": AdapterConfig(method="lora", rank=4, alpha=8, sharding="slora"),
     "replicated": AdapterConfig(method="lora", rank=4, alpha=8, sharding="replicated"),
 }
