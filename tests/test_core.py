@@ -32,8 +32,6 @@ def _batch():
 
 
 def _model(hf, sd, cfg=None):
-    import torch.distributed as dist
-
     from megatron_bdlora.adapters import apply_adapters
     from megatron_bdlora.checkpoint.hf_mapping import load_base_weights, tensor_reader
     from megatron_bdlora.models.llama import build_model
@@ -46,12 +44,11 @@ def _model(hf, sd, cfg=None):
     else:
         for p in model.parameters():
             p.requires_grad_(False)
-        # the frozen base still needs an input that requires grad for a backward to exist
     return model
 
 
 def _step(model, ids, labels, counts):
-    from megatron_bdlora.models.llama import gather_logits, lm_loss
+    from megatron_bdlora.models.llama import lm_loss
 
     with counts.phase("forward"):
         loss, _ = lm_loss(model, ids, labels)

@@ -9,7 +9,6 @@ Logic: megatron_bdlora/benchmarks/serving.py.
 """
 
 import argparse
-import json
 import os
 import warnings
 
@@ -18,7 +17,7 @@ warnings.filterwarnings("ignore")
 
 def main():
     from megatron_bdlora.benchmarks.serving import ServingConfig
-    from megatron_bdlora.benchmarks.timing import add_config_flags, config_from_flags
+    from megatron_bdlora.benchmarks.timing import add_config_flags, config_from_flags, write_report
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     names = ("hidden", "ffn", "layers", "heads", "kv_heads", "vocab", "batch", "prompt_len",
@@ -36,15 +35,12 @@ def main():
     init_distributed(tensor_parallel_size=world)
     result = run_serving(cfg)
     if is_main_rank():
-        print(format_table(result))
-        check = result["results"]["bd"]["greedy_equals_merged"]
-        print(f"bd greedy == merged: {check['all_equal']} ({check['requests']} requests x "
-              f"{check['tokens_per_request']} tokens, max logit diff {check['max_abs_logit_diff']:.2e}); "
-              f"bd collectives == base: {result['results']['bd']['collectives_equal_base']}")
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        plot(result, args.png)
-        print(f"wrote {args.json}, {args.png}")
+        bd = result["results"]["bd"]
+        check = bd["greedy_equals_merged"]
+        write_report(result, args, format_table(result), plot=plot, summary=(
+            f"bd greedy == merged: {check['all_equal']} ({check['requests']} requests x "
+            f"{check['tokens_per_request']} tokens, max logit diff {check['max_abs_logit_diff']:.2e}); "
+            f"bd collectives == base: {bd['collectives_equal_base']}"))
     dist.barrier()
     destroy_distributed()
 

@@ -9,7 +9,6 @@ phase, paired ratios to base and bd. Logic: megatron_bdlora/benchmarks/training.
 """
 
 import argparse
-import json
 import os
 import warnings
 
@@ -18,7 +17,7 @@ warnings.filterwarnings("ignore")
 
 def main():
     from megatron_bdlora.benchmarks.training import TrainingConfig
-    from megatron_bdlora.benchmarks.timing import add_config_flags, config_from_flags
+    from megatron_bdlora.benchmarks.timing import add_config_flags, config_from_flags, write_report
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tensor-model-parallel-size", type=int, default=None, help="default: world size")
@@ -37,13 +36,9 @@ def main():
     init_distributed(tensor_parallel_size=args.tensor_model_parallel_size or world)
     result = run_training(cfg)
     if is_main_rank():
-        print(format_table(result))
-        print(f"bd TP collectives == base (forward, backward, optimizer): "
-              f"{result['results']['bd']['tp_collectives_equal_base']}")
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        plot(result, args.png)
-        print(f"wrote {args.json}, {args.png}")
+        write_report(result, args, format_table(result), plot=plot, summary=(
+            f"bd TP collectives == base (forward, backward, optimizer): "
+            f"{result['results']['bd']['tp_collectives_equal_base']}"))
     dist.barrier()
     destroy_distributed()
 

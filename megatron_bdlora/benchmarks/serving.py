@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from megatron_bdlora.benchmarks.timing import (METHODS, adapter_configs, bar_chart, build_models,
-                                               llama_shape, paired_ratio, random_adapter_states,
-                                               round_robin, slowest_rank, summary_ms, sync)
+                                               collective_calls, collective_columns, llama_shape,
+                                               paired_ratio, random_adapter_states, round_robin,
+                                               run_environment, slowest_rank, spread_ms, summary_ms,
+                                               sync)
 
 
 @dataclass
@@ -207,10 +209,7 @@ def run_serving(cfg: ServingConfig) -> dict:
     results["bd"]["greedy_equals_merged"] = check
     results["bd"]["collectives_equal_base"] = (collectives["bd"] == collectives["base"])
     config = {**asdict(cfg), "tp": tp, "bd_nblocks": nblocks, "bd_rank": configs["bd"].rank,
-              "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-              "device": "cuda" if torch.cuda.is_available() else "cpu",
-              "threads_per_rank": torch.get_num_threads(), "dtype": "float32",
-              "model": hf, "adapters": "canonical layout, targets linear_qkv/linear_proj/"
+              **run_environment(), "model": hf, "adapters": "canonical layout, targets linear_qkv/linear_proj/"
               "linear_fc1/linear_fc2, one distinct random adapter per request",
               "timing": "methods interleaved step by step (decode step i of every method, order "
                         "rotating, before step i+1); step time = slowest rank; ratios paired per "
@@ -222,27 +221,23 @@ def plot(result: dict, path: str) -> None:
     r, c = result["results"], result["config"]
     bar_chart(path, f"serving, TP={c['tp']}, batch {c['batch']} (one adapter per request), "
                     f"LoRA r={c['lora_rank']} / BD r={c['bd_rank']} N={c['bd_nblocks']}", [
-        ("decode step, ms (median, p10-p90)",
-         {m: (v["decode_ms_median"], v["decode_ms_p10"], v["decode_ms_p90"]) for m, v in r.items()}),
+        ("decode step, ms (median, p10-p90)", {m: spread_ms(v, "decode") for m, v in r.items()}),
         (f"prefill ({c['prompt_len']} tok/request), ms",
-         {m: (v["prefill_ms_median"], v["prefill_ms_p10"], v["prefill_ms_p90"]) for m, v in r.items()}),
+         {m: spread_ms(v, "prefill") for m, v in r.items()}),
         ("collective calls per decode step",
-         {m: (sum(o["calls"] for o in v["collectives_per_decode_step"].values()),) * 3
-          for m, v in r.items()}),
+         {m: collective_calls(v["collectives_per_decode_step"]) for m, v in r.items()}),
     ])
 
 
 def format_table(result: dict) -> str:
     r = result["results"]
-    ops = sorted({op for v in r.values() for op in v["collectives_per_decode_step"]})
+    coll_head, coll = collective_columns(r, "collectives_per_decode_step")
     head = (f"{'method':<11}{'decode ms':>11}{'p10-p90':>15}{'x base':>8}{'x bd':>8}"
-            f"{'prefill ms':>12}{'x base':>8}  " + "  ".join(f"{op} calls/bytes" for op in ops))
+            f"{'prefill ms':>12}{'x base':>8}  " + coll_head)
     lines = [head, "-" * len(head)]
     for m, v in r.items():
-        coll = "  ".join(f"{v['collectives_per_decode_step'].get(op, {}).get('calls', 0)}/"
-                         f"{v['collectives_per_decode_step'].get(op, {}).get('bytes', 0)}" for op in ops)
         lines.append(f"{m:<11}{v['decode_ms_median']:>11.2f}"
                      f"{v['decode_ms_p10']:>7.2f}-{v['decode_ms_p90']:<7.2f}"
                      f"{v['decode_ratio_to_base']['median']:>8.3f}{v['decode_ratio_to_bd']['median']:>8.3f}"
-                     f"{v['prefill_ms_median']:>12.1f}{v['prefill_ratio_to_base']['median']:>8.3f}  {coll}")
+                     f"{v['prefill_ms_median']:>12.1f}{v['prefill_ratio_to_base']['median']:>8.3f}  {coll[m]}")
     return "\n".join(lines)

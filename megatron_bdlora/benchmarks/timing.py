@@ -144,6 +144,45 @@ def round_robin(methods, i: int) -> list:
     return methods[k:] + methods[:k]
 
 
+def run_environment() -> dict:
+    """Where a benchmark ran, for its JSON config."""
+    import torch.distributed as dist
+
+    return {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "threads_per_rank": torch.get_num_threads(), "dtype": "float32"}
+
+
+def spread_ms(result: dict, key: str) -> tuple:
+    """(median, p10, p90) of `key`_ms in a method's result, for `bar_chart`."""
+    return tuple(result[f"{key}_ms_{q}"] for q in ("median", "p10", "p90"))
+
+
+def collective_calls(per_op: dict) -> tuple:
+    """Total calls over all ops, as a whisker-less bar for `bar_chart`."""
+    return (sum(o["calls"] for o in per_op.values()),) * 3
+
+
+def collective_columns(results: dict, key: str) -> tuple:
+    """(header, {method: cells}) of "calls/bytes" per collective op, for the text tables."""
+    ops = sorted({op for v in results.values() for op in v[key]})
+    cells = {m: "  ".join(f"{v[key].get(op, {}).get('calls', 0)}/{v[key].get(op, {}).get('bytes', 0)}"
+                          for op in ops) for m, v in results.items()}
+    return "  ".join(f"{op} calls/bytes" for op in ops), cells
+
+
+def write_report(result: dict, args, table: str, summary: str, plot) -> None:
+    """The benchmark scripts' output (main rank): table, summary line, args.json, plot to args.png."""
+    import json
+
+    print(table)
+    print(summary)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, args.png)
+    print(f"wrote {args.json}, {args.png}")
+
+
 def bar_chart(path: str, title: str, panels: list) -> None:
     """panels: [(ylabel, {method: (median, p10, p90)})]; one bar panel each, p10-p90 whiskers."""
     import matplotlib

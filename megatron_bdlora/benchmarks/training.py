@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from megatron_bdlora.benchmarks.timing import (METHODS, adapter_configs, bar_chart, build_models,
-                                               llama_shape, paired_ratio, round_robin,
-                                               slowest_rank, summary_ms, sync)
+                                               collective_calls, collective_columns, llama_shape,
+                                               paired_ratio, round_robin, run_environment,
+                                               slowest_rank, spread_ms, summary_ms, sync)
 
 
 @dataclass
@@ -175,9 +176,7 @@ def run_training(cfg: TrainingConfig) -> dict:
     results["bd"]["tp_collectives_equal_base"] = all(
         bd_c.get(ph, {}) == base_c.get(ph, {}) for ph in ("forward", "backward", "optimizer"))
     config = {**asdict(cfg), "tp": tp, "dp": dp, "bd_nblocks": nblocks, "bd_rank": configs["bd"].rank,
-              "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-              "tokens_per_step": tokens, "device": "cuda" if torch.cuda.is_available() else "cpu",
-              "threads_per_rank": torch.get_num_threads(), "dtype": "float32", "model": hf,
+              **run_environment(), "tokens_per_step": tokens, "model": hf,
               "step": "forward + backward + DP grad all-reduce (flat, DP>1) + AdamW on trainable params",
               "timing": "methods interleaved step by step (rotating order); step time = slowest "
                         "rank; ratios paired per step (same repetition and step index)"}
@@ -188,24 +187,21 @@ def plot(result: dict, path: str) -> None:
     r, c = result["results"], result["config"]
     bar_chart(path, f"training step, TP={c['tp']} x DP={c['dp']}, {c['tokens_per_step']} tokens/step, "
                     f"LoRA r={c['lora_rank']} / BD r={c['bd_rank']} N={c['bd_nblocks']}", [
-        ("step, ms (median, p10-p90)",
-         {m: (v["step_ms_median"], v["step_ms_p10"], v["step_ms_p90"]) for m, v in r.items()}),
+        ("step, ms (median, p10-p90)", {m: spread_ms(v, "step") for m, v in r.items()}),
         ("tokens/s", {m: (v["tokens_per_s"],) * 3 for m, v in r.items()}),
         ("collective calls per step",
-         {m: (sum(o["calls"] for o in v["collectives_per_step"].values()),) * 3 for m, v in r.items()}),
+         {m: collective_calls(v["collectives_per_step"]) for m, v in r.items()}),
     ])
 
 
 def format_table(result: dict) -> str:
     r = result["results"]
-    ops = sorted({op for v in r.values() for op in v["collectives_per_step"]})
+    coll_head, coll = collective_columns(r, "collectives_per_step")
     head = (f"{'method':<11}{'step ms':>10}{'p10-p90':>17}{'x base':>8}{'x bd':>8}{'tokens/s':>10}  "
-            + "  ".join(f"{op} calls/bytes" for op in ops))
+            + coll_head)
     lines = [head, "-" * len(head)]
     for m, v in r.items():
-        coll = "  ".join(f"{v['collectives_per_step'].get(op, {}).get('calls', 0)}/"
-                         f"{v['collectives_per_step'].get(op, {}).get('bytes', 0)}" for op in ops)
         lines.append(f"{m:<11}{v['step_ms_median']:>10.1f}{v['step_ms_p10']:>8.1f}-{v['step_ms_p90']:<8.1f}"
                      f"{v['step_ratio_to_base']['median']:>8.3f}{v['step_ratio_to_bd']['median']:>8.3f}"
-                     f"{v['tokens_per_s']:>10.1f}  {coll}")
+                     f"{v['tokens_per_s']:>10.1f}  {coll[m]}")
     return "\n".join(lines)
