@@ -79,6 +79,13 @@ def _divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _times_blocks(u, w):
+    """Per request and block: u (b, s, n*r) times w (b, n, o, r) -> (b, s, n*o)."""
+    n = w.shape[1]
+    return torch.matmul(u.unflatten(-1, (n, -1)).transpose(1, 2),
+                        w.transpose(-1, -2)).transpose(1, 2).flatten(-2)
+
+
 class AdapterLinear(nn.Module):
     """A frozen Megatron-Core parallel linear plus this rank's share of a LoRA / BD-LoRA adapter."""
 
@@ -281,15 +288,9 @@ class AdapterLinear(nn.Module):
         st = {k: (v if self.adapter_index_is_identity else v.index_select(0, idx)).to(x.dtype)
               for k, v in self.adapter_stack.items()}
         bd, slora = self.strategy == "bd", self.strategy == "slora"
-
         # Batch-major (b, s, .) products: one bmm per factor, the per-request weights read in
         # place (transposed views), which costs about half of the einsum formulation per decode
         # step on CPU, where these small ops are dominated by their count, not their bytes.
-        def times_blocks(u, w):  # u (b, s, n*r) . w (b, n, o, r) -> (b, s, n*o), block by block
-            n = w.shape[1]
-            return torch.matmul(u.unflatten(-1, (n, -1)).transpose(1, 2),
-                                w.transpose(-1, -2)).transpose(1, 2).flatten(-2)
-
         if self.spec.kind == "column":
             x = copy_to_tensor_model_parallel_region(x)
             out, bias = self.base(x, *args, **kwargs)
@@ -301,7 +302,7 @@ class AdapterLinear(nn.Module):
             ys = []
             for c in self.lora_B:
                 b, uc = st[f"lora_B.{c}"], u[:, :, self.group_of(c)]
-                y = times_blocks(uc, b) if bd else torch.bmm(uc, b.transpose(1, 2))
+                y = _times_blocks(uc, b) if bd else torch.bmm(uc, b.transpose(1, 2))
                 ys.append(y.unflatten(-1, (self.local_groups, -1)))
             delta = torch.cat(ys, dim=-1).flatten(-2).transpose(0, 1)
             return out + self.scale * delta, bias
@@ -309,7 +310,7 @@ class AdapterLinear(nn.Module):
         partial, bias = self.base(x, *args, **kwargs)  # not yet reduced
         (c,) = self.lora_B
         a, b, xb = st["lora_A"], st[f"lora_B.{c}"], self.dropout(x).transpose(0, 1)
-        u = times_blocks(xb, a) if bd else torch.bmm(xb, a.transpose(1, 2))
+        u = _times_blocks(xb, a) if bd else torch.bmm(xb, a.transpose(1, 2))
         if slora:
             u = comm.all_reduce_fwd_bwd(u)
         y = self.scale * torch.bmm(u, b.transpose(1, 2)).transpose(0, 1)

@@ -209,8 +209,9 @@ def run_serving(cfg: ServingConfig) -> dict:
     results["bd"]["greedy_equals_merged"] = check
     results["bd"]["collectives_equal_base"] = (collectives["bd"] == collectives["base"])
     config = {**asdict(cfg), "tp": tp, "bd_nblocks": nblocks, "bd_rank": configs["bd"].rank,
-              **run_environment(), "model": hf, "adapters": "canonical layout, targets linear_qkv/linear_proj/"
-              "linear_fc1/linear_fc2, one distinct random adapter per request",
+              **run_environment(), "model": hf,
+              "adapters": "canonical layout, targets linear_qkv/linear_proj/linear_fc1/linear_fc2, "
+                          "one distinct random adapter per request",
               "timing": "methods interleaved step by step (decode step i of every method, order "
                         "rotating, before step i+1); step time = slowest rank; ratios paired per "
                         "decode step (same repetition and step index) and per prefill"}
@@ -239,5 +240,6 @@ def format_table(result: dict) -> str:
         lines.append(f"{m:<11}{v['decode_ms_median']:>11.2f}"
                      f"{v['decode_ms_p10']:>7.2f}-{v['decode_ms_p90']:<7.2f}"
                      f"{v['decode_ratio_to_base']['median']:>8.3f}{v['decode_ratio_to_bd']['median']:>8.3f}"
-                     f"{v['prefill_ms_median']:>12.1f}{v['prefill_ratio_to_base']['median']:>8.3f}  {coll[m]}")
+                     f"{v['prefill_ms_median']:>12.1f}{v['prefill_ratio_to_base']['median']:>8.3f}"
+                     f"  {coll[m]}")
     return "\n".join(lines)
