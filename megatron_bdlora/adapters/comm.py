@@ -67,6 +67,27 @@ class _AllReduceGrad(torch.autograd.Function):
         return grad
 
 
+def column_input(x, sequence_parallel: bool):
+    """A column layer's input, shared by the base and the LoRA branch: one all-gather of the
+    sequence under SP (backward: one reduce-scatter of the summed input gradients), otherwise
+    Megatron's copy (backward: one all-reduce)."""
+    from megatron.core import tensor_parallel as mtp
+
+    if sequence_parallel:
+        return mtp.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
+    return mtp.copy_to_tensor_model_parallel_region(x)
+
+
+def row_output(partial, sequence_parallel: bool):
+    """A row layer's base + LoRA partial sums, reduced once: reduce-scatter along the sequence
+    under SP, all-reduce otherwise."""
+    from megatron.core import tensor_parallel as mtp
+
+    if sequence_parallel:
+        return mtp.reduce_scatter_to_sequence_parallel_region(partial)
+    return mtp.reduce_from_tensor_model_parallel_region(partial)
+
+
 def all_gather_last_dim(x):
     return _AllGatherLastDim.apply(x) if dist.get_world_size(_tp_group()) > 1 else x
 

@@ -104,10 +104,14 @@ class AdapterLinear(nn.Module):
         self.scale = cfg.scale
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.merged = False
+        # Under sequence parallelism the adapter owns the layer's one SP collective: the column
+        # layer's all-gather (the base's own turned off) and the row layer's reduce-scatter.
+        self.sequence_parallel = bool(getattr(base, "sequence_parallel", False))
         if spec.kind == "column":
             # The LoRA branch and the base share one input-gradient all-reduce (ours).
             base.disable_grad_reduce = True
             base.allreduce_dgrad = False
+            base.sequence_parallel = False
         else:
             # The base returns its partial sum; we add ours and reduce once.
             if not base.skip_bias_add and base.bias is not None:
@@ -202,9 +206,7 @@ class AdapterLinear(nn.Module):
         return self._row_forward(x, *args, **kwargs)
 
     def _column_forward(self, x, *args, **kwargs):
-        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-
-        x = copy_to_tensor_model_parallel_region(x)
+        x = comm.column_input(x, self.sequence_parallel)
         out, bias = self.base(x, *args, **kwargs)
         if self.merged:
             return out, bias
@@ -227,8 +229,6 @@ class AdapterLinear(nn.Module):
         return out + self.scale * delta, bias
 
     def _row_forward(self, x, *args, **kwargs):
-        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
-
         partial, bias = self.base(x, *args, **kwargs)  # not yet reduced
         if not self.merged:
             (b,) = self.lora_B.values()
@@ -246,7 +246,7 @@ class AdapterLinear(nn.Module):
             else:
                 u = F.linear(xd, a)
                 partial = partial + self.scale * F.linear(u, comm.replicated_factor(b))
-        return reduce_from_tensor_model_parallel_region(partial), bias
+        return comm.row_output(partial, self.sequence_parallel), bias
 
     # ---- multi-adapter batching (inference) -------------------------------------------------
     def load_global_stack(self, states: list) -> None:
@@ -271,9 +271,6 @@ class AdapterLinear(nn.Module):
 
     def _multi_forward(self, x, *args, **kwargs):
         """Every request b of the [seq, batch, hidden] input uses adapter `adapter_index[b]`."""
-        from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
-                                                   reduce_from_tensor_model_parallel_region)
-
         if self.adapter_stack is None:
             raise RuntimeError(f"{self.name}: adapter_index is set but no adapters were loaded "
                                "with load_global_stack")
@@ -292,7 +289,7 @@ class AdapterLinear(nn.Module):
         # place (transposed views), which costs about half of the einsum formulation per decode
         # step on CPU, where these small ops are dominated by their count, not their bytes.
         if self.spec.kind == "column":
-            x = copy_to_tensor_model_parallel_region(x)
+            x = comm.column_input(x, self.sequence_parallel)
             out, bias = self.base(x, *args, **kwargs)
             a = st["lora_A"]  # (b, groups, r_local, in)
             u = torch.bmm(self.dropout(x).transpose(0, 1), a.flatten(1, 2).transpose(1, 2))
@@ -316,7 +313,7 @@ class AdapterLinear(nn.Module):
         y = self.scale * torch.bmm(u, b.transpose(1, 2)).transpose(0, 1)
         if slora:  # this rank's slice of the output
             y = F.pad(y, [self.tp_rank * y.shape[-1], (self.tp_size - 1 - self.tp_rank) * y.shape[-1]])
-        return reduce_from_tensor_model_parallel_region(partial + y), bias
+        return comm.row_output(partial + y, self.sequence_parallel), bias
 
     # ---- merge ------------------------------------------------------------------------------
     def local_delta(self) -> torch.Tensor:

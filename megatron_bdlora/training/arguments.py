@@ -27,7 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-preset", help="random-init preset instead of a checkpoint (tiny, ...)")
     g.add_argument("--tokenizer", help="tokenizer dir/name (default: the checkpoint's)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 base weights and activations; adapters, their grads and Adam stay fp32")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split norm/residual activations along the sequence over TP ranks (TP > 1)")
+    g.add_argument("--attention-backend", choices=["sdpa", "local"], default="sdpa",
+                   help="sdpa: torch scaled_dot_product_attention (flash on GPU, no mask when "
+                        "unpacked); local: Megatron-Core's DotProductAttention (default: %(default)s)")
     g.add_argument("--recompute-activations", action="store_true",
                    help="full activation recompute of every decoder layer")
     g = p.add_argument_group("adapter")
@@ -63,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip a step whose loss or gradient is not finite (counted in metrics) "
+                        "instead of stopping the run")
     g.add_argument("--seed", type=int, default=1234)
     g = p.add_argument_group("checkpointing, eval, logging")
     g.add_argument("--save")
