@@ -534,8 +534,15 @@ def test_export_errors_leave_nothing(env, tmp_path):
     (existing / "keep.txt").write_text("mine")
     msgs["exists"] = fails("already exists; pass --overwrite", os.path.join(ck, "bd2"), "hf-peft", str(existing))
     assert (existing / "keep.txt").read_text() == "mine"
-    export(os.path.join(ck, "bd2"), "hf-peft", str(existing), overwrite=True)
-    assert sorted(os.listdir(existing)) == ["adapter_config.json", "adapter_model.safetensors"]
+    # --overwrite replaces only a previous export of this tool (marked), never other data
+    msgs["not an export"] = fails("not an export written by this tool", os.path.join(ck, "bd2"),
+                                  "hf-peft", str(existing), overwrite=True)
+    assert (existing / "keep.txt").read_text() == "mine"
+    prev = str(tmp_path / "prev")
+    export(os.path.join(ck, "bd2"), "vllm", prev)
+    export(os.path.join(ck, "bd2"), "hf-peft", prev, overwrite=True)
+    assert sorted(os.listdir(prev)) == [".megatron-bdlora-export", "adapter_config.json",
+                                        "adapter_model.safetensors"]
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f or f.startswith(".old-")]
     for k, m in msgs.items():
         print(f"[export error] {k}: {m}")
@@ -569,7 +576,7 @@ def test_cli(env, tmp_path, capsys):
     assert _cli("export", "--load", ck, "--format", "vllm", "--out", out) == 0
     printed = capsys.readouterr().out
     assert "--max-lora-rank 8" in printed and os.path.isfile(os.path.join(out, "bd", "adapter_config.json"))
-    assert _cli("export", "--load", ck, "--format", "vllm", "--out", out) == 1
+    assert _cli("export", "--load", ck, "--format", "vllm", "--out", out) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "--overwrite" in err
     assert _cli("export", "--load", ck, "--format", "hf-peft", "--out", out, "--overwrite",

@@ -19,12 +19,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_bdlora.training.arguments import OneLineParser  # noqa: E402
+
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="convert_checkpoint.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{export,inspect}")
 
     e = sub.add_parser("export", help="export an adapter checkpoint to PEFT / merged HF / vLLM",
@@ -36,11 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf-peft: dense PEFT LoRA (exact, stock PEFT/vLLM); hf-peft-bd: PEFT "
                         "use_bdlora packed blocks (BD-LoRA only); hf-merged: full HF model with the "
                         "adapter merged; vllm: dense adapter + bd/ + README with serve commands")
-    e.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
+    e.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory: new, or a previous export with --overwrite")
     e.add_argument("--hf-checkpoint", metavar="BASE",
                    help="HF base model dir or hub name (hf-merged reads its weights; default: the "
                         "base recorded in the checkpoint; also written as base_model_name_or_path)")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a previous export of this tool (never anything "
+                        "else, never the checkpoint or a directory holding it)")
     e.add_argument("--name", help="adapter name in the vLLM README commands (default: basename of --out)")
     e.add_argument("--dtype", choices=sorted(DTYPES),
                    help="dtype of exported adapter weights (default: as trained)")
@@ -58,6 +63,7 @@ def main(argv=None) -> int:
 
     from megatron_bdlora.checkpoint.export import describe, export
     from megatron_bdlora.checkpoint.hf_import import CheckpointError
+    from megatron_bdlora.errors import EXIT_INPUT
 
     try:
         if args.command == "inspect":
@@ -69,7 +75,7 @@ def main(argv=None) -> int:
                 print(line)
     except (CheckpointError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_INPUT
     return 0
 
 

@@ -24,6 +24,7 @@ import torch
 
 from megatron_bdlora.adapters.layer_types import HF_PROJECTIONS
 from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint, _fsync_dir
+from megatron_bdlora.checkpoint.export_guard import check_export_target, mark_export
 from megatron_bdlora.checkpoint.hf_import import (
     CheckpointError,
     SafetensorsCheckpoint,
@@ -363,9 +364,8 @@ def export(ckpt_path: str, fmt: str, out: str, hf_checkpoint: str | None = None,
     if fmt not in EXPORTERS:
         raise CheckpointError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
     out = os.path.abspath(os.path.expanduser(out))
-    if os.path.lexists(out) and not overwrite:
-        raise CheckpointError(f"output {out} already exists; pass --overwrite to replace it")
     ckpt = load_for_export(ckpt_path)
+    check_export_target(out, ckpt.dir, overwrite)
     base = hf_checkpoint or ckpt.base_name_or_path
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -373,6 +373,7 @@ def export(ckpt_path: str, fmt: str, out: str, hf_checkpoint: str | None = None,
     try:
         msgs = EXPORTERS[fmt](ckpt, tmp, base, hf_checkpoint=hf_checkpoint, final_dir=out,
                               name=name, dtype=dtype)
+        mark_export(tmp, fmt, ckpt.dir)
         os.chmod(tmp, 0o755)
         _publish(tmp, out)
     except BaseException:

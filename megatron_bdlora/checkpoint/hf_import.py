@@ -15,6 +15,7 @@ import re
 import torch
 
 from megatron_bdlora.checkpoint.hf_mapping import load_base_weights
+from megatron_bdlora.errors import InputError
 
 INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
@@ -25,7 +26,7 @@ _BASE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_at
                 "num_key_value_heads", "head_dim", "vocab_size")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A problem with checkpoint files or their compatibility; the message is one line."""
 
 
@@ -213,7 +214,8 @@ def check_hf_checkpoint(name_or_path: str) -> tuple[str, dict]:
 
 
 def load_hf_llama(model_dir_or_hub_name: str, tp: int | None = None, dtype: torch.dtype = torch.float32,
-                  recompute: bool = False, config_overrides: dict | None = None):
+                  recompute: bool = False, config_overrides: dict | None = None,
+                  attention_backend: str = "sdpa"):
     """Build this rank's GPTModel shard for a HF Llama checkpoint and load its weights.
 
     `tp` defaults to the initialised TP size (it must equal it). The returned model carries
@@ -232,7 +234,8 @@ def load_hf_llama(model_dir_or_hub_name: str, tp: int | None = None, dtype: torc
         if tp is not None and tp != world_tp:
             raise CheckpointError(f"load_hf_llama(tp={tp}) but tensor-model-parallel-size is "
                                   f"{world_tp}; initialise parallel state with the same TP")
-        model = build_model(hf, tp=world_tp, dtype=dtype, recompute=recompute, init=False)
+        model = build_model(hf, tp=world_tp, dtype=dtype, recompute=recompute, init=False,
+                            attention_backend=attention_backend)
         load_base_weights(model, ckpt.read, hf)
     model.hf_path = os.path.abspath(model_dir)
     model.hf_name_or_path = str(model_dir_or_hub_name)

@@ -9,6 +9,7 @@ from megatron_bdlora.data.packing import (
     IGNORE_INDEX,
     RowDataset,
     attention_mask_from_document_ids,
+    batch_attention_mask,
     collate,
     make_row,
     pack_best_fit,
@@ -18,6 +19,7 @@ from megatron_bdlora.data.synthetic import exact_match, generate_task, write_dem
 from megatron_bdlora.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 __all__ = ["FORMATS", "IGNORE_INDEX", "DataIterator", "DataStats", "DistributedBatchSampler",
-           "RowDataset", "attention_mask_from_document_ids", "build_dataset",
-           "build_tiny_tokenizer", "collate", "detect_format", "exact_match", "generate_task",
-           "load_records", "load_tokenizer", "make_row", "pack_best_fit", "write_demo_data"]
+           "RowDataset", "attention_mask_from_document_ids", "batch_attention_mask",
+           "build_dataset", "build_tiny_tokenizer", "collate", "detect_format", "exact_match",
+           "generate_task", "load_records", "load_tokenizer", "make_row", "pack_best_fit",
+           "write_demo_data"]

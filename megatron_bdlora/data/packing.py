@@ -86,6 +86,18 @@ def attention_mask_from_document_ids(document_ids: torch.Tensor) -> torch.Tensor
     return ~allowed[:, None]
 
 
+def batch_attention_mask(document_ids: torch.Tensor) -> torch.Tensor | None:
+    """The mask a batch of rows needs: None when no row holds more than one document.
+
+    make_row puts a row's padding after its documents, so with one document per row the
+    attention layer's own causal masking is exact for every real token (a pad query may see the
+    document; nothing reads it) and no (b, 1, s, s) tensor is built. Packed rows get the
+    document mask of `attention_mask_from_document_ids`."""
+    if int(document_ids.max()) <= 0:
+        return None
+    return attention_mask_from_document_ids(document_ids)
+
+
 def collate(rows) -> dict:
     """Stack row dicts into a batch dict of [b, s] tensors."""
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}

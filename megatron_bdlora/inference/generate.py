@@ -7,9 +7,12 @@ everything cached so far. It works on CPU with the local layer spec as is (`cpu_
 makes `torch.cuda.current_device()` return the CPU). Two things it does not do, which we add:
 
 - Padding. One `sequence_len_offset` serves the whole batch, so prompts of different lengths
-  are **left-padded**: `lengths[i]` real tokens at the end of row i. We pass an explicit boolean
-  attention mask (True = masked, Megatron's convention): causal + pad keys in the prefill,
-  pad keys only in a decode step. RoPE in Megatron-Core's GPTModel uses the cache slot as the
+  are **left-padded**: `lengths[i]` real tokens at the end of row i. When a batch has padding we
+  pass an explicit boolean attention mask (True = masked, Megatron's convention): causal + pad
+  keys in the prefill, pad keys only in a decode step. An unpadded batch passes no mask at all:
+  the prefill is the layer's own causal attention (SDPA's `is_causal`, the flash kernel on a
+  GPU), and Megatron's KV cache makes every later forward `no_mask` (one query per request
+  attends every cached key, which is exactly causal for the last position). RoPE in Megatron-Core's GPTModel uses the cache slot as the
   position (position_ids are ignored with rope), so a left-padded request sees positions shifted
   by its pad count; RoPE only depends on relative positions, so this changes its logits by
   float rounding only (equal-length batches are unaffected).
@@ -32,10 +35,13 @@ def padding_mask(lengths: torch.Tensor, total: int) -> torch.Tensor:
     return pos.unsqueeze(0) < (total - lengths).unsqueeze(1)
 
 
-def prefill_mask(pad: torch.Tensor) -> torch.Tensor:
-    """(b, 1, s, s) bool attention mask, True = masked: causal, and no row attends a pad key.
+def prefill_mask(pad: torch.Tensor) -> torch.Tensor | None:
+    """(b, 1, s, s) bool attention mask, True = masked: causal, and no row attends a pad key;
+    None when nothing is padded (the attention layer is causal by itself).
 
     A pad query attends itself only (so its softmax row is well defined; nothing reads it)."""
+    if not bool(pad.any()):
+        return None
     b, s = pad.shape
     causal = torch.triu(torch.ones(s, s, dtype=torch.bool, device=pad.device), diagonal=1)
     mask = causal.unsqueeze(0) | pad.unsqueeze(1)
@@ -58,6 +64,7 @@ class KVCacheSession:
         self.batch_size, self.max_length = batch_size, max_length
         self.context = StaticInferenceContext(batch_size, max_length)
         self.pad = None  # (b, max_length) True at pad slots
+        self.padded = False
 
     def _forward(self, ids, mask):
         ctx = self.context
@@ -82,6 +89,7 @@ class KVCacheSession:
         self.context.reset()
         self.pad = torch.zeros(b, self.max_length, dtype=torch.bool, device=input_ids.device)
         self.pad[:, :s] = padding_mask(lengths, s)
+        self.padded = bool(self.pad.any())
         return self._forward(input_ids, prefill_mask(self.pad[:, :s]))
 
     @torch.no_grad()
@@ -89,7 +97,7 @@ class KVCacheSession:
         """Feed one token per request (b,), return the next logits (b, vocab)."""
         self.context.enable_decode_mode()
         end = self.context.sequence_len_offset + 1
-        mask = self.pad[:, :end].reshape(self.batch_size, 1, 1, end)
+        mask = self.pad[:, :end].reshape(self.batch_size, 1, 1, end) if self.padded else None
         return self._forward(tokens.reshape(-1, 1), mask)
 
 

@@ -92,15 +92,17 @@ def transformer_config(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32
 
 
 def build_model(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32,
-                recompute: bool = False, init: bool = True):
-    """A Megatron-Core GPTModel for a Llama config, this rank's TP shard (local layer spec)."""
+                recompute: bool = False, init: bool = True, attention_backend: str = "sdpa"):
+    """A Megatron-Core GPTModel for a Llama config, this rank's TP shard (local layer spec with
+    `attention_backend` core attention: sdpa or Megatron's local DotProductAttention)."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_bdlora.models.attention import layer_spec
 
     _cpu_compat()
     cfg = transformer_config(hf, tp, dtype, recompute, init)
     model = GPTModel(
-        cfg, get_gpt_layer_local_spec(normalization="RMSNorm"),
+        cfg, layer_spec(attention_backend),
         vocab_size=padded_vocab_size(hf["vocab_size"], tp),
         max_sequence_length=hf.get("max_position_embeddings", 8192),
         position_embedding_type="rope", rotary_base=int(hf_field(hf, "rope_theta", 10000.0)),

@@ -11,14 +11,14 @@ import sys
 import yaml
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         """One line on stderr (not the whole usage block, once per rank), exit status 2."""
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="finetune_llama", description="Fine-tune Llama with BD-LoRA / LoRA on Megatron-Core.",
         allow_abbrev=False)
     p.add_argument("--config", help="YAML file whose keys are these flag names")

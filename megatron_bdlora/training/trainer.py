@@ -45,12 +45,14 @@ def build(args):
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     if args.hf_checkpoint:
-        model = load_hf_llama(args.hf_checkpoint, dtype=dtype, recompute=args.recompute_activations)
+        model = load_hf_llama(args.hf_checkpoint, dtype=dtype, recompute=args.recompute_activations,
+                              attention_backend=args.attention_backend)
         tokenizer = args.tokenizer or model.tokenizer_path
     else:
         hf = get_preset(args.model_preset)
         model = build_model(hf, tp=args.tensor_model_parallel_size, dtype=dtype,
-                            recompute=args.recompute_activations)
+                            recompute=args.recompute_activations,
+                            attention_backend=args.attention_backend)
         tokenizer = args.tokenizer
     # --eval-only: load_checkpoint applies the checkpoint's own adapter config (the adapter flags'
     # defaults would otherwise not match it)
@@ -88,13 +90,13 @@ def data_iterator(args, tokenizer, path, seed_offset=0):
 
 
 def _to_device(batch):
-    from megatron_bdlora.data import attention_mask_from_document_ids
+    from megatron_bdlora.data import batch_attention_mask
     from megatron_bdlora.parallel import device
 
     dev = device()
     ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
-    mask = attention_mask_from_document_ids(batch["document_ids"]).to(dev)
-    return ids, labels, mask
+    # None for unpacked rows: the attention layer is causal by itself, no (b, 1, s, s) tensor
+    return ids, labels, batch_attention_mask(batch["document_ids"].to(dev))
 
 
 def evaluate(model, it, iters: int) -> dict:
