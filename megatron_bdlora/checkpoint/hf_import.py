@@ -215,7 +215,7 @@ def check_hf_checkpoint(name_or_path: str) -> tuple[str, dict]:
 
 def load_hf_llama(model_dir_or_hub_name: str, tp: int | None = None, dtype: torch.dtype = torch.float32,
                   recompute: bool = False, config_overrides: dict | None = None,
-                  attention_backend: str = "sdpa"):
+                  attention_backend: str = "sdpa", sequence_parallel: bool = False):
     """Build this rank's GPTModel shard for a HF Llama checkpoint and load its weights.
 
     `tp` defaults to the initialised TP size (it must equal it). The returned model carries
@@ -235,7 +235,8 @@ def load_hf_llama(model_dir_or_hub_name: str, tp: int | None = None, dtype: torc
             raise CheckpointError(f"load_hf_llama(tp={tp}) but tensor-model-parallel-size is "
                                   f"{world_tp}; initialise parallel state with the same TP")
         model = build_model(hf, tp=world_tp, dtype=dtype, recompute=recompute, init=False,
-                            attention_backend=attention_backend)
+                            attention_backend=attention_backend,
+                            sequence_parallel=sequence_parallel)
         load_base_weights(model, ckpt.read, hf)
     model.hf_path = os.path.abspath(model_dir)
     model.hf_name_or_path = str(model_dir_or_hub_name)

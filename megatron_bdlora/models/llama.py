@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_bdlora.parallel.cpu_compat import apply as _cpu_compat
+from megatron_bdlora.parallel.sequence_parallel import block_spec
 
 
 def hf_field(hf: dict, key: str, default=None):
@@ -63,7 +64,7 @@ def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
 
 
 def transformer_config(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32,
-                       recompute: bool = False, init: bool = True):
+                       recompute: bool = False, init: bool = True, sequence_parallel: bool = False):
     from megatron.core.transformer import TransformerConfig
 
     if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -72,6 +73,9 @@ def transformer_config(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32
     if heads % tp or groups % tp:
         raise ValueError(f"tensor-model-parallel-size {tp} must divide the attention heads ({heads}) "
                          f"and KV heads ({groups})")
+    if sequence_parallel and tp == 1:
+        raise ValueError("--sequence-parallel splits activations over TP ranks: it needs "
+                         "--tensor-model-parallel-size > 1")
     extra = {}
     if recompute:
         extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -83,6 +87,7 @@ def transformer_config(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        sequence_parallel=sequence_parallel,
         use_cpu_initialization=True, perform_initialization=init,
         # Fused kernels are CUDA-only; Megatron's unfused paths are numerically the reference.
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
@@ -92,17 +97,22 @@ def transformer_config(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32
 
 
 def build_model(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32,
-                recompute: bool = False, init: bool = True, attention_backend: str = "sdpa"):
+                recompute: bool = False, init: bool = True, attention_backend: str = "sdpa",
+                sequence_parallel: bool = False):
     """A Megatron-Core GPTModel for a Llama config, this rank's TP shard (local layer spec with
-    `attention_backend` core attention: sdpa or Megatron's local DotProductAttention)."""
+    `attention_backend` core attention: sdpa or Megatron's local DotProductAttention).
+
+    `sequence_parallel` (TP > 1): activations outside the TP regions split along the sequence,
+    so sequence lengths must be multiples of TP. Generation (KV-cached decode of one token) runs
+    on a model built without it; the adapter is the same either way."""
     from megatron.core.models.gpt import GPTModel
 
     from megatron_bdlora.models.attention import layer_spec
 
     _cpu_compat()
-    cfg = transformer_config(hf, tp, dtype, recompute, init)
+    cfg = transformer_config(hf, tp, dtype, recompute, init, sequence_parallel)
     model = GPTModel(
-        cfg, layer_spec(attention_backend),
+        cfg, block_spec(layer_spec(attention_backend), cfg),
         vocab_size=padded_vocab_size(hf["vocab_size"], tp),
         max_sequence_length=hf.get("max_position_embeddings", 8192),
         position_embedding_type="rope", rotary_base=int(hf_field(hf, "rope_theta", 10000.0)),
@@ -117,6 +127,10 @@ def build_model(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32,
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
     """Logits (b, s, vocab/t) of this rank's vocabulary shard; padded entries set to -inf."""
     b, s = input_ids.shape
+    tp = model.config.tensor_model_parallel_size
+    if model.config.sequence_parallel and s % tp:
+        raise ValueError(f"--sequence-parallel splits the sequence over {tp} TP ranks: sequence "
+                         f"length {s} must be a multiple of {tp} (set --seq-length)")
     position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
     logits = model(input_ids, position_ids, attention_mask)
     return _mask_padded_vocab(logits, model.hf_config["vocab_size"])

@@ -78,17 +78,19 @@ def count_collectives():
             return _fn(*args, **kwargs)
 
         setattr(dist, op, wrapper)
-    # Megatron's mappings bind these two at import time; point the aliases at the wrappers.
-    from megatron.core.tensor_parallel import mappings
+    # Megatron's mappings and layers (the SP gathers of trainable linears) bind these two at
+    # import time; point the aliases at the wrappers.
+    from megatron.core.tensor_parallel import layers, mappings
 
-    aliases = {"dist_all_gather_func": mappings.dist_all_gather_func,
-               "dist_reduce_scatter_func": mappings.dist_reduce_scatter_func}
-    mappings.dist_all_gather_func = dist.all_gather_into_tensor
-    mappings.dist_reduce_scatter_func = dist.reduce_scatter_tensor
+    aliases = [(mod, name, getattr(mod, name)) for mod in (mappings, layers)
+               for name in ("dist_all_gather_func", "dist_reduce_scatter_func")]
+    for mod in (mappings, layers):
+        mod.dist_all_gather_func = dist.all_gather_into_tensor
+        mod.dist_reduce_scatter_func = dist.reduce_scatter_tensor
     try:
         yield counts
     finally:
         for op, fn in originals.items():
             setattr(dist, op, fn)
-        for name, fn in aliases.items():
-            setattr(mappings, name, fn)
+        for mod, name, fn in aliases:
+            setattr(mod, name, fn)

@@ -9,10 +9,12 @@ import torch.distributed as dist
 
 from megatron_bdlora.adapters import AdapterConfig, apply_adapters, match_bd_rank
 from megatron_bdlora.adapters.param_count import adapter_params
+from megatron_bdlora.errors import InputError
 from megatron_bdlora.parallel import destroy_distributed, init_distributed, is_main_rank
+from megatron_bdlora.parallel.sequence_parallel import allreduce_sequence_parallel_grads
 from megatron_bdlora.training.arguments import parse_args, run_config
 from megatron_bdlora.training.metrics import MetricsLogger
-from megatron_bdlora.training import optim
+from megatron_bdlora.training import nonfinite, optim
 
 
 def log0(*a):
@@ -46,13 +48,15 @@ def build(args):
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     if args.hf_checkpoint:
         model = load_hf_llama(args.hf_checkpoint, dtype=dtype, recompute=args.recompute_activations,
-                              attention_backend=args.attention_backend)
+                              attention_backend=args.attention_backend,
+                              sequence_parallel=args.sequence_parallel)
         tokenizer = args.tokenizer or model.tokenizer_path
     else:
         hf = get_preset(args.model_preset)
         model = build_model(hf, tp=args.tensor_model_parallel_size, dtype=dtype,
                             recompute=args.recompute_activations,
-                            attention_backend=args.attention_backend)
+                            attention_backend=args.attention_backend,
+                            sequence_parallel=args.sequence_parallel)
         tokenizer = args.tokenizer
     # --eval-only: load_checkpoint applies the checkpoint's own adapter config (the adapter flags'
     # defaults would otherwise not match it)
@@ -143,7 +147,7 @@ def train(args) -> dict:
 
     model, tokenizer_path = build(args)
     if not tokenizer_path:
-        raise ValueError("no tokenizer: the checkpoint has none; pass --tokenizer DIR")
+        raise InputError("no tokenizer: the checkpoint has none; pass --tokenizer DIR")
     tokenizer = load_tokenizer(tokenizer_path)
     config = run_config(args)
     config["tokenizer_path"] = tokenizer_path
@@ -179,6 +183,7 @@ def train(args) -> dict:
     if eval_it is not None and step == 0:  # the starting point, for before/after comparisons
         logger.log(0, {"eval_loss": evaluate(model, eval_it, args.eval_iters)["loss"]})
     model.train()
+    skipped_steps = 0
     while step < args.train_iters:
         t0 = time.time()
         lr = optim.lr_at(step, args)
@@ -192,9 +197,13 @@ def train(args) -> dict:
             (loss / micro_steps).backward()
             loss_sum += loss.item() / micro_steps
             tokens += int(n)
+        allreduce_sequence_parallel_grads(model)  # norm grads under SP; nothing when frozen
         optim.sync_data_parallel_grads(params)
         grad_norm = optim.clip_grad_norm(params, args.clip_grad)
-        optimizer.step()
+        skip = nonfinite.skip_step(step + 1, grad_norm, args)  # or stops the run, naming the step
+        if not skip:
+            optimizer.step()
+        skipped_steps += skip
         step += 1
         stats_t = torch.tensor([loss_sum, tokens], dtype=torch.float64)
         dist.all_reduce(stats_t, group=ps.get_data_parallel_group())
@@ -203,6 +212,8 @@ def train(args) -> dict:
                 "grad_norm": grad_norm, "tokens_per_s": float(stats_t[1]) / dt}
         if torch.cuda.is_available():
             last["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if skipped_steps:
+            last["skipped_steps"] = skipped_steps
         logger.advance()
         logger.log(step, last, show=step % args.log_interval == 0 or step == 1)
         if eval_it is not None and args.eval_interval and step % args.eval_interval == 0:
@@ -222,15 +233,27 @@ def train(args) -> dict:
 
 
 def main(argv=None):
-    import sys
+    """One rank: flags, then train; input errors are one line and every rank exits 2
+    (launch/rank.py); rank 0 holds the --save directory's lock while it trains."""
+    from megatron_bdlora.launch.rank import run_rank
+
+    return run_rank(_main, argv)
+
+
+def _main(argv):
+    from megatron_bdlora.checkpoint.save_lock import SaveLock
+    from megatron_bdlora.launch import rank
+    from megatron_bdlora.launch.preflight import resolve_checkpoint_flags
 
     args = parse_args(argv)
-    try:
-        return train(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        # Bad input: one line that names the problem and the fix, not a traceback per rank.
-        if is_main_rank():
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    finally:
-        destroy_distributed()
+    resolve_checkpoint_flags(args, say=log0 if int(os.environ.get("RANK", "0")) == 0 else None)
+    rank.watch_save_dir(args.save)
+    lock = None
+    if args.save and not args.eval_only and int(os.environ.get("RANK", "0")) == 0:
+        lock = SaveLock(args.save).acquire()
+        rank.on_exit(lock.release)
+    result = train(args)
+    if lock is not None:
+        lock.release()
+    destroy_distributed()
+    return result

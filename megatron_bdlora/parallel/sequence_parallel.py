@@ -1,0 +1,53 @@
+"""Sequence parallelism (Megatron-LM's `--sequence-parallel`): what Megatron-Core's local spec lacks.
+
+Under SP the activations outside the TP regions (norms, residual stream) are split along the
+sequence over the TP ranks: Megatron's embedding scatters, column layers all-gather, row layers
+reduce-scatter, the output layer gathers. Two pieces are missing from the local (non-TE) spec:
+
+- its norm (a torch RMSNorm wrapper) refuses SP: `block_spec` swaps in `RMSNorm`, which accepts
+  it and marks its weight `sequence_parallel`, as Megatron's fused and TE norms do;
+- each rank's norm-weight gradient is then a partial sum over its own sequence chunk:
+  `allreduce_sequence_parallel_grads` sums them over TP (one flat all-reduce) before the DP sync.
+  With a frozen base (every adapter run) those weights have no gradient and nothing is issued.
+
+Adapted linears take the layer's one SP collective over (adapters/comm.py), so BD-LoRA issues
+exactly the base model's collectives under SP too.
+"""
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm behind Megatron's norm signature, usable under SP."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps)
+        # Megatron's marker: replicated over TP, gradient summed over TP under SP.
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def block_spec(layer_spec, config):
+    """The transformer-block spec for a local layer spec with every norm (each layer's two and
+    the final one) built as `RMSNorm`."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    layer = dataclasses.replace(layer_spec, submodules=dataclasses.replace(
+        layer_spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm))
+    return TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=RMSNorm)
+
+
+def allreduce_sequence_parallel_grads(model) -> None:
+    """Sum over the TP group the gradients of the parameters marked `sequence_parallel`."""
+    from megatron.core import parallel_state as ps
+
+    grads = [p.grad for p in model.parameters()
+             if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads or ps.get_tensor_model_parallel_world_size() == 1:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=ps.get_tensor_model_parallel_group())
+    for g, summed in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(summed)

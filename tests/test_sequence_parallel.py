@@ -1,0 +1,174 @@
+"""Sequence parallelism: TP=2 / TP=4 with --sequence-parallel against TP=1 on the real GPTModel.
+
+One spawn per TP size runs every strategy/layout, the frozen base, full fine-tuning (`--adapter
+none`) and the collective table, because starting ranks costs seconds.
+"""
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from reference import random_factors, tiny_hf
+from test_core import CONFIGS, _batch  # the same adapters and batch as the non-SP core tests
+
+TP_SIZES = (2, 4)
+
+
+def _model(path, cfg, sp):
+    from megatron_bdlora.adapters import apply_adapters
+    from megatron_bdlora.checkpoint.hf_import import load_hf_llama
+
+    model = load_hf_llama(path, sequence_parallel=sp)
+    if cfg is not None:
+        apply_adapters(model, cfg)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    # The backward runs down to the embedding output (and its SP scatter) for every model alike.
+    model.embedding.word_embeddings.weight.requires_grad_(True)
+    return model
+
+
+def _norm_grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "layernorm" in n}
+
+
+def _worker(path, factors_by_cfg, sp):
+    from megatron_bdlora.adapters import global_adapter_state, load_global_adapter_state
+    from megatron_bdlora.benchmarks.collectives import measure_collectives, step_collectives
+    from megatron_bdlora.models.llama import lm_loss
+    from megatron_bdlora.parallel import count_collectives
+    from megatron_bdlora.parallel.sequence_parallel import allreduce_sequence_parallel_grads
+
+    ids, labels = _batch()
+    out = {"base": {"counts": step_collectives(_model(path, None, sp), ids, labels)[1]}}
+    for name, cfg in CONFIGS.items():
+        model = _model(path, cfg, sp)
+        load_global_adapter_state(model, factors_by_cfg[name])
+        loss, counts = step_collectives(model, ids, labels)
+        out[name] = {"loss": loss.item(), "grads": global_adapter_state(model, lambda p: p.grad),
+                     "counts": counts}
+
+    # --adapter none: every weight trains; the norm weights see this rank's sequence chunk only.
+    full = _model(path, None, sp)
+    for p in full.parameters():
+        p.requires_grad_(True)
+    loss, _ = lm_loss(full, ids, labels)
+    loss.backward()
+    local = _norm_grads(full)
+    with count_collectives() as c:
+        allreduce_sequence_parallel_grads(full)
+    out["none"] = {"loss": loss.item(), "norm_grads": _norm_grads(full), "local": local,
+                   "counts": c.as_dict()}
+    if sp:
+        out["table"] = measure_collectives(full.hf_config, rank=8, nblocks=4, sequence_parallel=True)
+        try:
+            lm_loss(full, ids[:, :-1], labels[:, :-1])
+        except ValueError as e:
+            out["odd_length_error"] = str(e)
+    return out
+
+
+def _layouts(path):
+    from megatron_bdlora.adapters import global_adapter_layout
+
+    return {name: global_adapter_layout(_model(path, cfg, False)) for name, cfg in CONFIGS.items()}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    hf, _, hf_model = tiny_hf()
+    path = str(tmp_path_factory.mktemp("tiny_llama"))
+    hf_model.save_pretrained(path)  # built through load_hf_llama(..., sequence_parallel=...)
+    (layouts,) = run_distributed(_layouts, 1, 1, path)
+    factors = {name: random_factors(layout, seed=i) for i, (name, layout) in enumerate(layouts.items())}
+    results = {1: run_distributed(_worker, 1, 1, path, factors, False)}
+    for tp in TP_SIZES:
+        results[tp] = run_distributed(_worker, tp, tp, path, factors, True)
+    return hf, results
+
+
+def _close(a, b, rtol=2e-5):
+    return (a - b).abs().max() <= rtol * b.abs().max() + 1e-7
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sp_loss_and_grads_match_tp1(setup, name, tp):
+    _, results = setup
+    ref = results[1][0][name]
+    for rank_result in results[tp]:  # every rank holds the same global view
+        r = rank_result[name]
+        assert abs(r["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
+        assert set(r["grads"]) == set(ref["grads"])
+        for k, g in ref["grads"].items():
+            assert g.abs().max() > 0, k
+            assert _close(r["grads"][k], g), k
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+def test_full_finetune_norm_grads_summed_over_tp(setup, tp):
+    _, results = setup
+    ref = results[1][0]["none"]
+    names = set(ref["norm_grads"])
+    assert len(names) == 2 * 2 + 1  # two norms per layer (2 layers) and the final norm
+    for r in results[tp]:
+        none = r["none"]
+        assert abs(none["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
+        for n in names:
+            assert _close(none["norm_grads"][n], ref["norm_grads"][n]), n
+            # before the reduction each rank only held its own sequence chunk's share
+            assert not _close(none["local"][n], ref["norm_grads"][n]), n
+        assert none["counts"]["all"] == {
+            "all_reduce": {"calls": 1, "bytes": 4 * sum(g.numel() for g in ref["norm_grads"].values())}}
+
+
+def _calls(counts, phase, op):
+    return counts.get(phase, {}).get(op, {}).get("calls", 0)
+
+
+def _check_extras(table: dict, layers: int) -> None:
+    """bd == base exactly; slora / replicated issue their natural extras, and nothing for SP."""
+    base = table["base"]
+    for name, counts in table.items():
+        assert "sp_grads" not in counts  # frozen norms: no SP gradient reduction at all
+        strategy = name.split("-")[0]
+        if strategy == "bd":
+            assert counts == base, name  # calls and bytes, forward and backward
+        elif strategy == "replicated":
+            assert counts["forward"] == base["forward"], name
+            assert {op: v for op, v in counts["backward"].items() if op != "all_reduce"} == \
+                {op: v for op, v in base["backward"].items() if op != "all_reduce"}, name
+            extra = _calls(counts, "backward", "all_reduce") - _calls(base, "backward", "all_reduce")
+            assert extra == 4 * layers, name  # grads of A (qkv, fc1) and B (proj, fc2)
+        elif strategy == "slora":
+            for phase, op in (("forward", "all_gather"), ("forward", "all_reduce"),
+                              ("backward", "reduce_scatter"), ("backward", "all_reduce")):
+                assert _calls(counts, phase, op) - _calls(base, phase, op) == 2 * layers, (name, op)
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+def test_sp_collectives(setup, tp):
+    hf, results = setup
+    layers = hf["num_hidden_layers"]
+    r = results[tp][0]
+    base = r["base"]["counts"]
+    # SP really is on: the embedding and each row layer reduce-scatter, each column layer and the
+    # output layer all-gather the sequence (backward: the reverse); the only all-reduces left are
+    # the vocab-parallel loss's three.
+    for phase in ("forward", "backward"):
+        for op in ("reduce_scatter", "all_gather"):
+            assert _calls(base, phase, op) == 2 * layers + 1, (phase, op)
+    assert _calls(base, "forward", "all_reduce") == 3
+    assert _calls(base, "backward", "all_reduce") == 0
+    _check_extras({"base": base, **{n: r[n]["counts"] for n in CONFIGS}}, layers)
+    _check_extras(r["table"], layers)
+
+
+def test_sp_errors(setup):
+    from megatron_bdlora.models.llama import transformer_config
+
+    hf, results = setup
+    with pytest.raises(ValueError, match="needs --tensor-model-parallel-size > 1"):
+        transformer_config(hf, tp=1, sequence_parallel=True)
+    assert "length 11 must be a multiple of 2" in results[2][0]["odd_length_error"]
