@@ -11,4 +11,8 @@ class InputError(ValueError):
     """Bad user input; the message is one line naming the problem and the fix."""
 
 
+class InputFileNotFound(InputError, FileNotFoundError):
+    """A file or directory the user named does not exist (still a FileNotFoundError)."""
+
+
 EXIT_INPUT = 2  # argparse's status for bad command lines; every input error exits with it

@@ -1,36 +1,43 @@
 #!/usr/bin/env bash
-# Launch BD-LoRA / LoRA fine-tuning with torchrun. All flags go to the trainer (--help lists them).
-#   NPROC=4 pretrain_scripts/finetune_llama.sh --tensor-model-parallel-size 2 --hf-checkpoint DIR ...
-# Multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (env) or --nproc-per-node/--nnodes/
-# --node-rank/--master-addr/--master-port (first, before the trainer flags).
-# Under `torchrun --no-python pretrain_scripts/finetune_llama.sh ...` this already is one rank:
-# it runs the trainer directly.
+''':'
+# Fine-tune Llama with BD-LoRA / LoRA on Megatron-Core. All flags after the launcher's go to the
+# trainer (--help lists them). This one file runs three ways:
+#   pretrain_scripts/finetune_llama.sh [--nproc-per-node N --nnodes M --node-rank I
+#       --master-addr A --master-port P] FLAGS      checks everything once, then starts the ranks
+#   torchrun [torchrun flags] pretrain_scripts/finetune_llama.sh FLAGS
+#       torchrun runs this file with its own Python: the Python part at the end is one rank
+#   torchrun --no-python [torchrun flags] pretrain_scripts/finetune_llama.sh FLAGS
+#       bash, as one rank: runs the trainer with the interpreter torchrun runs under
+# The bash part is a string to Python (the quotes above); bash never reaches the Python part.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-python}"
-if [ -x "$here/../.venv/bin/python" ] && [ -z "${VIRTUAL_ENV:-}" ]; then PYTHON="$here/../.venv/bin/python"; fi
-
-if [ -n "${TORCHELASTIC_RUN_ID:-}" ] || { [ -n "${RANK:-}" ] && [ -n "${WORLD_SIZE:-}" ]; }; then
-  exec "$PYTHON" "$here/finetune_llama.py" "$@"
+export PYTHONPATH="$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}"
+py=""
+if [ -n "${TORCHELASTIC_RUN_ID:-}" ] && [ -r "/proc/$PPID/cmdline" ]; then
+  # torchrun --no-python: its own interpreter is the first word of its command line
+  py="$(tr '\0' '\n' < "/proc/$PPID/cmdline" | head -n 1)"
+  case "$(basename "$py")" in python*) py="$(command -v "$py" || true)" ;; *) py="" ;; esac
 fi
+if [ -z "$py" ]; then
+  if [ -n "${PYTHON:-}" ]; then py="$PYTHON"
+  elif [ -n "${VIRTUAL_ENV:-}" ]; then py="$VIRTUAL_ENV/bin/python"
+  elif [ -x "$here/../.venv/bin/python" ]; then py="$here/../.venv/bin/python"
+  else py="$(command -v python3 || command -v python)"
+  fi
+fi
+if [ -n "${TORCHELASTIC_RUN_ID:-}" ]; then
+  exec "$py" "$here/finetune_llama.py" "$@"
+fi
+exec "$py" -m megatron_bdlora.launch.cli "$@"
+"'''" <<'PYEOF' #"
+# Python: torchrun runs this file as one rank, with the interpreter torchrun runs under. (The line
+# above ends Python's string; to bash it opens a here-document that hides this part.)
+import os
+import runpy
+import sys
 
-NPROC="${NPROC:-1}"; NNODES="${NNODES:-1}"; NODE_RANK="${NODE_RANK:-0}"
-MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"; MASTER_PORT="${MASTER_PORT:-29500}"
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --nproc-per-node) NPROC="$2"; shift 2 ;;
-    --nnodes) NNODES="$2"; shift 2 ;;
-    --node-rank) NODE_RANK="$2"; shift 2 ;;
-    --master-addr) MASTER_ADDR="$2"; shift 2 ;;
-    --master-port) MASTER_PORT="$2"; shift 2 ;;
-    *) break ;;
-  esac
-done
-# Check the flags once, in one process, before starting the ranks: a bad flag / file / batch
-# size is then a single one-line error (status 2), not one per rank plus torchrun's traceback.
-case " $* " in *" -h "*|*" --help "*) exec "$PYTHON" "$here/finetune_llama.py" "$@" ;; esac
-WORLD_SIZE=$((NPROC * NNODES)) RANK=0 "$PYTHON" -c \
-  'import sys; from megatron_bdlora.training.arguments import parse_args; parse_args(sys.argv[1:])' "$@"
-exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" --nnodes "$NNODES" \
-  --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-  "$here/finetune_llama.py" "$@"
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_here))
+runpy.run_path(os.path.join(_here, "finetune_llama.py"), run_name="__main__")
+raise SystemExit
+PYEOF

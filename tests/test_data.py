@@ -221,7 +221,7 @@ def test_bad_inputs_fail_with_one_line(tok, tmp_path):
     one_line_error(ValueError, lambda: build_dataset(good, tok, 16, cache_dir=c, prompt_template="Q:"),
                    "{prompt}")
     typed = write_jsonl(tmp_path / "typed.jsonl", [{"text": 5}])
-    one_line_error(ValueError, lambda: build_dataset(typed, tok, 16, cache_dir=c), "record 0", "text")
+    one_line_error(ValueError, lambda: build_dataset(typed, tok, 16, cache_dir=c), "record 1", "text")
 
 
 def test_cache_reuse(tok, tmp_path, monkeypatch):

@@ -58,12 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     import torch
 
     from megatron_bdlora.checkpoint.export import describe, export
-    from megatron_bdlora.checkpoint.hf_import import CheckpointError
-    from megatron_bdlora.errors import EXIT_INPUT
+    from megatron_bdlora.errors import EXIT_INPUT, InputError
 
     try:
         if args.command == "inspect":
@@ -73,10 +71,11 @@ def main(argv=None) -> int:
             for line in export(args.load, args.format, args.out, hf_checkpoint=args.hf_checkpoint,
                                overwrite=args.overwrite, name=args.name, dtype=dtype):
                 print(line)
-    except (CheckpointError, FileNotFoundError, PermissionError) as e:
+    except (InputError, FileNotFoundError, PermissionError) as e:  # CheckpointError included
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INPUT
     return 0
+        args = build_parser().parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -123,9 +123,21 @@ def write_atomic_text(path: str, text: str) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def _shareable(tree: str) -> None:
+    """Modes as the umask allows (mkdtemp and safetensors write 0700 / 0600): a group sharing
+    the runs can read them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for d, _, files in os.walk(tree):
+        os.chmod(d, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o666 & ~umask)
+
+
 def publish_dir(tmp: str, target: str) -> None:
     """Move a finished temp dir to `target`, replacing an existing one only after success."""
     parent = os.path.dirname(os.path.abspath(target))
+    _shareable(tmp)
     _fsync_dir(tmp)
     old = None
     if os.path.lexists(target):

@@ -374,7 +374,6 @@ def export(ckpt_path: str, fmt: str, out: str, hf_checkpoint: str | None = None,
         msgs = EXPORTERS[fmt](ckpt, tmp, base, hf_checkpoint=hf_checkpoint, final_dir=out,
                               name=name, dtype=dtype)
         mark_export(tmp, fmt, ckpt.dir)
-        os.chmod(tmp, 0o755)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

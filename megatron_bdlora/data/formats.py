@@ -8,8 +8,10 @@ shift to next-token labels happens later, in packing.py.
   text                {"text"}                                  loss on every token
   tokens              {"input_ids", "loss_mask"?}               pre-tokenized, taken as-is
 
-Extra keys (ids, metadata) are ignored.
+Extra keys (ids, metadata) are ignored. `check_record` checks one record's field types first.
 """
+
+from megatron_bdlora.errors import InputError
 
 FORMATS = ("messages", "prompt_completion", "text", "tokens")
 _FORMAT_HELP = ('{"messages": [...]} | {"prompt", "completion"} | {"text"} | '
@@ -17,7 +19,7 @@ _FORMAT_HELP = ('{"messages": [...]} | {"prompt", "completion"} | {"text"} | '
 
 
 def detect_format(keys) -> str:
-    """The record format from a dataset's column names; ValueError when none fits."""
+    """The record format from a dataset's column names; InputError when none fits."""
     keys = set(keys)
     # Most specific first: pre-tokenized data may also carry its source text.
     if "input_ids" in keys:
@@ -28,20 +30,58 @@ def detect_format(keys) -> str:
         return "prompt_completion"
     if "text" in keys:
         return "text"
-    raise ValueError(f"cannot tell the record format from keys {sorted(keys)}; "
+    raise InputError(f"cannot tell the record format from keys {sorted(keys)}; "
                      f"expected one of {_FORMAT_HELP}")
 
 
-def _need_str(value, field, index):
-    if not isinstance(value, str):
-        raise ValueError(f"record {index}: field {field!r} must be a string, "
-                         f"got {type(value).__name__}")
-    return value
+# The tokenize_* functions take (record, 0-based index, tokenizer, ...) after check_record passed.
+REQUIRED = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"),
+            "text": ("text",), "tokens": ("input_ids",)}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_record(record, fmt: str, number: int, vocab_size: int | None = None) -> None:
+    """InputError naming record `number` (1-based) and the fix when a field has the wrong type,
+    a loss_mask is not a list of 0/1 as long as input_ids, or a token id is outside the vocab."""
+    def bad(what):
+        raise InputError(f"record {number}: {what}; fix the record (format {fmt}: "
+                         f"{_FORMAT_HELP})")
+
+    for field in REQUIRED[fmt]:
+        if record.get(field) is None:
+            bad(f"no {field!r} field")
+    if fmt in ("text", "prompt_completion"):
+        for field in REQUIRED[fmt]:
+            if not isinstance(record[field], str):
+                bad(f"field {field!r} must be a string, got {type(record[field]).__name__}")
+    elif fmt == "messages":
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            bad("'messages' must be a non-empty list")
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                   and isinstance(m.get("content"), str) for m in messages):
+            bad("each message needs string 'role' and 'content'")
+    else:
+        ids, mask = record["input_ids"], record.get("loss_mask")
+        if not isinstance(ids, list) or not ids or not all(_is_int(i) for i in ids):
+            bad("'input_ids' must be a non-empty list of ints")
+        if vocab_size is not None and not all(0 <= i < vocab_size for i in ids):
+            bad(f"token id {next(i for i in ids if not 0 <= i < vocab_size)} is outside the "
+                f"model's vocabulary [0, {vocab_size})")
+        if mask is not None:
+            if not isinstance(mask, list) or not all(m in (0, 1) and not isinstance(m, float)
+                                                     for m in mask):
+                bad(f"'loss_mask' must be a list of 0/1 ints, got {type(mask).__name__} "
+                    f"{str(mask)[:20]!r}")
+            if len(mask) != len(ids):
+                bad(f"loss_mask has {len(mask)} entries but input_ids has {len(ids)}")
 
 
 def tokenize_text(record, index, tokenizer, **_):
-    text = _need_str(record["text"], "text", index)
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
     mask = [1] * len(ids)
     if ids and ids[0] == tokenizer.bos_token_id:
         mask[0] = 0  # BOS is not text: an empty text then has no targets and is dropped
@@ -49,8 +89,7 @@ def tokenize_text(record, index, tokenizer, **_):
 
 
 def tokenize_prompt_completion(record, index, tokenizer, prompt_template=None, **_):
-    prompt = _need_str(record["prompt"], "prompt", index)
-    completion = _need_str(record["completion"], "completion", index)
+    prompt, completion = record["prompt"], record["completion"]
     if prompt_template is not None:
         # str.replace, not str.format: prompts may contain braces (code, JSON).
         prompt = prompt_template.replace("{prompt}", prompt)
@@ -61,16 +100,8 @@ def tokenize_prompt_completion(record, index, tokenizer, prompt_template=None, *
 
 
 def tokenize_tokens(record, index, tokenizer=None, **_):
-    ids = record["input_ids"]
-    if not ids or not all(isinstance(i, int) for i in ids):
-        raise ValueError(f"record {index}: 'input_ids' must be a non-empty list of ints")
-    mask = record.get("loss_mask")
-    if mask is None:
-        mask = [1] * len(ids)
-    if len(mask) != len(ids):
-        raise ValueError(f"record {index}: loss_mask has {len(mask)} entries but input_ids has "
-                         f"{len(ids)}")
-    return list(ids), [1 if m else 0 for m in mask]
+    ids, mask = record["input_ids"], record.get("loss_mask")
+    return list(ids), [1] * len(ids) if mask is None else [int(m) for m in mask]
 
 
 def _render(tokenizer, messages, add_generation_prompt):
@@ -102,7 +133,7 @@ def assistant_char_spans(tokenizer, messages, full):
             continue
         start = full.find(m["content"], cursor)
         if start < 0:
-            raise ValueError(f"cannot locate assistant turn {i} in the chat template's output; "
+            raise InputError(f"cannot locate assistant turn {i} in the chat template's output; "
                              f"the template rewrites message content")
         end = start + len(m["content"])
         eos = tokenizer.eos_token or ""
@@ -114,14 +145,7 @@ def assistant_char_spans(tokenizer, messages, full):
 
 
 def tokenize_messages(record, index, tokenizer, **_):
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise ValueError(f"record {index}: 'messages' must be a non-empty list")
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                or not isinstance(m.get("content"), str):
-            raise ValueError(f"record {index}: each message needs string 'role' and 'content'")
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
     full = _render(tokenizer, messages, False)
     spans = assistant_char_spans(tokenizer, messages, full)
     # The template writes BOS itself, as apply_chat_template(tokenize=True) assumes.
@@ -148,8 +172,8 @@ TOKENIZE = {"messages": tokenize_messages, "prompt_completion": tokenize_prompt_
 
 def check_tokenizer(tokenizer, record_format):
     if record_format == "messages" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"chat records need a tokenizer with a chat template, and "
+        raise InputError(f"chat records need a tokenizer with a chat template, and "
                          f"{getattr(tokenizer, 'name_or_path', 'this tokenizer')!r} has none; "
                          f"use an instruct tokenizer or convert the data to prompt/completion")
     if record_format != "tokens" and tokenizer is None:
-        raise ValueError(f"{record_format} records need a tokenizer")
+        raise InputError(f"{record_format} records need a tokenizer; pass --tokenizer DIR")

@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from megatron_bdlora.data.formats import FORMATS, TOKENIZE, check_tokenizer, detect_format
+from megatron_bdlora.data.formats import FORMATS, TOKENIZE, check_record, check_tokenizer, detect_format
 from megatron_bdlora.data.packing import RowDataset
 from megatron_bdlora.data.tokenizer import tokenizer_fingerprint
+from megatron_bdlora.errors import InputError, InputFileNotFound
 
 EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv",
               ".arrow": "arrow"}
@@ -39,7 +40,7 @@ def _local_files(path: str) -> list:
     """The data files behind a local path: the file itself, or every data file under a directory."""
     path = os.path.expanduser(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data not found: {path} (check the path, or pass a hub dataset "
+        raise InputFileNotFound(f"data not found: {path} (check the path, or pass a hub dataset "
                                 f"name like 'owner/name')")
     if os.path.isfile(path):
         files = [path]
@@ -47,15 +48,15 @@ def _local_files(path: str) -> list:
         files = sorted(os.path.join(d, f) for d, dirs, names in os.walk(path) for f in names
                        if os.path.splitext(f)[1] in EXTENSIONS and not f.startswith("."))
         if not files:
-            raise FileNotFoundError(f"no data files ({', '.join(EXTENSIONS)}) in directory {path}")
+            raise InputFileNotFound(f"no data files ({', '.join(EXTENSIONS)}) in directory {path}")
     kinds = {EXTENSIONS.get(os.path.splitext(f)[1]) for f in files}
     if None in kinds:
-        raise ValueError(f"unsupported data file {path}; use one of {', '.join(EXTENSIONS)}")
+        raise InputError(f"unsupported data file {path}; use one of {', '.join(EXTENSIONS)}")
     if len(kinds) > 1:
-        raise ValueError(f"{path} mixes data file types {sorted(kinds)}; keep one type per dataset")
+        raise InputError(f"{path} mixes data file types {sorted(kinds)}; keep one type per dataset")
     empty = [f for f in files if os.path.getsize(f) == 0]
     if empty:
-        raise ValueError(f"data file {empty[0]} is empty")
+        raise InputError(f"data file {empty[0]} is empty")
     return files
 
 
@@ -79,9 +80,9 @@ def load_records(path_or_hub_name: str, split: str = "train", cache_dir: str = N
         raise
     except Exception as e:  # datasets wraps parse errors in long multi-line chains
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot read records from {name}: {msg}") from e
+        raise InputError(f"cannot read records from {name}: {msg}") from e
     if len(ds) == 0:
-        raise ValueError(f"{name} contains no records")
+        raise InputError(f"{name} contains no records")
     return ds
 
 
@@ -122,7 +123,12 @@ class DataStats:
         return asdict(self)
 
 
-def _encode(record, index, *, record_format, tokenizer, seq_length, add_eos, prompt_template):
+def _encode(record, index, *, record_format, tokenizer, seq_length, add_eos, prompt_template,
+            source):
+    try:
+        check_record(record, record_format, index + 1)
+    except InputError as e:
+        raise InputError(f"{source} {e}") from None
     ids, mask = TOKENIZE[record_format](record, index, tokenizer=tokenizer,
                                         prompt_template=prompt_template)
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
@@ -156,20 +162,20 @@ def build_dataset(source, tokenizer, seq_length: int, *, split: str = "train",
     if seq_length < 2:
         raise ValueError(f"seq_length must be >= 2, got {seq_length}")
     if prompt_template is not None and "{prompt}" not in prompt_template:
-        raise ValueError(f"--prompt-template {prompt_template!r} has no {{prompt}} placeholder")
+        raise InputError(f"--prompt-template {prompt_template!r} has no {{prompt}} placeholder")
     cache_dir = os.path.expanduser(cache_dir or default_cache_dir())
     os.makedirs(cache_dir, exist_ok=True)
 
     if isinstance(source, datasets.Dataset):
         records, name = source, "<dataset>"
         if len(records) == 0:
-            raise ValueError("the dataset contains no records")
+            raise InputError("the dataset contains no records")
     else:
         name = os.fspath(source)
         records = load_records(name, split, cache_dir=os.path.join(cache_dir, "raw"))
     fmt = record_format or detect_format(records.column_names)
     if fmt not in FORMATS:
-        raise ValueError(f"unknown record format {fmt!r}; choose from {FORMATS}")
+        raise InputError(f"unknown record format {fmt!r}; choose from {FORMATS}")
     check_tokenizer(tokenizer, fmt)
 
     key = hashlib.sha256(json.dumps([
@@ -189,12 +195,12 @@ def build_dataset(source, tokenizer, seq_length: int, *, split: str = "train",
         cache_file_name=cache_file, load_from_cache_file=True, num_proc=num_proc,
         desc=f"tokenizing {name}",
         fn_kwargs=dict(record_format=fmt, tokenizer=tokenizer, seq_length=seq_length,
-                       add_eos=add_eos, prompt_template=prompt_template))
+                       add_eos=add_eos, prompt_template=prompt_template, source=name))
 
     num_targets = np.asarray(tokens["num_targets"])
     keep = np.flatnonzero(num_targets > 0)
     if len(keep) == 0:
-        raise ValueError(f"no target tokens in any of the {len(tokens)} {fmt} records of {name} "
+        raise InputError(f"no target tokens in any of the {len(tokens)} {fmt} records of {name} "
                          f"(loss masks all 0: empty completions, no assistant turns, or prompts "
                          f"longer than seq_length {seq_length})")
     if len(keep) < len(tokens):

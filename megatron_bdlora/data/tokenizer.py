@@ -6,6 +6,8 @@ import os
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from megatron_bdlora.errors import InputFileNotFound
+
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 HEADER_START, HEADER_END = "<|start_header_id|>", "<|end_header_id|>"
 
@@ -27,7 +29,7 @@ def load_tokenizer(path_or_name: str):
     tokenizer that needs it is refused by transformers with its own message."""
     looks_local = path_or_name.startswith(("/", "./", "../", "~")) or os.path.exists(path_or_name)
     if looks_local and not os.path.isdir(os.path.expanduser(path_or_name)):
-        raise FileNotFoundError(f"tokenizer directory not found: {path_or_name} (pass a directory "
+        raise InputFileNotFound(f"tokenizer directory not found: {path_or_name} (pass a directory "
                                 f"saved with save_pretrained, or a hub name like 'owner/name')")
     tok = AutoTokenizer.from_pretrained(os.path.expanduser(path_or_name), trust_remote_code=False)
     # Llama tokenizers ship without a pad token; padding positions are masked anyway, so any id works.

@@ -2,17 +2,41 @@
 
 import json
 import os
+import re
 import time
 
 from megatron_bdlora.parallel import is_main_rank
 
-_SECRET_WORDS = ("key", "token", "secret", "password")
+# A config key naming a credential: one of these words as a whole `_`-separated part
+# (tokenizer_path is kept, hf_token / api_key are dropped).
+_SECRET = re.compile(r"(^|_)(key|token|secret|password|apikey)s?($|_)", re.IGNORECASE)
 
 
 def scrub(config: dict) -> dict:
     """Drop anything that looks like a credential before it is logged or saved."""
-    return {k: v for k, v in config.items() if not any(w in k.lower() for w in _SECRET_WORDS)
-            or k in ("tokenizer",)}
+    return {k: v for k, v in config.items() if not _SECRET.search(k)}
+
+
+def _step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:  # a line cut by a kill: drop it
+        return float("inf")
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Drop records logged after `step` (a resumed run logs them again), atomically."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if _step(line) <= step]
+    if len(keep) == len(lines):
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
 
 
 class MetricsLogger:
@@ -25,11 +49,13 @@ class MetricsLogger:
             return
         if self.path:
             os.makedirs(args.save, exist_ok=True)
+            _truncate_after(self.path, start)
         if args.wandb_project:
             import wandb
 
-            # Offline unless the user configured a key: no network needed, nothing secret logged.
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            # The user's WANDB_MODE wins; otherwise offline unless a key is configured.
+            mode = os.environ.get("WANDB_MODE") or (
+                "online" if os.environ.get("WANDB_API_KEY") else "offline")
             self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_exp_name,
                                     dir=args.wandb_save_dir or args.save, config=scrub(config),
                                     mode=mode, resume="allow")

@@ -1,0 +1,92 @@
+"""One writer per save directory: ROOT/.lock holds the writing job's host, pid and start time.
+
+`SaveLock(root).acquire()` (rank 0, before training) refuses a second job with one line naming
+the first; a lock whose process is gone (same host, pid dead or reused) is stale and taken over.
+`check_unlocked(root)` is the read-only form the launcher's pre-flight uses.
+"""
+
+import json
+import os
+import socket
+import time
+
+from megatron_bdlora.errors import InputError
+
+LOCK = ".lock"
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process start time in clock ticks since boot (tells a reused pid apart)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(owner: dict) -> bool:
+    if owner.get("host") != socket.gethostname():
+        return True  # cannot tell from here: the message says how to clear it
+    pid = owner.get("pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return owner.get("start") is None or owner.get("start") == _start_ticks(pid)
+
+
+def _owner(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # unreadable: stale (the lock is written whole, by link)
+
+
+def check_unlocked(root: str) -> None:
+    """InputError if a live job holds ROOT's lock."""
+    path = os.path.join(root, LOCK)
+    owner = _owner(path)
+    if owner and _alive(owner):
+        raise InputError(f"--save {root} is in use by another job (host {owner.get('host')}, pid "
+                         f"{owner.get('pid')}, since {owner.get('since')}); stop that job or save "
+                         f"elsewhere (if it is gone, delete {path})")
+
+
+class SaveLock:
+    def __init__(self, root: str):
+        self.path = os.path.join(root, LOCK)
+        self.root = root
+        self.held = False
+
+    def acquire(self) -> "SaveLock":
+        os.makedirs(self.root, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_ticks(os.getpid()),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        tmp = f"{self.path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(me, f)
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)  # atomic: the lock appears complete or not at all
+                    self.held = True
+                    return self
+                except FileExistsError:
+                    check_unlocked(self.root)
+                    os.remove(self.path)  # stale: its process is gone
+            check_unlocked(self.root)
+            raise InputError(f"cannot take the lock {self.path}; delete it if no job uses {self.root}")
+        finally:
+            os.remove(tmp)
+
+    def release(self) -> None:
+        if self.held and (_owner(self.path) or {}).get("pid") == os.getpid():
+            os.remove(self.path)
+        self.held = False

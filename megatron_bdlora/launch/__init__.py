@@ -1,0 +1,3 @@
+"""Starting a job: the launcher behind pretrain_scripts/finetune_llama.sh (cli), the checks it
+runs once before any rank starts (preflight), and what every rank does at start and at exit
+(rank)."""

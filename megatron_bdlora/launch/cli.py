@@ -1,0 +1,95 @@
+"""The launcher behind pretrain_scripts/finetune_llama.sh: check everything once, then start the
+ranks with torchrun's own launcher, in this process (the interpreter running this file).
+
+    finetune_llama.sh [--nproc-per-node N] [--nnodes M --node-rank I --master-addr A
+                      [--master-port P]] TRAINER FLAGS
+    (or NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT in the environment)
+
+One node and no port given: a free port, so two jobs on one host do not collide. A bad flag or
+file is one line, status 2, before any rank starts; an error inside a rank is that rank's one
+line (status 2), without torchrun's failure report; Ctrl-C is one line (step, last checkpoint).
+"""
+
+import logging
+import os
+import signal
+import socket
+import sys
+
+from megatron_bdlora.errors import EXIT_INPUT, InputError
+from megatron_bdlora.training.arguments import NONNEG, POSITIVE, OneLineParser, build_parser
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENTRY = os.path.join(ROOT, "pretrain_scripts", "finetune_llama.py")
+DEFAULT_PORT = "29500"  # several nodes must agree on the port: Megatron-LM's default
+
+
+def _launcher_parser():
+    p = OneLineParser(prog="finetune_llama.sh", add_help=False, allow_abbrev=False)
+    env = os.environ.get
+    p.add_argument("--nproc-per-node", "--nproc_per_node", type=POSITIVE, default=env("NPROC", "1"))
+    p.add_argument("--nnodes", type=POSITIVE, default=env("NNODES", "1"))
+    p.add_argument("--node-rank", "--node_rank", type=NONNEG, default=env("NODE_RANK", "0"))
+    p.add_argument("--master-addr", "--master_addr", default=env("MASTER_ADDR", "127.0.0.1"))
+    p.add_argument("--master-port", "--master_port", type=POSITIVE, default=env("MASTER_PORT"))
+    return p
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(launch, trainer_argv, save) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from megatron_bdlora.launch.rank import interrupted_line
+
+    port = launch.master_port or (_free_port() if launch.nnodes == 1 else DEFAULT_PORT)
+    ns = get_args_parser().parse_args([
+        "--nproc-per-node", str(launch.nproc_per_node), "--nnodes", str(launch.nnodes),
+        "--node-rank", str(launch.node_rank), "--master-addr", launch.master_addr,
+        "--master-port", str(port), ENTRY, *trainer_argv])
+    # The ranks print their own errors; torchrun's agent logs and failure report repeat them.
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    try:
+        run(ns)
+    except ChildFailedError as e:
+        failures = sorted(e.failures.items())
+        if any(f.exitcode == EXIT_INPUT for _, f in failures):
+            return EXIT_INPUT  # that rank printed the one line
+        rank, f = failures[0]
+        how = f"signal {f.signal_name()}" if f.exitcode < 0 else f"status {f.exitcode}"
+        print(f"error: rank {rank} exited with {how}; its output is above", file=sys.stderr)
+        return 1
+    except (SignalException, KeyboardInterrupt) as e:
+        print(interrupted_line(save), file=sys.stderr, flush=True)
+        return 128 + int(getattr(e, "sigval", signal.SIGINT))
+    return 0
+
+
+def main(argv=None) -> int:
+    from megatron_bdlora.launch.preflight import preflight
+    from megatron_bdlora.training.arguments import parse_args
+
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    try:
+        launch, trainer_argv = _launcher_parser().parse_known_args(argv)
+        if "-h" in trainer_argv or "--help" in trainer_argv:
+            build_parser().print_help()
+            return 0
+        if launch.node_rank >= launch.nnodes:
+            raise InputError(f"--node-rank {launch.node_rank} must be below --nnodes {launch.nnodes}")
+        args = parse_args(trainer_argv, world_size=launch.nproc_per_node * launch.nnodes)
+        preflight(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_INPUT
+    return _torchrun(launch, trainer_argv, args.save)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

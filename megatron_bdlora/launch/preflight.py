@@ -1,0 +1,177 @@
+"""Everything about a job that can be checked before any rank starts, in the launcher's one
+process: a failure is one line (an InputError) naming the file, the record and the fix, and
+nothing is created (the tokenised data goes to the cache the ranks then read).
+
+Entry point: `preflight(args)` (args from training/arguments.parse_args). The ranks run
+`resolve_checkpoint_flags` themselves too (bare torchrun has no launcher).
+"""
+
+import json
+import os
+from types import SimpleNamespace
+
+from megatron_bdlora.errors import InputError
+
+JSON_LINES = (".jsonl", ".json")
+
+
+def _has_checkpoint(path: str) -> bool:
+    from megatron_bdlora.checkpoint.adapter_checkpoint import CONFIG, LATEST, list_checkpoints
+
+    return any(os.path.exists(os.path.join(path, f)) for f in (CONFIG, LATEST)) or \
+        bool(list_checkpoints(path))
+
+
+def resolve_checkpoint_flags(args, say=None) -> None:
+    """Megatron-LM habits: `--load X --save X` with nothing in X yet starts fresh (`say` gets the
+    notice); `--eval-only --load CKPT` without a model takes the checkpoint's base and tokenizer."""
+    from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint
+
+    if args.load and not args.eval_only and args.save and \
+            os.path.realpath(args.load) == os.path.realpath(args.save) and \
+            not (os.path.isdir(args.load) and _has_checkpoint(args.load)):
+        if say:
+            say(f"note: no checkpoint in {args.load} yet: starting fresh (later runs resume from it)")
+        args.load = None
+    if not args.load:
+        return
+    ckpt = AdapterCheckpoint(args.load)  # one-line CheckpointError when missing or incomplete
+    if args.eval_only and not (args.hf_checkpoint or args.model_preset):
+        base, run = ckpt.config.get("base_model", {}), ckpt.config.get("run_config", {})
+        if base.get("name_or_path"):
+            args.hf_checkpoint = base["name_or_path"]
+        elif run.get("model_preset"):
+            args.model_preset = run["model_preset"]
+        else:
+            raise InputError(f"{ckpt.dir} does not record its base model; pass --hf-checkpoint DIR")
+        args.tokenizer = args.tokenizer or base.get("tokenizer_path") or run.get("tokenizer_path")
+
+
+def _model_config(args) -> tuple[dict, str | None]:
+    """(HF config dict, tokenizer path or None) without building the model."""
+    from megatron_bdlora.checkpoint.hf_import import check_hf_checkpoint, tokenizer_dir
+    from megatron_bdlora.models.presets import PRESETS, get_preset
+
+    if args.hf_checkpoint:
+        model_dir, hf = check_hf_checkpoint(args.hf_checkpoint)
+        return hf, args.tokenizer or tokenizer_dir(model_dir)
+    if args.model_preset not in PRESETS:
+        raise InputError(f"unknown --model-preset {args.model_preset!r}; choose one of {sorted(PRESETS)}")
+    return get_preset(args.model_preset), args.tokenizer
+
+
+def _check_adapter(args, hf: dict) -> None:
+    """The adapter flags against the model shape, and --load against both."""
+    from megatron_bdlora.adapters import AdapterConfig
+    from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint, check_compatible
+
+    cfg = None
+    if args.adapter != "none" and not args.eval_only:
+        rank = args.match_lora_rank_params or args.lora_rank
+        try:
+            cfg = AdapterConfig(method=args.adapter, rank=rank, nblocks=args.bd_nblocks,
+                                sharding=args.lora_sharding, layout=args.lora_layout,
+                                target_modules=tuple(args.lora_target_modules))
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        if cfg.method == "bdlora":
+            kv = hf.get("num_key_value_heads") or hf["num_attention_heads"]
+            dims = {"num_key_value_heads": kv, "hidden_size": hf["hidden_size"],
+                    "intermediate_size": hf["intermediate_size"]}
+            for name, size in dims.items():
+                if size % cfg.nblocks:
+                    raise InputError(f"--bd-nblocks {cfg.nblocks} does not divide the model's "
+                                     f"{name} {size}; choose N dividing it")
+    if args.load:
+        ckpt = AdapterCheckpoint(args.load)
+        check_compatible(ckpt, SimpleNamespace(hf_config=hf, adapter_config=cfg),
+                         args.tensor_model_parallel_size)
+
+
+def _scan_json_records(path: str, vocab_size: int) -> None:
+    """Every record of a JSON / JSON-lines file parses and has its fields with the right types
+    (one line naming the file and the 1-based line or record number)."""
+    from megatron_bdlora.data.formats import check_record, detect_format
+
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            text = f.read()
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); fix the file") from None
+        unit = "record"
+    else:
+        records, unit = [], "line"
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append((number, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path} line {number}: not valid JSON ({e.msg}); fix or "
+                                     "remove that line") from None
+    fmt = None
+    for number, record in records:
+        if not isinstance(record, dict):
+            raise InputError(f"{path} {unit} {number}: a record must be a JSON object, got "
+                             f"{type(record).__name__}")
+        fmt = fmt or detect_format(record)
+        try:
+            check_record(record, fmt, number, vocab_size)
+        except InputError as e:
+            raise InputError(f"{path} {str(e).replace('record', unit, 1)}") from None
+
+
+def _check_data(path: str, args, tokenizer, vocab_size: int) -> None:
+    from megatron_bdlora.data import build_dataset
+    import pyarrow.compute as pc
+
+    from megatron_bdlora.data.loader import _local_files, _looks_local
+
+    if _looks_local(path):
+        for f in _local_files(path):
+            if f.endswith(JSON_LINES):
+                _scan_json_records(f, vocab_size)
+    # Tokenise now, into the cache the ranks read (same arguments as the trainer).
+    rows = build_dataset(path, tokenizer, args.seq_length, pack_sequences=args.pack_sequences,
+                         prompt_template=args.prompt_template, cache_dir=args.data_cache_dir)
+    top = pc.max(pc.list_flatten(rows.examples.data.column("input_ids"))).as_py() or 0
+    if top >= vocab_size:
+        raise InputError(f"{path}: token id {top} is outside the model's vocabulary "
+                         f"[0, {vocab_size}); use the model's tokenizer")
+    if rows.stats.num_rows < args.global_batch_size:
+        raise InputError(f"{path} gives {rows.stats.num_rows} rows, fewer than one global batch "
+                         f"of {args.global_batch_size}; lower --global-batch-size or add data")
+
+
+def preflight(args) -> None:
+    """All checks that need files but no process group; raises InputError."""
+    from megatron_bdlora.checkpoint.save_lock import check_unlocked
+    from megatron_bdlora.data import load_tokenizer
+
+    resolve_checkpoint_flags(args)
+    if args.save:
+        if os.path.exists(args.save) and not os.path.isdir(args.save):
+            raise InputError(f"--save {args.save} is a file; pass a directory")
+        check_unlocked(args.save)
+    hf, tokenizer_path = _model_config(args)
+    _check_adapter(args, hf)
+    if not tokenizer_path:
+        raise InputError("no tokenizer: the model directory has none; pass --tokenizer DIR")
+    try:
+        tokenizer = load_tokenizer(tokenizer_path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load the tokenizer {tokenizer_path}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                         ) from None
+    vocab = int(hf["vocab_size"])
+    if len(tokenizer) > vocab:
+        raise InputError(f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens, more than the "
+                         f"model's vocabulary of {vocab}; use the model's tokenizer")
+    for path in {args.data_path, args.eval_data_path} - {None}:
+        if args.eval_only and path != (args.eval_data_path or args.data_path):
+            continue
+        _check_data(path, args, tokenizer, vocab)
