@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     from megatron_bdlora.errors import EXIT_INPUT, InputError
 
     try:
+        args = build_parser().parse_args(argv)
         if args.command == "inspect":
             print(describe(args.ckpt))
         else:
@@ -75,7 +76,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INPUT
     return 0
-        args = build_parser().parse_args(argv)
 
 
 if __name__ == "__main__":
