@@ -155,10 +155,11 @@ def gather_logits(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     return gather_from_tensor_model_parallel_region(logits)[..., :vocab]
 
 
-def lm_loss(model, input_ids, labels, attention_mask=None):
-    """Mean next-token cross-entropy over labels != -100, and the token count.
+def lm_loss(model, input_ids, labels, attention_mask=None, reduction: str = "mean"):
+    """Next-token cross-entropy over labels != -100 (fp32), and the token count (a tensor).
 
-    `labels` are already shifted (labels[t] is the target for position t)."""
+    `labels` are already shifted (labels[t] is the target for position t). `reduction="sum"`
+    returns the summed loss, for callers that normalise by the tokens of a whole global batch."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     logits = forward_logits(model, input_ids, attention_mask)
@@ -167,4 +168,5 @@ def lm_loss(model, input_ids, labels, attention_mask=None):
                                              labels.clamp(min=0).transpose(0, 1).contiguous())
     per_token = per_token.transpose(0, 1)
     n = mask.sum()
-    return (per_token * mask).sum() / n.clamp(min=1), n
+    total = (per_token * mask).sum()
+    return (total if reduction == "sum" else total / n.clamp(min=1)), n

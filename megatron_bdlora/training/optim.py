@@ -24,40 +24,42 @@ def make_optimizer(params, args) -> torch.optim.AdamW:
 
 
 def sync_data_parallel_grads(params) -> None:
-    """Average gradients over the DP group in one flat all-reduce."""
+    """Sum gradients over the DP group in one flat all-reduce (the loss is already divided by
+    the global batch's supervised tokens, so the sum is the global-batch gradient)."""
     from megatron.core import parallel_state as ps
 
-    dp = ps.get_data_parallel_world_size()
     grads = [p.grad for p in params if p.grad is not None]
-    if dp == 1 or not grads:
+    if ps.get_data_parallel_world_size() == 1 or not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, group=ps.get_data_parallel_group())
-    flat /= dp
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
+    torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
 def clip_grad_norm(params, max_norm: float) -> float:
-    """Global L2 norm over the whole (TP-sharded) model; replicated parameters counted once."""
+    """Global L2 norm (fp32, on the grads' device) over the whole TP-sharded model, replicated
+    parameters counted once; clips in place. One host sync, for the returned float."""
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
-    sq = torch.zeros(1, dtype=torch.float64)
-    for p in params:
-        if p.grad is not None:
-            weight = 1.0 if getattr(p, "tensor_model_parallel", False) else 1.0 / tp
-            sq += weight * p.grad.double().pow(2).sum().cpu()
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    sq = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+    for sharded in (True, False):
+        group = [p.grad for p in params
+                 if p.grad is not None and bool(getattr(p, "tensor_model_parallel", False)) == sharded]
+        if group:
+            sq += torch.stack(torch._foreach_norm(group, 2, dtype=torch.float32)).square().sum() \
+                / (1 if sharded else tp)
     if tp > 1:
         dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
-    norm = float(sq.sqrt())
-    if max_norm and max_norm > 0 and norm > max_norm:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(max_norm / (norm + 1e-6))
-    return norm
+    norm = sq.sqrt()
+    if max_norm and max_norm > 0:
+        # min(1, max_norm / norm) without a host round trip; a non-finite norm is left to the caller
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coef)
+    return float(norm)
 
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -82,5 +84,7 @@ def load_optimizer_state(model, optimizer, tensors: dict, meta: dict) -> None:
     per_moment = {m: local_shards(model, {k.split("/", 1)[1]: v for k, v in tensors.items()
                                           if k.startswith(m + "/")}) for m in MOMENTS}
     for p in per_moment[MOMENTS[0]]:
+        # moments on the parameter's device and in its dtype (fp32 adapters under --bf16 too)
         optimizer.state[p] = {"step": torch.tensor(float(meta["step"])),
-                              **{m: per_moment[m][p].clone().to(p.dtype) for m in MOMENTS}}
+                              **{m: per_moment[m][p].to(device=p.device, dtype=p.dtype, copy=True)
+                                 for m in MOMENTS}}

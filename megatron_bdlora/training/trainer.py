@@ -14,7 +14,7 @@ from megatron_bdlora.parallel import destroy_distributed, init_distributed, is_m
 from megatron_bdlora.parallel.sequence_parallel import allreduce_sequence_parallel_grads
 from megatron_bdlora.training.arguments import parse_args, run_config
 from megatron_bdlora.training.metrics import MetricsLogger
-from megatron_bdlora.training import nonfinite, optim
+from megatron_bdlora.training import nonfinite, optim, rng_state
 
 
 def log0(*a):
@@ -104,22 +104,48 @@ def _to_device(batch):
 
 
 def evaluate(model, it, iters: int) -> dict:
-    """Token-weighted mean loss over `iters` micro-batches (summed over DP ranks)."""
+    """Token-weighted mean loss over the first `iters` global batches of `it`'s data (summed over
+    DP ranks): a fresh pass from the start every call, so every evaluation sees the same records."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_bdlora.models.llama import lm_loss
+    from megatron_bdlora.parallel import device
+
+    it.sampler.set_epoch(0)
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device())
+    with torch.no_grad():
+        for _ in range(iters * it.sampler.micro_per_global):
+            ids, labels, mask = _to_device(next(it))
+            loss_sum, n = lm_loss(model, ids, labels, mask, reduction="sum")
+            total += torch.stack([loss_sum.double(), n.double()])
+    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    model.train()
+    loss_sum, n = total.tolist()
+    loss = loss_sum / max(n, 1)
+    return {"loss": loss, "ppl": float(torch.exp(torch.tensor(loss))), "tokens": int(n)}
+
+
+def train_step(model, params, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of one global batch, summed over micro-batches and DP ranks: backward of each
+    micro-batch's summed token loss / the supervised tokens of the whole global batch (counted
+    first: one small DP all-reduce), so a micro-batch weighs by its tokens as in one big batch.
+    Returns (this rank's summed loss, the global token count), on the device: no host sync."""
     from megatron.core import parallel_state as ps
 
     from megatron_bdlora.models.llama import lm_loss
 
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    with torch.no_grad():
-        for _ in range(iters):
-            ids, labels, mask = _to_device(next(it))
-            loss, n = lm_loss(model, ids, labels, mask)
-            total += torch.tensor([loss.item() * n.item(), n.item()], dtype=torch.float64)
-    dist.all_reduce(total, group=ps.get_data_parallel_group())
-    model.train()
-    loss = float(total[0] / total[1].clamp(min=1))
-    return {"loss": loss, "ppl": float(torch.exp(torch.tensor(loss))), "tokens": int(total[1])}
+    tokens = torch.stack([(labels != -100).sum() for _, labels, _ in batches]).sum()
+    dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+    denom = tokens.clamp(min=1).float()
+    loss_sum = torch.zeros((), dtype=torch.float32, device=tokens.device)
+    for ids, labels, mask in batches:
+        loss, _ = lm_loss(model, ids, labels, mask, reduction="sum")
+        (loss / denom).backward()
+        loss_sum += loss.detach()
+    allreduce_sequence_parallel_grads(model)  # norm grads under SP; nothing when frozen
+    optim.sync_data_parallel_grads(params)
+    return loss_sum, tokens
 
 
 def save(args, model, optimizer, step, train_it, config) -> None:
@@ -131,7 +157,7 @@ def save(args, model, optimizer, step, train_it, config) -> None:
         save_hf_base(model, os.path.join(args.save, "hf"), tokenizer=config.get("tokenizer_path"))
         return
     tensors, meta = optim.global_optimizer_state(model, optimizer)
-    extra = {"step": step, "data": train_it.state_dict(), "rng": torch.get_rng_state()}
+    extra = {"step": step, "data": train_it.state_dict(), "rng": rng_state.capture()}
     save_checkpoint(args.save, model, extra_state=extra, run_config=config, step=step,
                     optimizer_tensors=tensors, optimizer_meta=meta, keep_last=args.keep_last)
 
@@ -140,7 +166,6 @@ def train(args) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint
-    from megatron_bdlora.models.llama import lm_loss
 
     init_distributed(args.tensor_model_parallel_size, seed=args.seed)
     from megatron_bdlora.data import load_tokenizer
@@ -172,7 +197,7 @@ def train(args) -> dict:
                                        state["optimizer_meta"])
         extra = state["extra_state"]
         train_it.load_state_dict(extra["data"])
-        torch.set_rng_state(extra["rng"])
+        rng_state.restore(extra["rng"])
         log0(f"resumed from {state['dir']} at step {step}")
     n_trainable = sum(p.numel() for p in params)
     log0(f"trainable parameters on rank 0: {n_trainable:,}; TP={ps.get_tensor_model_parallel_world_size()}"
@@ -190,26 +215,19 @@ def train(args) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, tokens = 0.0, 0
-        for _ in range(micro_steps):
-            ids, labels, mask = _to_device(next(train_it))
-            loss, n = lm_loss(model, ids, labels, mask)
-            (loss / micro_steps).backward()
-            loss_sum += loss.item() / micro_steps
-            tokens += int(n)
-        allreduce_sequence_parallel_grads(model)  # norm grads under SP; nothing when frozen
-        optim.sync_data_parallel_grads(params)
+        batches = [_to_device(next(train_it)) for _ in range(micro_steps)]
+        loss_sum, tokens = train_step(model, params, batches)
         grad_norm = optim.clip_grad_norm(params, args.clip_grad)
         skip = nonfinite.skip_step(step + 1, grad_norm, args)  # or stops the run, naming the step
         if not skip:
             optimizer.step()
         skipped_steps += skip
         step += 1
-        stats_t = torch.tensor([loss_sum, tokens], dtype=torch.float64)
-        dist.all_reduce(stats_t, group=ps.get_data_parallel_group())
+        dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
+        n_tokens = int(tokens)  # with the loss: this step's one host sync for logging
         dt = time.time() - t0
-        last = {"loss": float(stats_t[0]) / ps.get_data_parallel_world_size(), "lr": lr,
-                "grad_norm": grad_norm, "tokens_per_s": float(stats_t[1]) / dt}
+        last = {"loss": float(loss_sum) / max(n_tokens, 1), "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": n_tokens / dt}
         if torch.cuda.is_available():
             last["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if skipped_steps:
