@@ -166,9 +166,20 @@ def test_sp_collectives(setup, tp):
 
 
 def test_sp_errors(setup):
+    import os
+    import subprocess
+    import sys
+
     from megatron_bdlora.models.llama import transformer_config
 
     hf, results = setup
     with pytest.raises(ValueError, match="needs --tensor-model-parallel-size > 1"):
         transformer_config(hf, tp=1, sequence_parallel=True)
     assert "length 11 must be a multiple of 2" in results[2][0]["odd_length_error"]
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                        "collective_table.py")
+    run = subprocess.run([sys.executable, tool, "--sequence-parallel"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "1", "RANK": "0"})
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip().splitlines() == [
+        "collective_table.py: error: --sequence-parallel needs --tensor-model-parallel-size > 1"]

@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 2 tools/benchmark_training.py [--smoke]                  # TP=2
     torchrun --nproc_per_node 4 tools/benchmark_training.py --tensor-model-parallel-size 2  # TP=2 x DP=2
+    torchrun --nproc_per_node 2 tools/benchmark_training.py --sequence-parallel         # TP=2 + SP
 
 Step = forward + backward + DP all-reduce of adapter gradients (DP > 1) + AdamW on the trainable
 parameters. Reports per method median step ms (p10/p90), tokens/s, collectives per step and per
@@ -21,6 +22,8 @@ def main():
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tensor-model-parallel-size", type=int, default=None, help="default: world size")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron's sequence parallelism for every method (TP > 1)")
     names = ("hidden", "ffn", "layers", "heads", "kv_heads", "vocab", "batch", "seq_len",
              "steps", "reps", "warmup", "lora_rank", "seed")
     add_config_flags(p, TrainingConfig(), TrainingConfig.smoke(), names, "benchmark_training")
@@ -32,12 +35,16 @@ def main():
     from megatron_bdlora.parallel import destroy_distributed, init_distributed, is_main_rank
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp = args.tensor_model_parallel_size or world
+    if args.sequence_parallel and tp < 2:  # one line, from rank 0 only
+        p.exit(2, None if os.environ.get("RANK", "0") != "0" else
+               f"{p.prog}: error: --sequence-parallel needs --tensor-model-parallel-size > 1\n")
     cfg = config_from_flags(TrainingConfig, args, world)
-    init_distributed(tensor_parallel_size=args.tensor_model_parallel_size or world)
+    init_distributed(tensor_parallel_size=tp)
     result = run_training(cfg)
     if is_main_rank():
         write_report(result, args, format_table(result), plot=plot, summary=(
-            f"bd TP collectives == base (forward, backward, optimizer): "
+            f"bd TP collectives == base (forward, backward, sp_grads, optimizer): "
             f"{result['results']['bd']['tp_collectives_equal_base']}"))
     dist.barrier()
     destroy_distributed()

@@ -1,10 +1,15 @@
 """Print (and save) the collectives of one training step per TP strategy.
 
     torchrun --nproc_per_node 2 tools/collective_table.py [--model-preset tiny] [--json out.json]
+    torchrun --nproc_per_node 4 tools/collective_table.py --tensor-model-parallel-size 4 --sequence-parallel
+
+Under --sequence-parallel the step also runs the trainer's SP gradient reduction (an "sp_grads"
+row appears only if it issues anything; with frozen norms it issues nothing).
 """
 
 import argparse
 import json
+import os
 import warnings
 
 warnings.filterwarnings("ignore")
@@ -15,25 +20,34 @@ def main():
     p.add_argument("--model-preset", default="tiny")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--bd-nblocks", type=int, default=None, help="default: the TP size")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=None,
+                   help="default: the world size")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="activations split along the sequence over TP ranks (TP > 1)")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
     args = p.parse_args()
-
-    import torch.distributed as dist
+    sp = args.sequence_parallel
+    tp = args.tensor_model_parallel_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if sp and tp < 2:  # one line, from rank 0 only
+        p.exit(2, None if os.environ.get("RANK", "0") != "0" else
+               f"{p.prog}: error: --sequence-parallel needs --tensor-model-parallel-size > 1\n")
 
     from megatron_bdlora.benchmarks.collectives import format_table, measure_collectives
     from megatron_bdlora.models.presets import get_preset
     from megatron_bdlora.parallel import destroy_distributed, init_distributed, is_main_rank
 
-    init_distributed(tensor_parallel_size=int(__import__("os").environ.get("WORLD_SIZE", "1")))
-    tp = dist.get_world_size()
-    table = measure_collectives(get_preset(args.model_preset), args.lora_rank, args.bd_nblocks or tp)
+    init_distributed(tensor_parallel_size=tp)
+    table = measure_collectives(get_preset(args.model_preset), args.lora_rank, args.bd_nblocks or tp,
+                                sequence_parallel=sp)
     if is_main_rank():
         print(f"collectives per training step, {args.model_preset}, TP={tp}, "
-              f"rank {args.lora_rank}, N={args.bd_nblocks or tp} (calls / bytes)")
+              f"sequence parallel {'on' if sp else 'off'}, rank {args.lora_rank}, "
+              f"N={args.bd_nblocks or tp} (calls / bytes)")
         print(format_table(table))
+        print(f"bd == base (calls and bytes, every phase): {table['bd'] == table['base']}")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"tp": tp, "results": table}, f, indent=1)
+                json.dump({"tp": tp, "sequence_parallel": sp, "results": table}, f, indent=1)
     destroy_distributed()
 
 

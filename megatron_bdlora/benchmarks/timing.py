@@ -49,7 +49,7 @@ def adapter_configs(hf: dict, lora_rank: int, bd_rank: int | None, nblocks: int,
     }
 
 
-def build_models(hf: dict, configs: dict, seed: int = 0) -> dict:
+def build_models(hf: dict, configs: dict, seed: int = 0, sequence_parallel: bool = False) -> dict:
     """{method: GPTModel}: one randomly initialised base, shared (same tensors) by every method's
     model, each wrapped with its adapter. Base weights are never modified by these models."""
     from megatron_bdlora.adapters import apply_adapters
@@ -58,12 +58,13 @@ def build_models(hf: dict, configs: dict, seed: int = 0) -> dict:
 
     tp = tp_rank_size()[1]
     torch.manual_seed(seed)
-    ref = build_model(hf, tp=tp).to(device())
+    ref = build_model(hf, tp=tp, sequence_parallel=sequence_parallel).to(device())
     for p in ref.parameters():
         p.requires_grad_(False)
     models = {}
     for method, cfg in configs.items():
-        model = ref if method == "base" else build_model(hf, tp=tp, init=False)
+        model = ref if method == "base" else build_model(hf, tp=tp, init=False,
+                                                          sequence_parallel=sequence_parallel)
         if model is not ref:
             share_base_weights(model, ref)
             model.to(device())

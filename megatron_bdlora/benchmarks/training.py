@@ -6,8 +6,11 @@ step is forward + backward down to the embedding output (made to require grad, a
 every method here, so each method runs the same backward through the base) and no optimizer
 work. With world size = TP x DP, each DP replica gets its own batch and the adapter gradients
 are summed over the DP group in one flat all-reduce (one bucket, as Megatron's DDP does),
-then averaged. Per method: step time median and p10/p90, tokens/s (all DP replicas), collectives
-of one step per phase (forward, backward, grad_sync, optimizer), paired ratios to base and bd.
+then averaged. With `sequence_parallel` (TP > 1) every model runs Megatron's sequence
+parallelism and the step also runs the trainer's SP gradient reduction (nothing is issued: the
+norms are frozen). Per method: step time median and p10/p90, tokens/s (all DP replicas),
+collectives of one step per phase (forward, backward, sp_grads, grad_sync, optimizer), paired
+ratios to base and bd.
 """
 
 from dataclasses import asdict, dataclass
@@ -18,6 +21,7 @@ from megatron_bdlora.benchmarks.timing import (METHODS, adapter_configs, bar_cha
                                                collective_calls, collective_columns, llama_shape,
                                                paired_ratio, round_robin, run_environment,
                                                slowest_rank, spread_ms, summary_ms, sync)
+from megatron_bdlora.parallel.sequence_parallel import allreduce_sequence_parallel_grads
 
 
 @dataclass
@@ -38,6 +42,7 @@ class TrainingConfig:
     bd_nblocks: int | None = None  # None: the TP size
     lr: float = 1e-4
     seed: int = 0
+    sequence_parallel: bool = False
 
     @classmethod
     def smoke(cls) -> "TrainingConfig":
@@ -70,6 +75,8 @@ class _Trainer:
             loss, _ = lm_loss(self.model, ids, labels)
         with phase("backward"):
             loss.backward()
+        with phase("sp_grads"):
+            allreduce_sequence_parallel_grads(self.model)
         with phase("grad_sync"):
             self._sync_grads()
         with phase("optimizer"):
@@ -116,7 +123,7 @@ def run_training(cfg: TrainingConfig) -> dict:
     nblocks = cfg.bd_nblocks or tp
     hf = llama_shape(cfg.hidden, cfg.ffn, cfg.layers, cfg.heads, cfg.kv_heads, cfg.vocab)
     configs = adapter_configs(hf, cfg.lora_rank, cfg.bd_rank, nblocks)
-    models = build_models(hf, configs, seed=cfg.seed)
+    models = build_models(hf, configs, seed=cfg.seed, sequence_parallel=cfg.sequence_parallel)
     trainers = {}
     for m, model in models.items():
         model.train()
@@ -174,7 +181,8 @@ def run_training(cfg: TrainingConfig) -> dict:
         }
     bd_c, base_c = collectives["bd"], collectives["base"]
     results["bd"]["tp_collectives_equal_base"] = all(
-        bd_c.get(ph, {}) == base_c.get(ph, {}) for ph in ("forward", "backward", "optimizer"))
+        bd_c.get(ph, {}) == base_c.get(ph, {})
+        for ph in ("forward", "backward", "sp_grads", "optimizer"))
     config = {**asdict(cfg), "tp": tp, "dp": dp, "bd_nblocks": nblocks, "bd_rank": configs["bd"].rank,
               **run_environment(), "tokens_per_step": tokens, "model": hf,
               "step": "forward + backward + DP grad all-reduce (flat, DP>1) + AdamW on trainable params",
@@ -185,7 +193,8 @@ def run_training(cfg: TrainingConfig) -> dict:
 
 def plot(result: dict, path: str) -> None:
     r, c = result["results"], result["config"]
-    bar_chart(path, f"training step, TP={c['tp']} x DP={c['dp']}, {c['tokens_per_step']} tokens/step, "
+    sp = " (SP)" if c["sequence_parallel"] else ""
+    bar_chart(path, f"training step, TP={c['tp']}{sp} x DP={c['dp']}, {c['tokens_per_step']} tokens/step, "
                     f"LoRA r={c['lora_rank']} / BD r={c['bd_rank']} N={c['bd_nblocks']}", [
         ("step, ms (median, p10-p90)", {m: spread_ms(v, "step") for m, v in r.items()}),
         ("tokens/s", {m: (v["tokens_per_s"],) * 3 for m, v in r.items()}),

@@ -1,4 +1,4 @@
-"""Sequence parallelism (Megatron-LM's `--sequence-parallel`): what Megatron-Core's local spec lacks.
+"""Sequence parallelism (`--sequence-parallel`): the pieces Megatron-Core's local spec lacks.
 
 Under SP the activations outside the TP regions (norms, residual stream) are split along the
 sequence over the TP ranks: Megatron's embedding scatters, column layers all-gather, row layers
