@@ -247,6 +247,12 @@ def validate(args, world: int) -> None:
         raise InputError(f"--tensor-model-parallel-size {tp} does not divide the world size "
                          f"{world}; launch a multiple of {tp} processes")
     dp = world // tp
+    if args.sequence_parallel and tp == 1:
+        raise InputError("--sequence-parallel splits activations over TP ranks: it needs "
+                         "--tensor-model-parallel-size > 1")
+    if args.sequence_parallel and args.seq_length % tp:
+        raise InputError(f"--sequence-parallel splits the sequence over {tp} TP ranks: "
+                         f"--seq-length {args.seq_length} must be a multiple of {tp}")
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
     if args.global_batch_size % (args.micro_batch_size * dp):
