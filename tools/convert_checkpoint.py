@@ -27,7 +27,7 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="convert_checkpoint.py", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{export,inspect}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{export,import,inspect}")
 
     e = sub.add_parser("export", help="export an adapter checkpoint to PEFT / merged HF / vLLM",
                        description="Export an adapter checkpoint (a run's checkpoint dir, following "
@@ -50,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=sorted(DTYPES),
                    help="dtype of exported adapter weights (default: as trained)")
 
+    m = sub.add_parser("import", help="import a Hugging Face PEFT LoRA / BD-LoRA adapter",
+                       description="Turn a PEFT adapter dir (dense LoRA, or PEFT >= 0.19 use_bdlora) "
+                                   "into a checkpoint at step 0: evaluate it with --eval-only --load, "
+                                   "train on with --load, inspect or export it.")
+    m.add_argument("--peft", required=True, metavar="DIR",
+                   help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    m.add_argument("--hf-checkpoint", required=True, metavar="BASE",
+                   help="the HF Llama base the adapter was trained on (dir or hub name); its "
+                        "shapes are checked against the adapter and it is recorded for --eval-only")
+    m.add_argument("--out", required=True, metavar="CKPT", help="new checkpoint directory")
+
     i = sub.add_parser("inspect", help="describe a checkpoint",
                        description="Print method, rank, N, layout, sharding, target modules, "
                                    "parameter count and trained steps of a checkpoint.")
@@ -67,6 +78,10 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "inspect":
             print(describe(args.ckpt))
+        elif args.command == "import":
+            from megatron_bdlora.checkpoint.peft_import import import_peft
+
+            print("\n".join(import_peft(args.peft, args.hf_checkpoint, args.out)))
         else:
             dtype = getattr(torch, args.dtype) if args.dtype else None
             for line in export(args.load, args.format, args.out, hf_checkpoint=args.hf_checkpoint,

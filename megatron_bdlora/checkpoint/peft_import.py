@@ -1,0 +1,272 @@
+"""Import a Hugging Face PEFT LoRA adapter (dense, or PEFT's own BD-LoRA `use_bdlora`) as an
+ordinary adapter checkpoint of this project (docs/design.md §4).
+
+Entry point: `import_peft(peft_dir, hf_checkpoint, out)`. The result is a checkpoint at step 0
+with no optimizer state, written by `adapter_checkpoint`'s save path: `--eval-only --load`,
+`--load` (continued training), `inspect` and every export work on it, at any TP it allows.
+
+The PEFT tensors map onto the global factors (`AdapterLinear.global_layout`) as the inverse of
+`export.hf_factors`: one A per HF projection (canonical layout); a PEFT-packed block-diagonal
+factor, B (out, r/N) on q/k/v/gate/up or A (r, in/N) on o/down, is its N blocks stacked on the
+first dimension, so `.view(N, ...)` gives our per-block stack. Everything is checked before
+anything is written; the output appears atomically (temp dir renamed), or not at all.
+"""
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import types
+
+import torch
+
+from megatron_bdlora.adapters import AdapterConfig
+from megatron_bdlora.adapters.layer_types import HF_PROJECTIONS
+from megatron_bdlora.adapters.param_count import PROJECTIONS
+from megatron_bdlora.checkpoint.adapter_checkpoint import _save_rank0, build_config, publish_dir
+from megatron_bdlora.checkpoint.export import (
+    BD_A_MODULES, BD_B_MODULES, PEFT_CONFIG, PEFT_WEIGHTS, expected_global_shapes, megatron_key,
+    projection_shapes,
+)
+from megatron_bdlora.checkpoint.hf_import import (
+    CheckpointError, check_hf_checkpoint, open_safetensors, tokenizer_dir,
+)
+
+_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)\.lora_([AB])\.weight$")
+_SUBMODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+# adapter_config.json fields whose truthy value changes what the adapter computes (not importable)
+_UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora)", "lora_bias": "LoRA bias (lora_bias)", "use_qalora": "QA-LoRA",
+    "alora_invocation_tokens": "aLoRA", "layer_replication": "layer_replication",
+    "trainable_token_indices": "trainable_token_indices", "target_parameters": "target_parameters",
+    "arrow_config": "Arrow routing", "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA",
+    "velora_config": "VeLoRA",
+}
+# init methods that rewrite the base weights: the adapter alone does not reproduce the model
+_BASE_REWRITING_INIT = ("pissa", "olora", "corda", "loftq")
+
+
+def _fail(peft_dir: str, what: str) -> CheckpointError:
+    return CheckpointError(f"--peft {peft_dir}: {what}")
+
+
+def read_peft_config(peft_dir: str) -> dict:
+    path = os.path.join(peft_dir, PEFT_CONFIG)
+    if not os.path.isdir(peft_dir):
+        raise CheckpointError(f"--peft {peft_dir} is not a directory; pass a PEFT adapter directory "
+                              f"(as written by save_pretrained: {PEFT_CONFIG} + {PEFT_WEIGHTS})")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError as e:
+        raise _fail(peft_dir, f"no {PEFT_CONFIG}; pass a directory written by PEFT's "
+                              "save_pretrained") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _fail(peft_dir, f"{PEFT_CONFIG} is not valid JSON ({e})") from e
+    if cfg.get("peft_type") != "LORA":
+        raise _fail(peft_dir, f"peft_type {cfg.get('peft_type')!r} is not LORA; only LoRA adapters "
+                              "import")
+    for key, name in _UNSUPPORTED.items():
+        if cfg.get(key):
+            raise _fail(peft_dir, f"{name} is not supported (plain LoRA / BD-LoRA only)")
+    if cfg.get("bias", "none") != "none":
+        raise _fail(peft_dir, f"bias={cfg['bias']!r} is not supported; train the adapter with "
+                              "bias='none'")
+    if cfg.get("modules_to_save"):
+        raise _fail(peft_dir, f"modules_to_save {cfg['modules_to_save']} trains full modules "
+                              "besides the LoRA factors; only LoRA factors import")
+    if cfg.get("fan_in_fan_out"):
+        raise _fail(peft_dir, "fan_in_fan_out=True is for Conv1D models, not Llama")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INIT):
+        raise _fail(peft_dir, f"init_lora_weights={init!r} rewrites the base weights; convert the "
+                              "adapter with PEFT's path_initial_model_for_weight_conversion first")
+    for pattern, default in (("rank_pattern", cfg.get("r")), ("alpha_pattern", cfg.get("lora_alpha"))):
+        odd = {k: v for k, v in (cfg.get(pattern) or {}).items() if v != default}
+        if odd:
+            k, v = next(iter(odd.items()))
+            raise _fail(peft_dir, f"{pattern} gives {k!r} {v} instead of {default}: per-module "
+                                  "ranks / alphas are not supported (one rank and alpha per adapter)")
+    return cfg
+
+
+def read_peft_tensors(peft_dir: str) -> dict:
+    path = os.path.join(peft_dir, PEFT_WEIGHTS)
+    if not os.path.isfile(path):
+        found = [f for f in os.listdir(peft_dir) if f.endswith((".bin", ".pt", ".pth"))]
+        hint = (f" (found {found[0]}: pickled weights are never loaded; re-save the adapter with "
+                "safe_serialization=True)") if found else ""
+        raise _fail(peft_dir, f"{PEFT_WEIGHTS} is missing{hint}")
+    with contextlib.ExitStack() as stack:
+        f = open_safetensors(path, stack)
+        try:
+            return {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # a header that parses but data cut short
+            raise _fail(peft_dir, f"{PEFT_WEIGHTS} is truncated or corrupt ({e})") from e
+
+
+def _bd_sides(peft_dir: str, bd: dict, projections, layers: int) -> None:
+    """Each adapted module must have its block-diagonal factor where docs/design.md §1 puts it."""
+    pats_a, pats_b = bd.get("target_modules_bd_a") or [], bd.get("target_modules_bd_b") or []
+    for proj in projections:
+        name = f"model.layers.{layers - 1}.{_SUBMODULE[proj]}.{proj}"  # PEFT matches by substring
+        side = ("A" if any(p in name for p in pats_a) else "") + ("B" if any(p in name for p in pats_b) else "")
+        want = "A" if proj in BD_A_MODULES else "B"
+        if side != want:
+            got = {"": "neither factor", "AB": "both factors"}.get(side, side)
+            raise _fail(peft_dir, f"use_bdlora makes {got} of {proj} block-diagonal; this project "
+                                  f"needs A on {'/'.join(BD_A_MODULES)} and B on {'/'.join(BD_B_MODULES)} "
+                                  "(docs/design.md §1)")
+
+
+def _projections(peft_dir: str, found: dict, layers: int) -> list:
+    """The adapted HF projections, in model order; the same in every layer."""
+    per_layer = {}
+    for layer, proj in found:
+        per_layer.setdefault(layer, set()).add(proj)
+    projs = per_layer.get(0, set())
+    for layer in range(layers):
+        if per_layer.get(layer, set()) != projs:
+            raise _fail(peft_dir, f"layer {layer} adapts {sorted(per_layer.get(layer, set()))}, layer 0 "
+                                  f"{sorted(projs)}: only adapters on the same projections of every "
+                                  "layer import")
+    return sorted(projs, key=list(PROJECTIONS).index)
+
+
+def _global_tensors(peft_dir, tensors, found, projections, cfg, hf, layers) -> dict:
+    """PEFT tensors -> our global factors (shapes checked against the base first)."""
+    shapes = projection_shapes(hf)
+    r, n, bd = cfg.rank, cfg.nblocks, cfg.method == "bdlora"
+    out, groups = {}, {}
+    for layer in range(layers):
+        for proj in projections:
+            module, kind = PROJECTIONS[proj]
+            fan_in, fan_out = shapes[proj]
+            packed_a, packed_b = bd and kind == "row", bd and kind == "column"
+            want = {"A": (r, fan_in // n if packed_a else fan_in), "B": (fan_out, r // n if packed_b else r)}
+            for side, shape in want.items():
+                t = tensors[found[(layer, proj)][side]]
+                if tuple(t.shape) != shape:
+                    raise _fail(peft_dir, f"{found[(layer, proj)][side]} has shape {tuple(t.shape)}; "
+                                          f"the base's {proj} ({fan_out}x{fan_in}) with r={r}"
+                                          f"{f', nblocks={n}' if bd else ''} needs {shape}: the adapter "
+                                          "does not fit this base (pass the base it was trained on)")
+            a, b = (tensors[found[(layer, proj)][s]].float() for s in "AB")
+            key = megatron_key(layer, module)
+            if kind == "column":
+                groups.setdefault(key, []).append(a)
+                out[f"{key}.lora_B.{proj}"] = b.view(n, fan_out // n, r // n) if bd else b
+            else:
+                out[f"{key}.lora_A"] = a.view(n, r // n, fan_in // n) if bd else a
+                out[f"{key}.lora_B.{proj}"] = b
+    for key, a_list in groups.items():  # canonical layout: one A per projection, in HF order
+        out[f"{key}.lora_A"] = torch.stack(a_list)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _check_bd_base(peft_dir: str, cfg: AdapterConfig, hf: dict, projections) -> None:
+    n = cfg.nblocks
+    groups = hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    if any(p in projections for p in HF_PROJECTIONS["linear_qkv"]) and groups % n:
+        raise _fail(peft_dir, f"nblocks {n} does not divide the base's {groups} key/value heads: "
+                              "q/k/v blocks would split a query group across TP ranks")
+
+
+def _adapter_config(peft_dir: str, pcfg: dict, projections: list) -> AdapterConfig:
+    bd = pcfg.get("use_bdlora")
+    try:
+        return AdapterConfig(
+            method="bdlora" if bd else "lora", rank=int(pcfg["r"]), alpha=float(pcfg["lora_alpha"]),
+            dropout=float(pcfg.get("lora_dropout") or 0.0), rslora=bool(pcfg.get("use_rslora")),
+            target_modules=projections, nblocks=int(bd["nblocks"]) if bd else 1, layout="canonical")
+    except KeyError as e:
+        raise _fail(peft_dir, f"{PEFT_CONFIG} lacks {e}") from e
+    except (TypeError, ValueError) as e:
+        raise _fail(peft_dir, str(e)) from e
+
+
+def trainer_flags(cfg: AdapterConfig) -> list:
+    """The finetune_llama flags that rebuild this adapter (for continued training with --load)."""
+    flags = ["--adapter", cfg.method, "--lora-rank", str(cfg.rank), "--lora-alpha", f"{cfg.alpha:g}",
+             "--lora-target-modules", *cfg.target_modules, "--lora-layout", cfg.layout]
+    if cfg.rslora:
+        flags.append("--lora-rslora")
+    if cfg.dropout:
+        flags += ["--lora-dropout", f"{cfg.dropout:g}"]
+    if cfg.method == "bdlora":
+        flags += ["--bd-nblocks", str(cfg.nblocks)]
+    return flags
+
+
+def load_peft(peft_dir: str, hf: dict) -> tuple:
+    """(AdapterConfig, global factors) of a PEFT adapter dir, checked against base config `hf`."""
+    pcfg = read_peft_config(peft_dir)
+    tensors = read_peft_tensors(peft_dir)
+    layers = hf["num_hidden_layers"]
+    found = {}
+    for k in tensors:
+        m = _KEY.match(k)
+        if not m or _SUBMODULE.get(m.group(3)) != m.group(2):
+            raise _fail(peft_dir, f"tensor {k} is not a LoRA factor of a Llama projection "
+                                  f"({', '.join(PROJECTIONS)}); only those import")
+        layer, proj, side = int(m.group(1)), m.group(3), m.group(4)
+        if layer >= layers:
+            raise _fail(peft_dir, f"{k} is for layer {layer}; the base has {layers} layers "
+                                  "(pass the base the adapter was trained on)")
+        found.setdefault((layer, proj), {})[side] = k
+    if not found:
+        raise _fail(peft_dir, f"{PEFT_WEIGHTS} holds no LoRA factors")
+    half = next((k for k, v in found.items() if len(v) != 2), None)
+    if half:
+        raise _fail(peft_dir, f"layer {half[0]} {half[1]} has lora_{next(iter(found[half]))} but not "
+                              "both factors; the file is incomplete")
+    projections = _projections(peft_dir, found, layers)
+    cfg = _adapter_config(peft_dir, pcfg, projections)  # stores the targets normalised
+    if cfg.method == "bdlora":
+        _bd_sides(peft_dir, pcfg["use_bdlora"], projections, layers)
+        _check_bd_base(peft_dir, cfg, hf, projections)
+    out = _global_tensors(peft_dir, tensors, found, projections, cfg, hf, layers)
+    expected = expected_global_shapes(hf, cfg)
+    if {k: tuple(v.shape) for k, v in out.items()} != {k: tuple(v) for k, v in expected.items()}:
+        raise _fail(peft_dir, "the factors do not form this project's adapter layout for targets "
+                              f"{list(cfg.target_modules)}")
+    return cfg, out
+
+
+def import_peft(peft_dir: str, hf_checkpoint: str, out: str) -> list:
+    """Write PEFT adapter `peft_dir` for base `hf_checkpoint` as a checkpoint root at `out`.
+
+    Returns the lines the CLI prints. Nothing is written unless every check passes."""
+    out = os.path.abspath(os.path.expanduser(out))
+    if os.path.lexists(out):
+        raise CheckpointError(f"--out {out} already exists; choose a new checkpoint directory")
+    base_dir, hf = check_hf_checkpoint(hf_checkpoint)
+    cfg, tensors = load_peft(peft_dir, hf)
+    base_path = os.path.abspath(base_dir)
+    tokenizer = tokenizer_dir(base_path)
+    # build_config reads these attributes of a model; the import has no model to build
+    model = types.SimpleNamespace(adapter_config=cfg, hf_config=hf, hf_path=base_path,
+                                  tokenizer_path=tokenizer)
+    run_config = {"imported_from": os.path.abspath(peft_dir), "hf_checkpoint": base_path,
+                  "tokenizer_path": tokenizer, "trainer_flags": trainer_flags(cfg)}
+    config = build_config(model, 0, run_config, tensors, tp=1)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    try:
+        step_dir = _save_rank0(tmp, config, tensors, {"step": 0}, None, None, keep_last=None)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    kind = f"BD-LoRA, N={cfg.nblocks}" if cfg.method == "bdlora" else "LoRA"
+    scale = f"alpha={cfg.alpha:g}{' (rsLoRA)' if cfg.rslora else ''}"
+    tps = (f"TP in {[d for d in range(1, cfg.nblocks + 1) if cfg.nblocks % d == 0]}"
+           if cfg.method == "bdlora" else "any TP")
+    return [f"imported {peft_dir} ({kind}, r={cfg.rank}, {scale}, targets "
+            f"{' '.join(cfg.target_modules)}) to {os.path.join(out, os.path.basename(step_dir))}",
+            f"loads at {tps}; evaluate: --eval-only --load {out} --hf-checkpoint {base_path}",
+            f"continue training: --load {out} --hf-checkpoint {base_path} {' '.join(trainer_flags(cfg))}"]
