@@ -30,12 +30,13 @@ def main():
     from megatron_bdlora.checkpoint.hf_import import load_hf_llama
     from megatron_bdlora.data import exact_match, load_records, load_tokenizer
     from megatron_bdlora.inference import generate
-    from megatron_bdlora.parallel import destroy_distributed, init_distributed, is_main_rank
+    from megatron_bdlora.parallel import destroy_distributed, device, init_distributed, is_main_rank
 
     init_distributed(int(os.environ.get("WORLD_SIZE", "1")))
     model = load_hf_llama(args.hf_checkpoint)
     if args.load:
         load_checkpoint(args.load, model, load_optimizer=False)
+    model.to(device())  # the adapter too: generation and the TP logit gather run on the device
     model.eval()
     tok = load_tokenizer(args.tokenizer or model.tokenizer_path)
     records = load_records(args.data_path).select(range(args.limit))

@@ -356,6 +356,11 @@ EXPORTERS = {"hf-peft": export_hf_peft, "hf-peft-bd": export_hf_peft_bd,
              "hf-merged": export_hf_merged, "vllm": export_vllm}
 
 
+def run_base_dtype(ckpt) -> torch.dtype:
+    """The dtype the run held its base model in (bf16 with --bf16): adapters export in it."""
+    return torch.bfloat16 if (ckpt.config.get("run_config") or {}).get("bf16") else torch.float32
+
+
 def export(ckpt_path: str, fmt: str, out: str, hf_checkpoint: str | None = None,
            overwrite: bool = False, name: str | None = None, dtype=None) -> list:
     """Export atomically: everything is built in a temp dir next to `out`, renamed at the end.
@@ -365,6 +370,7 @@ def export(ckpt_path: str, fmt: str, out: str, hf_checkpoint: str | None = None,
         raise CheckpointError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
     out = os.path.abspath(os.path.expanduser(out))
     ckpt = load_for_export(ckpt_path)
+    dtype = dtype or run_base_dtype(ckpt)
     check_export_target(out, ckpt.dir, overwrite)
     base = hf_checkpoint or ckpt.base_name_or_path
     parent = os.path.dirname(out)

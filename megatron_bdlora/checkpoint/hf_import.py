@@ -237,6 +237,8 @@ def load_hf_llama(model_dir_or_hub_name: str, tp: int | None = None, dtype: torc
         model = build_model(hf, tp=world_tp, dtype=dtype, recompute=recompute, init=False,
                             attention_backend=attention_backend,
                             sequence_parallel=sequence_parallel)
+        if torch.cuda.is_available():  # filled in place on the GPU, slice by slice
+            model.cuda()
         load_base_weights(model, ckpt.read, hf)
     model.hf_path = os.path.abspath(model_dir)
     model.hf_name_or_path = str(model_dir_or_hub_name)

@@ -6,12 +6,14 @@ transformers does (llama3 scaling constants from the config, never defaults), an
 `forward_logits` / `lm_loss` run it with the padded vocabulary masked out.
 """
 
+import importlib.util
 import math
 
 import torch
 import torch.nn.functional as F
 
 from megatron_bdlora.parallel.cpu_compat import apply as _cpu_compat
+from megatron_bdlora.parallel.cpu_compat import transformer_config as _cpu_config
 from megatron_bdlora.parallel.sequence_parallel import block_spec
 
 
@@ -87,12 +89,14 @@ def transformer_config(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, params_dtype=dtype, bf16=dtype == torch.bfloat16,
-        sequence_parallel=sequence_parallel,
-        use_cpu_initialization=True, perform_initialization=init,
-        # Fused kernels are CUDA-only; Megatron's unfused paths are numerically the reference.
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        sequence_parallel=sequence_parallel, perform_initialization=init,
+        # RoPE fusion, gradient-accumulation fusion and the persistent norm need Transformer
+        # Engine or apex: off. Megatron-Core's own (jit) fusions are on, except on CPU; the
+        # fused softmax (local attention only) when its compiled kernel is installed.
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        **extra,
+        **{**extra, **_cpu_config(dict(
+            bias_activation_fusion=True, bias_dropout_fusion=True,
+            masked_softmax_fusion=importlib.util.find_spec("scaled_masked_softmax_cuda") is not None))},
     )
 
 
