@@ -26,7 +26,8 @@ def dense_deltas(factors: dict, cfg) -> dict:
         module = key.rsplit(".", 1)[-1]
         sub = "self_attn" if module in ("linear_qkv", "linear_proj") else "mlp"
         a = factors[f"{key}.lora_A"]
-        for k, proj in enumerate(HF_PROJECTIONS[module]):
+        adapted = [p for p in HF_PROJECTIONS[module] if f"{key}.lora_B.{p}" in factors]  # partial targets
+        for k, proj in enumerate(adapted):
             b = factors[f"{key}.lora_B.{proj}"]
             if module in ("linear_qkv", "linear_fc1"):
                 a_c = a[k if cfg.layout == "canonical" else 0]

@@ -121,6 +121,6 @@ def test_config_errors():
     with pytest.raises(ValueError, match="not divisible by nblocks 4"):
         AdapterConfig(method="bdlora", rank=6, nblocks=4)
     with pytest.raises(ValueError, match="unknown target modules"):
-        AdapterConfig(target_modules=("q_proj",))
+        AdapterConfig(target_modules=("qproj",))
     with pytest.raises(ValueError, match="unknown adapter layout"):
         AdapterConfig(layout="packed")

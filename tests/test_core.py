@@ -94,11 +94,11 @@ def _worker_all(hf, sd, factors_by_cfg):
     return out
 
 
-def _layouts(hf, sd):
+def _layouts(hf, sd, configs=CONFIGS):
     """Global factor shapes per config, from a TP=1 build (the layout is TP-independent)."""
     from megatron_bdlora.adapters import global_adapter_layout
 
-    return {name: global_adapter_layout(_model(hf, sd, cfg)) for name, cfg in CONFIGS.items()}
+    return {name: global_adapter_layout(_model(hf, sd, cfg)) for name, cfg in configs.items()}
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,30 @@
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from megatron_bdlora.adapters.layer_types import HF_PROJECTIONS
+
 METHODS = ("bdlora", "lora")
 LAYOUTS = ("canonical", "fused")
 LORA_SHARDINGS = ("slora", "replicated")
 ALL_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+HF_TARGETS = tuple(p for m in ALL_TARGETS for p in HF_PROJECTIONS[m])
+
+
+def normalise_targets(names) -> tuple:
+    """Megatron module names (all their projections) and HF projection names -> the stored form:
+    in model order, the Megatron name of each fully adapted module, else its adapted HF names.
+    Equal adapters get equal forms, and all-module targets keep the form older checkpoints hold."""
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = sorted(set(names) - set(ALL_TARGETS) - set(HF_TARGETS))
+    if unknown or not names:
+        raise ValueError(f"unknown target modules {unknown or names}; choose from Megatron modules "
+                         f"{ALL_TARGETS} or HF projections {HF_TARGETS}")
+    projs = {p for n in names for p in HF_PROJECTIONS.get(n, (n,))}
+    out = []
+    for module in ALL_TARGETS:
+        mine = [p for p in HF_PROJECTIONS[module] if p in projs]
+        out += [module] if len(mine) == len(HF_PROJECTIONS[module]) else mine
+    return tuple(out)
 
 
 @dataclass
@@ -14,6 +34,8 @@ class AdapterConfig:
     """method: bdlora | lora.  layout: canonical (one A per HF projection q,k,v,gate,up, as PEFT,
     vLLM and the paper count) | fused (one A per Megatron module, Megatron-Bridge's default).
     sharding: how plain LoRA is split under TP (slora | replicated); BD-LoRA is always 'bd'.
+    target_modules: Megatron modules and/or HF projections (q_proj, ..., down_proj), stored
+    normalised (`normalise_targets`); a packed module may be adapted in part (canonical only).
     nblocks: N, the number of diagonal blocks (BD only); a property of the adapter, not of the run.
     """
 
@@ -30,7 +52,7 @@ class AdapterConfig:
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        self.target_modules = tuple(self.target_modules)
+        self.target_modules = normalise_targets(self.target_modules)
         if self.method not in METHODS:
             raise ValueError(f"unknown adapter method {self.method!r}; use one of {METHODS}")
         if self.layout not in LAYOUTS:
@@ -45,9 +67,28 @@ class AdapterConfig:
             if self.rank % self.nblocks:
                 raise ValueError(f"BD-LoRA rank {self.rank} is not divisible by nblocks "
                                  f"{self.nblocks}; pick a rank that is a multiple of {self.nblocks}")
-        unknown = set(self.target_modules) - set(ALL_TARGETS)
-        if unknown:
-            raise ValueError(f"unknown target modules {sorted(unknown)}; choose from {ALL_TARGETS}")
+        partial = [m for m in self.modules if len(self.module_projections(m)) < len(HF_PROJECTIONS[m])]
+        if partial and self.layout == "fused":
+            raise ValueError(f"the fused layout shares one A across {partial[0]}'s projections, so it "
+                             f"cannot adapt only {', '.join(self.module_projections(partial[0]))}; "
+                             "use --lora-layout canonical or target the whole module")
+
+    @property
+    def projections(self) -> tuple:
+        """The adapted HF projections, in model order."""
+        return tuple(p for p in HF_TARGETS if self.adapts(p))
+
+    @property
+    def modules(self) -> tuple:
+        """The Megatron modules with at least one adapted projection."""
+        return tuple(m for m in ALL_TARGETS if self.module_projections(m))
+
+    def module_projections(self, module: str) -> tuple:
+        return tuple(p for p in HF_PROJECTIONS[module] if self.adapts(p))
+
+    def adapts(self, projection: str) -> bool:
+        return projection in self.target_modules or any(
+            projection in HF_PROJECTIONS[m] for m in self.target_modules if m in HF_PROJECTIONS)
 
     @property
     def strategy(self) -> str:

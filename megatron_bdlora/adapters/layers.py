@@ -33,11 +33,11 @@ import hashlib
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from megatron_bdlora.adapters import comm
 from megatron_bdlora.adapters.config import AdapterConfig
 from megatron_bdlora.adapters.layer_types import TargetSpec
+from megatron_bdlora.adapters.lowrank import Geometry, Slot, add_lowrank
 
 
 def _seed(*key) -> int:
@@ -51,8 +51,9 @@ def _kaiming_uniform(shape, fan_in, key) -> torch.Tensor:
     return torch.empty(shape).uniform_(-bound, bound, generator=gen)
 
 
-def validate(spec: TargetSpec, cfg: AdapterConfig, tp: int, name: str) -> None:
-    """The constraints of design.md §1, each a one-line error naming the fix."""
+def validate(spec: TargetSpec, cfg: AdapterConfig, tp: int, name: str, adapted=None) -> None:
+    """The constraints of design.md §1, each a one-line error naming the fix (`adapted`: the
+    constituents with a LoRA; default all)."""
     r = cfg.rank
     if cfg.strategy == "bd":
         n = cfg.nblocks
@@ -61,7 +62,7 @@ def validate(spec: TargetSpec, cfg: AdapterConfig, tp: int, name: str) -> None:
                              f"BD-LoRA with {n} blocks runs at TP in {_divisors(n)}")
         if spec.kind == "column":
             for c, out in spec.constituents:
-                if out % n:
+                if out % n and (adapted is None or c in adapted):
                     raise ValueError(f"{name}: {c} output size {out} is not divisible by "
                                      f"--bd-nblocks {n}")
             if spec.interleave > 1 and spec.interleave % n:
@@ -79,13 +80,6 @@ def _divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _times_blocks(u, w):
-    """Per request and block: u (b, s, n*r) times w (b, n, o, r) -> (b, s, n*o)."""
-    n = w.shape[1]
-    return torch.matmul(u.unflatten(-1, (n, -1)).transpose(1, 2),
-                        w.transpose(-1, -2)).transpose(1, 2).flatten(-2)
-
-
 class AdapterLinear(nn.Module):
     """A frozen Megatron-Core parallel linear plus this rank's share of a LoRA / BD-LoRA adapter."""
 
@@ -93,12 +87,17 @@ class AdapterLinear(nn.Module):
     adapter_stack: dict | None = None
     adapter_index: torch.Tensor | None = None
     adapter_index_is_identity: bool = False  # adapter_index == arange(K): skip the gather
+    _batch_factors_cache: tuple | None = None  # (adapter_index, dtype, per-request factors)
 
     def __init__(self, base: nn.Module, spec: TargetSpec, cfg: AdapterConfig, name: str,
                  tp_rank: int, tp_size: int):
         super().__init__()
-        validate(spec, cfg, tp_size, name)
         self.base, self.spec, self.cfg, self.name = base, spec, cfg, name
+        # The constituents with a LoRA (a packed module may be adapted in part).
+        self.adapted = tuple(c for c, _ in spec.constituents if cfg.adapts(c))
+        if not self.adapted:
+            raise ValueError(f"{name}: no projection of this module is targeted")
+        validate(spec, cfg, tp_size, name, self.adapted)
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.strategy = cfg.strategy
         self.scale = cfg.scale
@@ -135,14 +134,15 @@ class AdapterLinear(nn.Module):
             else:
                 self.lora_B[pname.split(".", 1)[1]] = param
             self.shard_dims[pname] = dim
+        self.geometry = self._geometry()
 
     # ---- layout -----------------------------------------------------------------------------
     @property
     def groups(self) -> list:
-        """A-factor groups: one per constituent (canonical) or one shared (fused / row)."""
+        """A-factor groups: one per adapted constituent (canonical) or one shared (fused / row)."""
         if self.spec.kind == "column" and self.cfg.layout == "canonical":
-            return [c for c, _ in self.spec.constituents]
-        return ["fused"] if self.spec.kind == "column" else [self.spec.constituents[0][0]]
+            return list(self.adapted)
+        return ["fused"] if self.spec.kind == "column" else list(self.adapted)
 
     def group_of(self, constituent: str) -> int:
         groups = self.groups
@@ -169,8 +169,9 @@ class AdapterLinear(nn.Module):
             layout["lora_A"] = ((len(groups), r, s.in_features),
                                 None if self.strategy == "replicated" else 1, init_a)
             for c, out in s.constituents:
-                shape = (n, out // n, r // n) if bd else (out, r)
-                layout[f"lora_B.{c}"] = (shape, 0, zeros)
+                if c in self.adapted:
+                    shape = (n, out // n, r // n) if bd else (out, r)
+                    layout[f"lora_B.{c}"] = (shape, 0, zeros)
         else:
             (c, out), = s.constituents
             if bd:
@@ -186,6 +187,26 @@ class AdapterLinear(nn.Module):
                 layout[f"lora_B.{c}"] = ((out, r), 0 if self.strategy == "slora" else None, zeros)
         return layout
 
+    def _geometry(self) -> Geometry:
+        """Where each B factor writes in this rank's base output, and which u columns it reads."""
+        t = self.tp_size
+        if self.spec.kind == "row":
+            (b,) = self.lora_B.values()
+            out = self.spec.out_features
+            offset = self.tp_rank * b.shape[0] if self.strategy == "slora" else 0  # this rank's slice
+            return Geometry(1, out, (Slot(0, 1, b.shape[1], offset, b.shape[0]),))
+        lg = self.local_groups
+        # u holds one block of rank columns per A group; S-LoRA's is gathered to the full rank
+        r_u = self.cfg.rank // t if self.strategy == "bd" else self.cfg.rank
+        slots, offset = [], 0
+        for c, out in self.spec.constituents:
+            width = out // (lg * t)  # per interleave group, local
+            if c in self.adapted:
+                nb = self.lora_B[c].shape[0] if self.strategy == "bd" else 1
+                slots.append(Slot(self.group_of(c) * r_u, nb, r_u // nb, offset, width))
+            offset += width
+        return Geometry(lg, offset, tuple(slots))
+
     def _local_shape(self, shape, dim):
         if dim is None:
             return shape
@@ -198,55 +219,54 @@ class AdapterLinear(nn.Module):
         return {"lora_A": self.lora_A, **{f"lora_B.{c}": p for c, p in self.lora_B.items()}}
 
     # ---- forward ----------------------------------------------------------------------------
+    # u = x·Aᵀ (the shrink: one GEMM, or one batched GEMM over BD blocks / requests), then the
+    # strategy's collective on u (S-LoRA), then `add_lowrank` accumulates s·u·Bᵀ into the base
+    # output in place. Tensors are (R, T, features), R = 1 for one adapter (lowrank.py).
     def forward(self, x, *args, **kwargs):
-        if self.adapter_index is not None:
-            return self._multi_forward(x, *args, **kwargs)
+        multi = self.adapter_index is not None
+        if multi:
+            factors = self._batch_factors(x)
+        elif not self.merged:
+            factors = {k: p.to(x.dtype) for k, p in self.adapter_params().items()}
         if self.spec.kind == "column":
-            return self._column_forward(x, *args, **kwargs)
-        return self._row_forward(x, *args, **kwargs)
-
-    def _column_forward(self, x, *args, **kwargs):
-        x = comm.column_input(x, self.sequence_parallel)
-        out, bias = self.base(x, *args, **kwargs)
-        if self.merged:
+            x = comm.column_input(x, self.sequence_parallel)
+            out, bias = self.base(x, *args, **kwargs)
+            if multi or not self.merged:
+                out = self._add_delta(out, self._column_u(x, factors, multi), factors, multi)
             return out, bias
-        a = self.lora_A if self.strategy != "replicated" else comm.replicated_factor(self.lora_A)
-        a = a.to(x.dtype)
-        u = torch.einsum("...i,gri->...gr", self.dropout(x), a)  # (..., groups, r_local)
-        if self.strategy == "slora":
-            u = comm.all_gather_last_dim(u)
-        ys = []
-        for c, b in self.lora_B.items():
-            b = b.to(x.dtype)
-            uc = u[..., self.group_of(c), :]
-            if self.strategy == "bd":
-                nb, _, rb = b.shape
-                y = torch.einsum("...nr,nor->...no", uc.unflatten(-1, (nb, rb)), b).flatten(-2)
-            else:
-                y = F.linear(uc, b)
-            ys.append(y.unflatten(-1, (self.local_groups, -1)))
-        delta = torch.cat(ys, dim=-1).flatten(-2)
-        return out + self.scale * delta, bias
-
-    def _row_forward(self, x, *args, **kwargs):
         partial, bias = self.base(x, *args, **kwargs)  # not yet reduced
-        if not self.merged:
-            (b,) = self.lora_B.values()
-            a, b = self.lora_A.to(x.dtype), b.to(x.dtype)
-            xd = self.dropout(x)
-            if self.strategy == "bd":
-                nb = a.shape[0]
-                u = torch.einsum("...ni,nri->...nr", xd.unflatten(-1, (nb, -1)), a)
-                partial = partial + self.scale * F.linear(u.flatten(-2), b)
-            elif self.strategy == "slora":
-                u = comm.all_reduce_fwd_bwd(F.linear(xd, a))
-                y = F.linear(u, b) * self.scale  # this rank's slice of the output
-                pad = [self.tp_rank * y.shape[-1], (self.tp_size - 1 - self.tp_rank) * y.shape[-1]]
-                partial = partial + F.pad(y, pad)
-            else:
-                u = F.linear(xd, a)
-                partial = partial + self.scale * F.linear(u, comm.replicated_factor(b))
+        if multi or not self.merged:
+            partial = self._add_delta(partial, self._row_u(x, factors, multi), factors, multi)
         return comm.row_output(partial, self.sequence_parallel), bias
+
+    def _rows(self, x, multi):
+        return x.transpose(0, 1) if multi else x.reshape(1, -1, x.shape[-1])
+
+    def _column_u(self, x, f, multi):
+        a = f["lora_A"].flatten(-3, -2)  # (R?, groups*r_local, in)
+        if self.strategy == "replicated" and not multi:
+            a = comm.replicated_factor(a)
+        u = torch.matmul(self._rows(self.dropout(x), multi), a.transpose(-1, -2))
+        if self.strategy == "slora":  # gather each group's rank shards
+            u = comm.all_gather_last_dim(u.unflatten(-1, (len(self.groups), -1))).flatten(-2)
+        return u
+
+    def _row_u(self, x, f, multi):
+        a, x3 = f["lora_A"], self._rows(self.dropout(x), multi)
+        if self.strategy != "bd":
+            u = torch.matmul(x3, a.transpose(-1, -2))
+            return comm.all_reduce_fwd_bwd(u) if self.strategy == "slora" else u
+        r, t, _ = x3.shape  # per request and block: (R*n, T, in/n) x (R*n, in/n, r/n)
+        nb, rb, ib = a.shape[-3:]
+        xb = x3.unflatten(-1, (nb, ib)).permute(0, 2, 1, 3).reshape(r * nb, t, ib)
+        u = torch.bmm(xb, a.reshape(-1, rb, ib).transpose(1, 2))
+        return u.view(r, nb, t, rb).transpose(1, 2).reshape(r, t, nb * rb)
+
+    def _add_delta(self, out, u, f, multi):
+        bs = [f[f"lora_B.{c}"] for c in self.adapted]
+        if self.spec.kind == "row" and self.strategy == "replicated" and not multi:
+            bs = [comm.replicated_factor(bs[0])]
+        return add_lowrank(out, u, bs, self.geometry, self.scale, batch_major=multi)
 
     # ---- multi-adapter batching (inference) -------------------------------------------------
     def load_global_stack(self, states: list) -> None:
@@ -268,9 +288,19 @@ class AdapterLinear(nn.Module):
                 shards.append(t if dim is None else t.chunk(self.tp_size, dim)[self.tp_rank])
             stack[pname] = torch.stack(shards).to(device=p.device, dtype=p.dtype).contiguous()
         self.adapter_stack = stack
+        self.set_adapter_index(None)
 
-    def _multi_forward(self, x, *args, **kwargs):
-        """Every request b of the [seq, batch, hidden] input uses adapter `adapter_index[b]`."""
+    def set_adapter_index(self, index: torch.Tensor | None) -> None:
+        """Request b of the following forwards uses stacked adapter index[b] (None: off)."""
+        self.adapter_index = index
+        k = None if self.adapter_stack is None else next(iter(self.adapter_stack.values())).shape[0]
+        self.adapter_index_is_identity = (index is not None and index.numel() == k
+                                          and torch.equal(index.cpu(), torch.arange(k)))
+        self._batch_factors_cache = None
+
+    def _batch_factors(self, x) -> dict:
+        """Per-request factors (R, *local shape), gathered and cast once per adapter batch, not
+        once per forward (a decode step runs every layer once per generated token)."""
         if self.adapter_stack is None:
             raise RuntimeError(f"{self.name}: adapter_index is set but no adapters were loaded "
                                "with load_global_stack")
@@ -280,40 +310,12 @@ class AdapterLinear(nn.Module):
         if x.dim() != 3 or x.shape[1] != idx.shape[0]:
             raise ValueError(f"{self.name}: input {tuple(x.shape)} is not [seq, batch={idx.shape[0]}, "
                              "hidden]")
-        # per-request factors (b, *local shape): each request reads its own adapter; when request
-        # b uses adapter b (the adapter_batch fast path) the stack is used as is, no gather copy
-        st = {k: (v if self.adapter_index_is_identity else v.index_select(0, idx)).to(x.dtype)
-              for k, v in self.adapter_stack.items()}
-        bd, slora = self.strategy == "bd", self.strategy == "slora"
-        # Batch-major (b, s, .) products: one bmm per factor, the per-request weights read in
-        # place (transposed views), which costs about half of the einsum formulation per decode
-        # step on CPU, where these small ops are dominated by their count, not their bytes.
-        if self.spec.kind == "column":
-            x = comm.column_input(x, self.sequence_parallel)
-            out, bias = self.base(x, *args, **kwargs)
-            a = st["lora_A"]  # (b, groups, r_local, in)
-            u = torch.bmm(self.dropout(x).transpose(0, 1), a.flatten(1, 2).transpose(1, 2))
-            u = u.unflatten(-1, a.shape[1:3])  # (b, s, groups, r_local)
-            if slora:
-                u = comm.all_gather_last_dim(u)
-            ys = []
-            for c in self.lora_B:
-                b, uc = st[f"lora_B.{c}"], u[:, :, self.group_of(c)]
-                y = _times_blocks(uc, b) if bd else torch.bmm(uc, b.transpose(1, 2))
-                ys.append(y.unflatten(-1, (self.local_groups, -1)))
-            delta = torch.cat(ys, dim=-1).flatten(-2).transpose(0, 1)
-            return out + self.scale * delta, bias
-
-        partial, bias = self.base(x, *args, **kwargs)  # not yet reduced
-        (c,) = self.lora_B
-        a, b, xb = st["lora_A"], st[f"lora_B.{c}"], self.dropout(x).transpose(0, 1)
-        u = _times_blocks(xb, a) if bd else torch.bmm(xb, a.transpose(1, 2))
-        if slora:
-            u = comm.all_reduce_fwd_bwd(u)
-        y = self.scale * torch.bmm(u, b.transpose(1, 2)).transpose(0, 1)
-        if slora:  # this rank's slice of the output
-            y = F.pad(y, [self.tp_rank * y.shape[-1], (self.tp_size - 1 - self.tp_rank) * y.shape[-1]])
-        return comm.row_output(partial + y, self.sequence_parallel), bias
+        cache = self._batch_factors_cache
+        if cache is None or cache[0] is not idx or cache[1] != x.dtype:
+            st = {k: (v if self.adapter_index_is_identity else v.index_select(0, idx)).to(x.dtype)
+                  for k, v in self.adapter_stack.items()}
+            self._batch_factors_cache = cache = (idx, x.dtype, st)
+        return cache[2]
 
     # ---- merge ------------------------------------------------------------------------------
     def local_delta(self) -> torch.Tensor:
@@ -327,12 +329,14 @@ class AdapterLinear(nn.Module):
                 a = gathered["lora_A"] if dim_a else a
                 if self.spec.kind == "row":
                     bs = {c: gathered[f"lora_B.{c}"] for c in bs}
-            if self.spec.kind == "column":
-                rows = []
-                for c, b in bs.items():
+            if self.spec.kind == "column":  # zero rows for the constituents left out
+                geo = self.geometry
+                delta = a.new_zeros(geo.groups, geo.group_size, a.shape[-1])
+                for slot, (c, b) in zip(geo.slots, bs.items()):
                     b = torch.block_diag(*b) if self.strategy == "bd" else b
-                    rows.append((b @ a[self.group_of(c)]).unflatten(0, (self.local_groups, -1)))
-                return self.scale * torch.cat(rows, dim=1).flatten(0, 1)
+                    delta[:, slot.offset:slot.offset + slot.width] = (
+                        b @ a[self.group_of(c)]).view(geo.groups, slot.width, -1)
+                return self.scale * delta.flatten(0, 1)
             (b,) = bs.values()
             a = torch.block_diag(*a) if self.strategy == "bd" else a
             return self.scale * (b @ a)

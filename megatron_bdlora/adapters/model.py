@@ -18,7 +18,7 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> list:
     for p in model.parameters():
         p.requires_grad_(False)
     config = model.config
-    found = {t: 0 for t in cfg.target_modules}
+    found = {t: 0 for t in cfg.modules}
     wrappers = []
     for name, module in list(model.named_modules()):
         leaf = name.rsplit(".", 1)[-1]

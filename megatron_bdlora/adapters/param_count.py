@@ -30,8 +30,8 @@ def adapter_params_per_layer(hf: dict, cfg: AdapterConfig) -> int:
     r = cfg.rank
     n = cfg.nblocks if cfg.method == "bdlora" else 1
     total = 0
-    for module in cfg.target_modules:
-        projs = [p for p, (m, _) in PROJECTIONS.items() if m == module]
+    for module in cfg.modules:
+        projs = cfg.module_projections(module)  # the adapted ones (partial targets: canonical)
         kind = PROJECTIONS[projs[0]][1]
         if kind == "row":
             (p,) = projs

@@ -99,8 +99,8 @@ def lora_shards(hf: dict, cfg: AdapterConfig, tp: int) -> list:
         if hf["num_key_value_heads"] % n:
             raise ValueError(f"N={n} must divide the KV heads ({hf['num_key_value_heads']})")
     out = []
-    for module in cfg.target_modules:
-        projs = [p for p, (m, _) in PROJECTIONS.items() if m == module]
+    for module in cfg.modules:
+        projs = cfg.module_projections(module)
         if PROJECTIONS[projs[0]][1] == "column":
             fan_in = shapes[projs[0]][0]
             r_col = (len(projs) if cfg.layout == "canonical" else 1) * r  # stacked shrink width

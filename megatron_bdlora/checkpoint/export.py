@@ -22,7 +22,6 @@ import tempfile
 
 import torch
 
-from megatron_bdlora.adapters.layer_types import HF_PROJECTIONS
 from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint, _fsync_dir
 from megatron_bdlora.checkpoint.export_guard import check_export_target, mark_export
 from megatron_bdlora.checkpoint.hf_import import (
@@ -34,7 +33,8 @@ from megatron_bdlora.checkpoint.hf_import import (
 )
 
 FORMATS = ("hf-peft", "hf-peft-bd", "hf-merged", "vllm")
-# Megatron module (leaf) -> (HF sub-module, column|row); projections from layer_types.HF_PROJECTIONS
+# Megatron module (leaf) -> (HF sub-module, column|row); the adapted projections come from the
+# adapter config (`module_projections`: partial targets list only theirs)
 MODULES = {
     "linear_qkv": ("self_attention", "self_attn", "column"),
     "linear_proj": ("self_attention", "self_attn", "row"),
@@ -59,8 +59,8 @@ def hf_module(layer: int, module: str, proj: str) -> str:
 
 
 def hf_target_modules(cfg) -> list:
-    return [p for m in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-            if m in cfg.target_modules for p in HF_PROJECTIONS[m]]
+    """The adapted HF projections (partial targets list only those)."""
+    return list(cfg.projections)
 
 
 def projection_shapes(hf: dict) -> dict:
@@ -75,9 +75,9 @@ def expected_global_shapes(hf: dict, cfg) -> dict:
     r, n, bd = cfg.rank, cfg.nblocks, cfg.method == "bdlora"
     out = {}
     for layer in range(hf["num_hidden_layers"]):
-        for module in cfg.target_modules:
+        for module in cfg.modules:
             key = megatron_key(layer, module)
-            projs = HF_PROJECTIONS[module]
+            projs = cfg.module_projections(module)
             fan_in = shapes[projs[0]][0]
             if MODULES[module][2] == "column":
                 groups = len(projs) if cfg.layout == "canonical" else 1
@@ -100,10 +100,10 @@ def hf_factors(tensors: dict, cfg, hf: dict, packed: bool = False) -> dict:
                               "LoRA - export it as hf-peft")
     out = {}
     for layer in range(hf["num_hidden_layers"]):
-        for module in cfg.target_modules:
+        for module in cfg.modules:
             key = megatron_key(layer, module)
             a = tensors[f"{key}.lora_A"]
-            for g, proj in enumerate(HF_PROJECTIONS[module]):
+            for g, proj in enumerate(cfg.module_projections(module)):
                 b = tensors[f"{key}.lora_B.{proj}"]
                 if MODULES[module][2] == "column":
                     a_p = a[g if cfg.layout == "canonical" else 0]  # fused: shared A duplicated
@@ -131,7 +131,8 @@ def peft_config(cfg, base: str | None, bd: bool = False) -> dict:
         "rank_pattern": {}, "alpha_pattern": {},
     }
     if bd:
-        out["use_bdlora"] = {"target_modules_bd_a": BD_A_MODULES, "target_modules_bd_b": BD_B_MODULES,
+        out["use_bdlora"] = {"target_modules_bd_a": [p for p in BD_A_MODULES if cfg.adapts(p)],
+                             "target_modules_bd_b": [p for p in BD_B_MODULES if cfg.adapts(p)],
                              "nblocks": cfg.nblocks, "match_strict": True}
     return out
 

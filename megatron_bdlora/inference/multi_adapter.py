@@ -5,7 +5,8 @@
         tokens = greedy_generate(model, ids, 16)
 
 Each `AdapterLinear` keeps the K adapters' local shards stacked on a leading dimension and
-gathers, per request, the factors named by `adapter_index` (`AdapterLinear._multi_forward`).
+gathers, per request, the factors named by `adapter_index`, once per batch: every forward of the
+batch (each decode step) reuses them (`AdapterLinear._batch_factors`).
 The sharding, and so the collectives, are those of the single-adapter path: `bd` needs no
 communication, `slora` keeps its all-gather / all-reduce of the (tokens, r) activations,
 `replicated` keeps its replicated LoRA FLOPs. Inference only: the stacks are not parameters.
@@ -36,7 +37,7 @@ def load_adapter_stack(model, states: list) -> None:
 def clear_adapter_stack(model) -> None:
     for m in adapter_modules(model).values():
         m.adapter_stack = None
-        m.adapter_index = None
+        m.set_adapter_index(None)
 
 
 @contextlib.contextmanager
@@ -50,12 +51,9 @@ def adapter_batch(model, adapter_index: torch.Tensor):
         k = next(iter(m.adapter_stack.values())).shape[0]
         if adapter_index.numel() and (adapter_index.min() < 0 or adapter_index.max() >= k):
             raise ValueError(f"adapter_index {adapter_index.tolist()} out of range for {k} adapters")
-        m.adapter_index = adapter_index.to(m.lora_A.device)
-        m.adapter_index_is_identity = (adapter_index.numel() == k and
-                                       torch.equal(adapter_index, torch.arange(k)))
+        m.set_adapter_index(adapter_index.to(m.lora_A.device))
     try:
         yield
     finally:
         for m in mods:
-            m.adapter_index = None
-            m.adapter_index_is_identity = False
+            m.set_adapter_index(None)
