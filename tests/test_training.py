@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+from launch_utils import descendants, make_demo_data
 from megatron_bdlora.checkpoint.adapter_checkpoint import (
     AdapterCheckpoint,
     list_checkpoints,
@@ -58,9 +59,7 @@ def metrics(save_dir):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
-    subprocess.run([sys.executable, os.path.join(ROOT, "examples", "make_demo_data.py"), "--out",
-                    "data", "--seed", "0", "--num-train", "400", "--num-eval", "64",
-                    "--num-pretrain", "800"], cwd=d, check=True, capture_output=True)
+    make_demo_data(d)
     launch(["--model-preset", "tiny", "--tokenizer", "data/tokenizer", "--adapter", "none",
             "--data-path", "data/pretrain.jsonl", "--pack-sequences", "--seq-length", 64,
             "--micro-batch-size", 16, "--train-iters", 30, "--lr", 3e-3, "--save", "base_run"], d)
@@ -227,24 +226,6 @@ def test_error_no_target_tokens(work):
 
 
 # ---- crash during save ------------------------------------------------------------------------
-def _descendants(pid: int) -> list:
-    children = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def test_kill_during_save_leaves_loadable_checkpoint(work):
     save = work / "killed"
     args = [*FT[:-4], "--train-iters", 10000, "--save", save, "--save-interval", 1,
@@ -263,7 +244,7 @@ def test_kill_during_save_leaves_loadable_checkpoint(work):
         finally:
             # torchrun starts its workers in their own session: kill the whole tree by pid,
             # the worker (the process that is saving) first
-            for pid in reversed(_descendants(p.pid)):
+            for pid in reversed(descendants(p.pid)):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             os.killpg(p.pid, signal.SIGKILL)

@@ -13,14 +13,16 @@ warnings.filterwarnings("ignore")
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_bdlora.training.arguments import POSITIVE, OneLineParser
+
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-checkpoint", required=True)
     p.add_argument("--load", help="adapter checkpoint (default: the base alone)")
     p.add_argument("--tokenizer")
     p.add_argument("--data-path", required=True)
-    p.add_argument("--limit", type=int, default=200)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--limit", type=POSITIVE, default=200, help="at most this many records")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=16)
+    p.add_argument("--batch-size", type=POSITIVE, default=50)
     p.add_argument("--json")
     args = p.parse_args()
 
@@ -29,6 +31,7 @@ def main():
     from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint
     from megatron_bdlora.checkpoint.hf_import import load_hf_llama
     from megatron_bdlora.data import exact_match, load_records, load_tokenizer
+    from megatron_bdlora.errors import InputError
     from megatron_bdlora.inference import generate
     from megatron_bdlora.parallel import destroy_distributed, device, init_distributed, is_main_rank
 
@@ -39,7 +42,11 @@ def main():
     model.to(device())  # the adapter too: generation and the TP logit gather run on the device
     model.eval()
     tok = load_tokenizer(args.tokenizer or model.tokenizer_path)
-    records = load_records(args.data_path).select(range(args.limit))
+    records = load_records(args.data_path)
+    if not {"prompt", "completion"} <= set(records.column_names):
+        raise InputError(f"{args.data_path} has fields {records.column_names}; exact match needs "
+                         "prompt/completion records")
+    records = records.select(range(min(args.limit, len(records))))  # small sets: all of them
     predictions = []
     with torch.no_grad():
         for i in range(0, len(records), args.batch_size):
@@ -62,4 +69,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from megatron_bdlora.launch.rank import run_rank
+
+    run_rank(main)  # bad input: one line, exit 2

@@ -9,6 +9,7 @@ slice into micro-batches (more than one per rank means gradient accumulation).
 import torch
 
 from megatron_bdlora.data.packing import collate
+from megatron_bdlora.errors import InputError
 
 
 class DistributedBatchSampler:
@@ -29,7 +30,7 @@ class DistributedBatchSampler:
             raise ValueError(f"global batch size {global_batch_size} must be a multiple of "
                              f"micro_batch_size {micro_batch_size} x dp_size {dp_size}")
         if num_rows < global_batch_size:
-            raise ValueError(f"the dataset has {num_rows} rows, fewer than one global batch of "
+            raise InputError(f"the dataset has {num_rows} rows, fewer than one global batch of "
                              f"{global_batch_size}; lower the batch size or add data")
         self.num_rows, self.micro_batch_size = num_rows, micro_batch_size
         self.dp_rank, self.dp_size, self.global_batch_size = dp_rank, dp_size, global_batch_size
@@ -90,7 +91,7 @@ class DistributedBatchSampler:
     def load_state_dict(self, state: dict):
         for key in ("seed", "num_rows", "global_batch_size"):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"cannot resume data order: saved {key}={state[key]} but this run "
+                raise InputError(f"cannot resume data order: saved {key}={state[key]} but this run "
                                  f"has {getattr(self, key)}; resume with the same data and batching")
         position = int(state["position"])
         saved_split = (state.get("micro_batch_size", self.micro_batch_size),
@@ -99,7 +100,7 @@ class DistributedBatchSampler:
             # Another dp/micro split of the same global batches: convertible only between steps.
             saved_per_global = self.global_batch_size // (saved_split[0] * saved_split[1])
             if position % saved_per_global:
-                raise ValueError("cannot resume mid global batch with a different dp_size or "
+                raise InputError("cannot resume mid global batch with a different dp_size or "
                                  "micro_batch_size")
             position = position // saved_per_global * self.micro_per_global
         self.epoch, self.position = int(state["epoch"]), position

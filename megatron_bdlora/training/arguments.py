@@ -7,6 +7,7 @@ one line (an InputError); the files are checked by launch/preflight.py.
 """
 
 import argparse
+import math
 import os
 import re
 
@@ -40,7 +41,8 @@ def _bounded(kind, low, name, high=None, low_open=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
-        if (value <= low if low_open else value < low) or (high is not None and value >= high):
+        if not math.isfinite(value) or (value <= low if low_open else value < low) or \
+                (high is not None and value >= high):
             raise argparse.ArgumentTypeError(f"must be {name}, got {text}")
         return value
     check.__name__ = kind.__name__
@@ -218,7 +220,13 @@ def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:
 
 
 def _local_path_error(flag: str, path: str) -> None:
-    if path and not os.path.exists(os.path.expanduser(path)) and not HUB_NAME.match(path):
+    """A path that does not exist and is no hub name (or names a data file) never goes to the Hub."""
+    from megatron_bdlora.data.loader import EXTENSIONS
+
+    if not path or os.path.exists(os.path.expanduser(path)):
+        return
+    if not HUB_NAME.match(path) or (flag.endswith("data-path") and
+                                    os.path.splitext(path)[1] in EXTENSIONS):
         raise InputError(f"{flag} {path} does not exist (a hub name looks like owner/name)")
 
 
