@@ -59,6 +59,9 @@ class KVCacheSession:
     def __init__(self, model, batch_size: int, max_length: int):
         from megatron.core.inference.contexts import StaticInferenceContext
 
+        if model.config.sequence_parallel:  # a decode step is one token: nothing to split
+            raise ValueError("generation runs on a model built without --sequence-parallel "
+                             "(the adapter is the same); rebuild it with sequence_parallel=False")
         self.model = model
         self.vocab = model.hf_config["vocab_size"]
         self.batch_size, self.max_length = batch_size, max_length
