@@ -172,3 +172,32 @@ def test_gpu_readiness_semantics(tmp_path):
     # DP ranks hold the same (synced) gradient
     for a, b in zip(results[0]["dp"]["got"], results[1]["dp"]["got"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_memory_model_attention_and_sequence_parallel():
+    """Local attention keeps 6*b*(heads/t)*s^2 bytes of scores per layer (~0.8 GB for the 8B
+    recipe's micro-batch at seq 4096), flash O(s); SP splits activations; the recipes use both."""
+    import yaml
+
+    from megatron_bdlora.benchmarks import memory_model as mm
+    from megatron_bdlora.benchmarks.cost_model import make_adapter
+    from megatron_bdlora.models.presets import get_preset
+
+    hf, cfg = get_preset("llama3.1-8b"), make_adapter("bd", 64, nblocks=8)
+    kw = dict(tp=8, micro_batch=2, seq=4096, adapter=cfg)
+    sdpa, local = mm.estimate(hf, **kw), mm.estimate(hf, attention="local", **kw)
+    per_layer = 6 * 2 * 32 // 8 * 4096 ** 2
+    assert local["attention_scores_per_layer"] == per_layer and 0.75e9 < per_layer < 0.85e9
+    assert local["activations_no_recompute"] - sdpa["activations_no_recompute"] == \
+        hf["num_hidden_layers"] * (per_layer - sdpa["attention_scores_per_layer"])
+    # with recompute only one layer's scores are alive
+    rec = mm.estimate(hf, attention="local", recompute=True, **kw)
+    assert rec["activations_full_recompute"] < sdpa["activations_no_recompute"]
+    sp = mm.estimate(hf, sequence_parallel=True, **kw)
+    assert sp["activations_no_recompute"] < 0.75 * sdpa["activations_no_recompute"]
+    assert sp["activations_full_recompute"] < sdpa["activations_full_recompute"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("llama3.1-8b_bdlora_a100.yaml", "llama3.1-70b_bdlora_a100.yaml"):
+        with open(os.path.join(root, "examples", "recipes", name)) as f:
+            recipe = yaml.safe_load(f)
+        assert recipe["attention-backend"] == "sdpa" and recipe["sequence-parallel"] is True

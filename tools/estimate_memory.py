@@ -36,6 +36,11 @@ def build_parser():
     p.add_argument("--bd-nblocks", type=int, default=8)
     p.add_argument("--recompute-activations", action="store_true",
                    help="full activation recompute, one checkpoint per decoder layer")
+    p.add_argument("--attention-backend", choices=["sdpa", "local"], default="sdpa",
+                   help="sdpa: flash attention, O(s) saved; local: Megatron's DotProductAttention, "
+                   "which keeps the (b, heads/t, s, s) scores")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="activations between TP regions split along the sequence")
     p.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard fp32 master weights and AdamW states over data parallel ranks")
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="GiB per GPU (A100-80GB: 80)")
@@ -73,7 +78,8 @@ def run(args) -> dict:
     res = mm.estimate(hf, args.tensor_model_parallel_size, args.data_parallel_size,
                       args.micro_batch_size, args.seq_length, adapter, args.recompute_activations,
                       args.use_distributed_optimizer, args.overhead_gb, args.gpu_memory_gb,
-                      args.serve_batch, args.serve_seq)
+                      args.serve_batch, args.serve_seq, args.attention_backend,
+                      args.sequence_parallel)
     res["model_preset"] = args.model_preset
     return res
 
@@ -91,6 +97,8 @@ def print_table(res):
         desc = f"{a['method']} r={a['rank']} {split} ({a['layout']})"
     print(f"{res['model_preset']}: TP={res['tp']} DP={res['dp']} micro-batch={res['micro_batch']} "
           f"seq={res['seq']} adapter={desc}, {res['adapter_params_per_gpu'] / 1e6:.2f}M adapter params/GPU")
+    print(f"attention {res['attention']} ({gib(res['attention_scores_per_layer']).strip()} of scores "
+          f"per layer), sequence parallel {'on' if res['sequence_parallel'] else 'off'}")
     print("Training, per GPU:")
     for k, v in res["train"].items():
         print(f"  {k:<32}{gib(v)}")

@@ -7,15 +7,23 @@ Training, per GPU (bf16 mixed precision, frozen base, AdamW on adapter parameter
                  replicated keeps full copies), bf16 compute copy + fp32 master, fp32 grads,
                  AdamW exp_avg + exp_avg_sq in fp32; master and AdamW states shard over DP with
                  the distributed optimizer.
-  activations    per micro-batch, bytes saved for backward per decoder layer (no sequence
-                 parallel, flash attention so no s^2 term, SwiGLU, GQA, RMSNorm, no dropout):
-                     s*b*[8h + (4h + 4*g*d + 6f)/t]
-                 8h: inputs of the two RMSNorms, linear_qkv and linear_fc1 (replicated over TP);
-                 4h+4gd: q, k, v and attention output; 6f: fc1 output (gate, up) and fc2 input.
-                 It is Korthikanti et al. 2022's sbh(10 + 24/t + 5as/(ht)) redone for Llama.
+  activations    per micro-batch, bytes saved for backward per decoder layer (SwiGLU, GQA,
+                 RMSNorm, no dropout):
+                     s*b*[8h + (4h + 4*g*d + 6f)/t] + attention scores
+                 8h: inputs of the two RMSNorms (4h), linear_qkv and linear_fc1 (4h), replicated
+                 over TP; 4h+4gd: q, k, v and attention output; 6f: fc1 output (gate, up) and
+                 fc2 input. It is Korthikanti et al. 2022's sbh(10 + 24/t + 5as/(ht)) redone for
+                 Llama. Sequence parallel splits the norms' inputs over TP (4h -> 4h/t); the
+                 column inputs stay whole with adapters (the gathered input is what the LoRA
+                 shrink and the frozen base keep), and are split too without them (Megatron
+                 keeps the split input and gathers again in backward).
+                 Attention scores: `local` (Megatron's DotProductAttention) keeps the fp32
+                 softmax output and the bf16 probabilities, 6*b*(heads/t)*s^2 bytes; `sdpa`
+                 (flash on a GPU) keeps only the fp32 log-sum-exp, 4*b*(heads/t)*s.
                  Plus LoRA intermediates: the shrink output x A^T kept for B's gradient,
                  2*s*b*width per adapted module (width r/t-ish for bd, full r for slora).
-                 Full recompute (one checkpoint per layer): 2sbh per layer + one layer's full set.
+                 Full recompute (one checkpoint per layer): the layer inputs, 2sbh per layer
+                 (2sbh/t under sequence parallel), + one layer's full set.
   logits / loss  bf16 logits, fp32 softmax kept by the vocab-parallel cross entropy and its
                  fp32 gradient: 10 bytes per (token, vocab/t) entry, plus final-norm in/out.
   overhead       CUDA context, NCCL buffers, allocator slack: a flat assumption (flag).
@@ -58,27 +66,38 @@ def adapter_local_params(hf: dict, cfg: AdapterConfig | None, tp: int) -> int:
     return hf["num_hidden_layers"] * sum(e["a"] + e["b"] for e in lora_shards(hf, cfg, tp))
 
 
-def layer_activation_bytes(hf: dict, tp: int, tokens: int, cfg: AdapterConfig | None) -> float:
-    """Bytes one decoder layer keeps for backward for `tokens` = s*b tokens (see module doc)."""
+def layer_activation_bytes(hf: dict, tp: int, micro_batch: int, seq: int, cfg: AdapterConfig | None,
+                           attention: str = "sdpa", sequence_parallel: bool = False) -> dict:
+    """Bytes one decoder layer keeps for backward (see module doc): {"total", "scores"}."""
     h, heads, groups = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"]
     d, f = hf.get("head_dim") or h // heads, hf["intermediate_size"]
-    base = tokens * (8 * h + (4 * h + 4 * groups * d + 6 * f) / tp)
+    tokens, sp = micro_batch * seq, tp if sequence_parallel else 1
+    column_inputs = 4 * h if cfg is not None else 4 * h / sp
+    base = tokens * (4 * h / sp + column_inputs + (4 * h + 4 * groups * d + 6 * f) / tp)
     lora = 0 if cfg is None else sum(2 * tokens * e["b_io"][0] for e in lora_shards(hf, cfg, tp))
-    return base + lora
+    if attention == "local":
+        scores = 6 * micro_batch * heads // tp * seq * seq
+    elif attention == "sdpa":
+        scores = 4 * micro_batch * heads // tp * seq
+    else:
+        raise ValueError(f"attention backend {attention!r}: choose sdpa or local")
+    return {"total": base + lora + scores, "scores": scores}
 
 
 def estimate(hf: dict, tp: int = 1, dp: int = 1, micro_batch: int = 1, seq: int = 4096,
              adapter: AdapterConfig | None = None, recompute: bool = False,
              distributed_optimizer: bool = False, overhead_gb: float = 3.0,
-             gpu_memory_gb: float = 80.0, serve_batch: int = 0, serve_seq: int = 0) -> dict:
+             gpu_memory_gb: float = 80.0, serve_batch: int = 0, serve_seq: int = 0,
+             attention: str = "sdpa", sequence_parallel: bool = False) -> dict:
     """Per-GPU bytes for training (and serving when serve_batch > 0)."""
     check_tp(hf, tp)
     L, h = hf["num_hidden_layers"], hf["hidden_size"]
     tokens = micro_batch * seq
     n_adapter = adapter_local_params(hf, adapter, tp)
     shard = dp if distributed_optimizer else 1
-    full_acts = L * layer_activation_bytes(hf, tp, tokens, adapter)
-    recompute_acts = L * 2 * tokens * h + layer_activation_bytes(hf, tp, tokens, adapter)
+    layer = layer_activation_bytes(hf, tp, micro_batch, seq, adapter, attention, sequence_parallel)
+    full_acts = L * layer["total"]
+    recompute_acts = L * 2 * tokens * h / (tp if sequence_parallel else 1) + layer["total"]
     base = 2 * base_weight_params(hf, tp)
     train = {
         "base_weights_bf16": base,
@@ -91,6 +110,8 @@ def estimate(hf: dict, tp: int = 1, dp: int = 1, micro_batch: int = 1, seq: int 
     }
     out = {
         "tp": tp, "dp": dp, "micro_batch": micro_batch, "seq": seq, "recompute": recompute,
+        "attention": attention, "sequence_parallel": sequence_parallel,
+        "attention_scores_per_layer": layer["scores"],
         "adapter": adapter.to_dict() if adapter else None,
         "adapter_params_per_gpu": n_adapter,
         "activations_no_recompute": full_acts, "activations_full_recompute": recompute_acts,
