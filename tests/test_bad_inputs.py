@@ -179,7 +179,7 @@ def test_launcher_bad_input(work, case, monkeypatch, capsys):
     line = _assert_one_error_line(status, err, needle)
     assert _snapshot(d) == before, "a refused run wrote or changed files"
     with capsys.disabled():
-        print(f"\n[bad input] {name}: {line}")
+        print(f"\n[bad input] finetune_llama.sh {name}: {line}")
 
 
 def test_yaml_values_typed_like_the_cli(work, tmp_path):
@@ -232,8 +232,10 @@ def test_converter_bad_input(work, case, monkeypatch, capsys):
     monkeypatch.chdir(d)
     before = _snapshot(d)
     status = convert_checkpoint.main(argv)
-    _assert_one_error_line(status, capsys.readouterr().err, needle)
+    line = _assert_one_error_line(status, capsys.readouterr().err, needle)
     assert _snapshot(d) == before
+    with capsys.disabled():
+        print(f"\n[bad input] convert_checkpoint {name}: {line}")
 
 
 # ---- data loss 1: export --overwrite ---------------------------------------------------------

@@ -47,8 +47,7 @@ def check_record(record, fmt: str, number: int, vocab_size: int | None = None) -
     """InputError naming record `number` (1-based) and the fix when a field has the wrong type,
     a loss_mask is not a list of 0/1 as long as input_ids, or a token id is outside the vocab."""
     def bad(what):
-        raise InputError(f"record {number}: {what}; fix the record (format {fmt}: "
-                         f"{_FORMAT_HELP})")
+        raise InputError(f"record {number}: {what}; fix the record ({fmt} format)")
 
     for field in REQUIRED[fmt]:
         if record.get(field) is None:

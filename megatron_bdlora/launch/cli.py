@@ -7,7 +7,8 @@ ranks with torchrun's own launcher, in this process (the interpreter running thi
 
 One node and no port given: a free port, so two jobs on one host do not collide. A bad flag or
 file is one line, status 2, before any rank starts; an error inside a rank is that rank's one
-line (status 2), without torchrun's failure report; Ctrl-C is one line (step, last checkpoint).
+line (status 2), without torchrun's failure report; Ctrl-C is one line (step, last checkpoint:
+rank 0 prints it, the agent passes SIGINT on; for SIGTERM, which the ranks die of, this does).
 """
 
 import logging
@@ -54,7 +55,9 @@ def _torchrun(launch, trainer_argv, save) -> int:
         "--node-rank", str(launch.node_rank), "--master-addr", launch.master_addr,
         "--master-port", str(port), ENTRY, *trainer_argv])
     # The ranks print their own errors; torchrun's agent logs and failure report repeat them.
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    for name in ["torch.distributed", *logging.root.manager.loggerDict]:
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(ns)
     except ChildFailedError as e:
@@ -65,9 +68,10 @@ def _torchrun(launch, trainer_argv, save) -> int:
         how = f"signal {f.signal_name()}" if f.exitcode < 0 else f"status {f.exitcode}"
         print(f"error: rank {rank} exited with {how}; its output is above", file=sys.stderr)
         return 1
-    except (SignalException, KeyboardInterrupt) as e:
-        print(interrupted_line(save), file=sys.stderr, flush=True)
-        return 128 + int(getattr(e, "sigval", signal.SIGINT))
+    except SignalException as e:
+        if e.sigval != signal.SIGINT:  # the agent passes SIGINT on: rank 0 prints the line then
+            print(interrupted_line(save), file=sys.stderr, flush=True)
+        return 128 + int(e.sigval)
     return 0
 
 
