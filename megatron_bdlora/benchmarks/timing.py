@@ -49,7 +49,8 @@ def adapter_configs(hf: dict, lora_rank: int, bd_rank: int | None, nblocks: int,
     }
 
 
-def build_models(hf: dict, configs: dict, seed: int = 0, sequence_parallel: bool = False) -> dict:
+def build_models(hf: dict, configs: dict, seed: int = 0, sequence_parallel: bool = False,
+                 dtype=torch.float32) -> dict:
     """{method: GPTModel}: one randomly initialised base, shared (same tensors) by every method's
     model, each wrapped with its adapter. Base weights are never modified by these models."""
     from megatron_bdlora.adapters import apply_adapters
@@ -58,12 +59,12 @@ def build_models(hf: dict, configs: dict, seed: int = 0, sequence_parallel: bool
 
     tp = tp_rank_size()[1]
     torch.manual_seed(seed)
-    ref = build_model(hf, tp=tp, sequence_parallel=sequence_parallel).to(device())
+    ref = build_model(hf, tp=tp, sequence_parallel=sequence_parallel, dtype=dtype).to(device())
     for p in ref.parameters():
         p.requires_grad_(False)
     models = {}
     for method, cfg in configs.items():
-        model = ref if method == "base" else build_model(hf, tp=tp, init=False,
+        model = ref if method == "base" else build_model(hf, tp=tp, init=False, dtype=dtype,
                                                           sequence_parallel=sequence_parallel)
         if model is not ref:
             share_base_weights(model, ref)
