@@ -172,6 +172,7 @@ def test_sp_errors(setup):
     import sys
 
     from megatron_bdlora.models.llama import transformer_config
+    from megatron_bdlora.parallel.sequence_parallel import NEEDS_TP
 
     hf, results = setup
     with pytest.raises(ValueError, match="needs --tensor-model-parallel-size > 1"):
@@ -183,7 +184,7 @@ def test_sp_errors(setup):
                          text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "1", "RANK": "0"})
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.strip().splitlines() == [
-        "collective_table.py: error: --sequence-parallel needs --tensor-model-parallel-size > 1"]
+        f"collective_table.py: error: {NEEDS_TP}"]
 
 
 def _train_losses(data, out):

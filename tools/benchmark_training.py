@@ -33,12 +33,11 @@ def main():
 
     from megatron_bdlora.benchmarks.training import format_table, plot, run_training
     from megatron_bdlora.parallel import destroy_distributed, init_distributed, is_main_rank
+    from megatron_bdlora.parallel.sequence_parallel import check_tool_flags
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tp = args.tensor_model_parallel_size or world
-    if args.sequence_parallel and tp < 2:  # one line, from rank 0 only
-        p.exit(2, None if os.environ.get("RANK", "0") != "0" else
-               f"{p.prog}: error: --sequence-parallel needs --tensor-model-parallel-size > 1\n")
+    check_tool_flags(p, args.sequence_parallel, tp)
     cfg = config_from_flags(TrainingConfig, args, world)
     init_distributed(tensor_parallel_size=tp)
     result = run_training(cfg)

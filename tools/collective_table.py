@@ -26,11 +26,11 @@ def main():
                    help="activations split along the sequence over TP ranks (TP > 1)")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
     args = p.parse_args()
+    from megatron_bdlora.parallel.sequence_parallel import check_tool_flags
+
     sp = args.sequence_parallel
     tp = args.tensor_model_parallel_size or int(os.environ.get("WORLD_SIZE", "1"))
-    if sp and tp < 2:  # one line, from rank 0 only
-        p.exit(2, None if os.environ.get("RANK", "0") != "0" else
-               f"{p.prog}: error: --sequence-parallel needs --tensor-model-parallel-size > 1\n")
+    check_tool_flags(p, sp, tp)
 
     from megatron_bdlora.benchmarks.collectives import format_table, measure_collectives
     from megatron_bdlora.models.presets import get_preset

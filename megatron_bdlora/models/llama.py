@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from megatron_bdlora.parallel.cpu_compat import apply as _cpu_compat
 from megatron_bdlora.parallel.cpu_compat import transformer_config as _cpu_config
-from megatron_bdlora.parallel.sequence_parallel import block_spec
+from megatron_bdlora.parallel.sequence_parallel import NEEDS_TP, block_spec
 
 
 def hf_field(hf: dict, key: str, default=None):
@@ -76,8 +76,7 @@ def transformer_config(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32
         raise ValueError(f"tensor-model-parallel-size {tp} must divide the attention heads ({heads}) "
                          f"and KV heads ({groups})")
     if sequence_parallel and tp == 1:
-        raise ValueError("--sequence-parallel splits activations over TP ranks: it needs "
-                         "--tensor-model-parallel-size > 1")
+        raise ValueError(NEEDS_TP)
     extra = {}
     if recompute:
         extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)

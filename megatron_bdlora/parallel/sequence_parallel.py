@@ -15,9 +15,13 @@ exactly the base model's collectives under SP too.
 """
 
 import dataclasses
+import os
 
 import torch
 import torch.distributed as dist
+
+NEEDS_TP = ("--sequence-parallel splits activations over TP ranks: it needs "
+            "--tensor-model-parallel-size > 1")
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -51,3 +55,10 @@ def allreduce_sequence_parallel_grads(model) -> None:
     dist.all_reduce(flat, group=ps.get_tensor_model_parallel_group())
     for g, summed in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         g.copy_(summed)
+
+
+def check_tool_flags(parser, sequence_parallel: bool, tp: int) -> None:
+    """A tool's --sequence-parallel without TP: one line from rank 0, exit status 2 everywhere."""
+    if sequence_parallel and tp < 2:
+        parser.exit(2, f"{parser.prog}: error: {NEEDS_TP}\n"
+                    if os.environ.get("RANK", "0") == "0" else None)
