@@ -169,3 +169,17 @@ def test_causal_chunk_after_cached_keys(results):
     """No mask, causal, 3 queries after 4 cached keys: query i sees keys up to 4 + i."""
     for r in results[2]:
         assert _close(r["chunk"]["sdpa"], r["chunk"]["local"])
+
+
+def test_benchmark_script_smoke():
+    from test_benchmarks import _torchrun
+
+    out = _torchrun("benchmark_attention.py", 2)
+    r = out["results"]
+    assert set(r) == {"sdpa", "local", "sdpa+sp", "local+sp"}
+    losses = [v["first_step_loss"] for v in r.values()]
+    assert max(losses) - min(losses) <= 1e-5 * abs(losses[0])  # the same model four ways
+    # local keeps the (b, heads/t, s, s) probabilities for backward; SP splits the norms' inputs
+    assert r["local"]["activation_mib_max_rank"] > r["sdpa"]["activation_mib_max_rank"]
+    assert r["sdpa+sp"]["activation_mib_max_rank"] < r["sdpa"]["activation_mib_max_rank"]
+    assert all(v["peak_step_mib_max_rank"] > 0 and v["steps_timed"] == 1 for v in r.values())

@@ -146,6 +146,34 @@ def round_robin(methods, i: int) -> list:
     return methods[k:] + methods[:k]
 
 
+def interleaved_times(steps: dict, n_steps: int, reps: int, warmup: int) -> dict:
+    """{name: [seconds]}: `reps` repetitions (after `warmup` untimed ones) of `n_steps` calls of
+    each steps[name](), step i of every name (order rotating) before step i+1 of any; each call
+    timed from a barrier to its end (accelerator synchronised), its time the slowest rank's."""
+    import time
+
+    import torch.distributed as dist
+
+    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
+    names = list(steps)
+    times = {n: [] for n in names}
+    for rep in range(warmup + reps):
+        ts = {n: [] for n in names}
+        for i in range(n_steps):
+            for n in round_robin(names, rep * n_steps + i):
+                sync()
+                barrier()
+                t0 = time.perf_counter()
+                steps[n]()
+                sync()
+                ts[n].append(time.perf_counter() - t0)
+        flat = slowest_rank([t for n in names for t in ts[n]])
+        if rep >= warmup:
+            for j, n in enumerate(names):
+                times[n] += flat[j * n_steps:(j + 1) * n_steps]
+    return times
+
+
 def run_environment() -> dict:
     """Where a benchmark ran, for its JSON config."""
     import torch.distributed as dist

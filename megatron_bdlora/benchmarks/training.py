@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from megatron_bdlora.benchmarks.timing import (METHODS, adapter_configs, bar_chart, build_models,
-                                               collective_calls, collective_columns, llama_shape,
-                                               paired_ratio, round_robin, run_environment,
-                                               slowest_rank, spread_ms, summary_ms, sync)
+                                               collective_calls, collective_columns,
+                                               interleaved_times, llama_shape, paired_ratio,
+                                               run_environment, spread_ms, summary_ms)
 from megatron_bdlora.parallel.sequence_parallel import allreduce_sequence_parallel_grads
 
 
@@ -110,9 +110,6 @@ def _batch(cfg, dp_rank: int):
 
 def run_training(cfg: TrainingConfig) -> dict:
     """Run on every rank; TP from Megatron's parallel state, DP = world / TP."""
-    import time
-
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megatron_bdlora.adapters import adapter_params
@@ -137,22 +134,8 @@ def run_training(cfg: TrainingConfig) -> dict:
             losses[m] = trainers[m].step(ids, labels, counts).item()
         collectives[m] = counts.as_dict()
 
-    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
-    times = {m: [] for m in METHODS}
-    for rep in range(cfg.warmup + cfg.reps):
-        ts = {m: [] for m in METHODS}
-        for i in range(cfg.steps):  # step i of every method (rotating order) before step i+1
-            for m in round_robin(METHODS, rep * cfg.steps + i):
-                sync()
-                barrier()
-                t0 = time.perf_counter()
-                trainers[m].step(ids, labels)
-                sync()
-                ts[m].append(time.perf_counter() - t0)
-        flat = slowest_rank([t for m in METHODS for t in ts[m]])
-        if rep >= cfg.warmup:
-            for j, m in enumerate(METHODS):
-                times[m] += flat[j * cfg.steps:(j + 1) * cfg.steps]
+    times = interleaved_times({m: (lambda t=trainers[m]: t.step(ids, labels)) for m in METHODS},
+                              cfg.steps, cfg.reps, cfg.warmup)
 
     tokens = cfg.batch * cfg.seq_len * dp
     results = {}

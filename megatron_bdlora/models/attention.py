@@ -12,12 +12,15 @@ kernel:
   fused flash kernel (`_scaled_dot_product_flash_attention_for_cpu`).
 - a mask (packed rows: per-document block-causal; left-padded generation) keeps Megatron's
   meaning, True = masked out, any shape broadcastable to (b, 1, sq, sk). On a GPU masked calls
-  take the memory-efficient kernel (flash takes no mask).
+  take the memory-efficient kernel (flash takes no mask; scores still never materialised), on
+  CPU the same fused flash kernel with the mask added.
 - no mask, causal, fewer queries than keys (a chunk after cached tokens): causal aligned to the
   last key (query i sees keys up to sk - sq + i). Megatron's static KV cache turns the layer to
   `no_mask` for every forward after the prefill, so a one-token decode step attends all keys.
 - GQA: `enable_gqa=True` shares each K/V head across its query heads inside the kernel (no
-  repeat_interleave copy of K/V, which DotProductAttention makes).
+  repeat_interleave copy of K/V, which DotProductAttention makes), on CPU always and on a GPU
+  without a mask (flash). A masked call on a GPU repeats K/V, because the kernel that takes a
+  mask has no GQA and the fallback (math) would materialise the scores.
 
 One difference from DotProductAttention on rows whose every key is masked: Megatron's
 `masked_fill(-10000)` softmax averages all values, SDPA returns zeros. The project's masks never
@@ -76,9 +79,15 @@ class SDPAttention(MegatronModule):
                 causal = True
             else:
                 mask = causal_lower_right(sq, sk)
+        gqa = self.groups != self.heads
+        if gqa and mask is not None and q.is_cuda:
+            # CUDA's kernel for masks (memory-efficient) has no GQA; with enable_gqa SDPA would
+            # fall back to the math kernel, which materialises the scores. Repeat K/V instead.
+            k, v = (t.repeat_interleave(self.heads // self.groups, dim=1) for t in (k, v))
+            gqa = False
         p = self.dropout_p if self.training else 0.0
         kw = dict(attn_mask=mask, is_causal=causal, dropout_p=p, scale=self.softmax_scale,
-                  enable_gqa=self.groups != self.heads)
+                  enable_gqa=gqa)
         if p > 0 and not self.config.sequence_parallel:
             # Dropout inside a TP region: the TP-rank-specific generator, as Megatron does.
             with tensor_parallel.get_cuda_rng_tracker().fork():
