@@ -22,6 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Tokens per request up to which the product goes through a (tiny) temporary: CPU BLAS handles
+# a strided in-place batched GEMM one small call per batch entry, slower there (decode).
+FEW_TOKENS = 16
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -81,8 +85,12 @@ class _AddLowRank(torch.autograd.Function):
         out3 = _rows(out, batch_major)
         for slot, b in zip(geo.slots, bs):
             for sub in range(geo.subchunks(slot)):
-                _out_part(out3, geo, slot, sub).baddbmm_(
-                    _u_part(u3, geo, slot, sub), _b_part(b, geo, slot, sub).transpose(1, 2), alpha=scale)
+                target = _out_part(out3, geo, slot, sub)
+                u, bt = _u_part(u3, geo, slot, sub), _b_part(b, geo, slot, sub).transpose(1, 2)
+                if u3.shape[1] > FEW_TOKENS:
+                    target.baddbmm_(u, bt, alpha=scale)
+                else:  # decode: a strided in-place GEMM per request costs more than a tiny temporary
+                    target.add_(torch.bmm(u, bt), alpha=scale)
         ctx.mark_dirty(out)
         ctx.save_for_backward(u3, *bs)
         ctx.geo, ctx.scale, ctx.batch_major = geo, scale, batch_major
