@@ -307,6 +307,14 @@ def test_ranks_die_with_launcher_and_a_second_writer_is_refused(work, monkeypatc
     assert steps == sorted(set(steps)), "metrics.jsonl repeats steps after the resume"
 
 
+def test_wandb_config_keeps_non_secrets():
+    from megatron_bdlora.training.metrics import scrub
+
+    kept = scrub({"tokenizer_path": "t", "tokenizer": "t", "lr": 1, "hf_token": "x",
+                  "wandb_api_key": "x", "password": "x", "keep_last": 3})
+    assert kept == {"tokenizer_path": "t", "tokenizer": "t", "lr": 1, "keep_last": 3}
+
+
 def test_nonfinite_step_stops_or_skips():
     from types import SimpleNamespace
 

@@ -67,7 +67,7 @@ def test_torchrun_runs_the_script_as_typed(work):
 
 def test_two_nodes_tp2_dp2_train_and_resume(work):
     """Two launchers as node 0 and node 1 (--nnodes 2, master 127.0.0.1): TP=2 in each node,
-    DP=2 across them; save at step 2, then resume both nodes to step 3."""
+    DP=2 across them; save at step 2, then resume both nodes to step 3 (the same command)."""
     def both_nodes(*extra):
         port = str(_port())
         procs = [subprocess.Popen(
@@ -81,10 +81,39 @@ def test_two_nodes_tp2_dp2_train_and_resume(work):
             assert p.returncode == 0, f"{out[-2000:]}\n{err[-4000:]}"
         return outs[0][0]
 
-    out = both_nodes("--train-iters", 3, "--exit-after-iters", 2)
-    assert "TP=2 DP=2" in out
+    # --load X --save X on a first run: a fresh start with a notice (Megatron-LM's habit)
+    out = both_nodes("--train-iters", 3, "--exit-after-iters", 2, "--load", "mn")
+    assert "TP=2 DP=2" in out and "no checkpoint in mn yet: starting fresh" in out
     assert AdapterCheckpoint(str(work / "mn")).step == 2
     out = both_nodes("--train-iters", 3, "--load", "mn")
     assert "resumed from" in out and AdapterCheckpoint(str(work / "mn")).step == 3
     steps = [json.loads(line)["step"] for line in (work / "mn" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+RANK_ERROR = """
+import sys, torch.distributed as dist
+from megatron_bdlora.errors import InputError
+from megatron_bdlora.launch.rank import run_rank
+
+def main():
+    dist.init_process_group("gloo")
+    if dist.get_rank() == int(sys.argv[1]):
+        raise InputError("the bad input, named with its fix")
+    dist.barrier()  # the other ranks wait here, as they would in a collective
+
+run_rank(main)
+"""
+
+
+def test_input_error_on_a_nonzero_rank_ends_every_rank_promptly(tmp_path):
+    script = tmp_path / "rank_error.py"
+    script.write_text(RANK_ERROR)
+    r = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(_port()),
+                        str(script), "1"], env=clean_env(), capture_output=True,
+                       text=True, timeout=120)  # not the 600 s collective timeout
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and ours == ["error: the bad input, named with its fix"], r.stderr
+    # nothing of the project's after that line: no second traceback from the waiting rank
+    after = r.stderr.split(ours[0], 1)[1]
+    assert "megatron_bdlora" not in after and f'File "{script}"' not in after, after

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         if launch.node_rank >= launch.nnodes:
             raise InputError(f"--node-rank {launch.node_rank} must be below --nnodes {launch.nnodes}")
         args = parse_args(trainer_argv, world_size=launch.nproc_per_node * launch.nnodes)
-        preflight(args)
+        preflight(args, check_lock=launch.node_rank == 0)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_INPUT

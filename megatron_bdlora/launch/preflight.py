@@ -147,8 +147,9 @@ def _check_data(path: str, args, tokenizer, vocab_size: int) -> None:
                          f"of {args.global_batch_size}; lower --global-batch-size or add data")
 
 
-def preflight(args) -> None:
-    """All checks that need files but no process group; raises InputError."""
+def preflight(args, check_lock: bool = True) -> None:
+    """All checks that need files but no process group; raises InputError. `check_lock`: is
+    --save free (node 0 only: another node cannot tell whether node 0's stale lock is dead)."""
     from megatron_bdlora.checkpoint.save_lock import check_unlocked
     from megatron_bdlora.data import load_tokenizer
 
@@ -156,7 +157,8 @@ def preflight(args) -> None:
     if args.save:
         if os.path.exists(args.save) and not os.path.isdir(args.save):
             raise InputError(f"--save {args.save} is a file; pass a directory")
-        check_unlocked(args.save)
+        if check_lock:
+            check_unlocked(args.save)
     hf, tokenizer_path = _model_config(args)
     _check_adapter(args, hf)
     if not tokenizer_path:
