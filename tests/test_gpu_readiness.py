@@ -3,7 +3,8 @@
 - token-normalised loss: DP=2 x 2 micro-batches gives the gradient of one batch of 4 (the sum of
   token losses / all supervised tokens), with uneven loss masks; the clipped norm is that
   gradient's norm;
-- evaluation sees the same records every call: the first --eval-iters global batches;
+- evaluation sees the same records every call: the first --eval-iters global batches (each
+  record once when the set is smaller);
 - --recompute-activations with adapters (frozen base): the loss and every adapter gradient equal
   the plain run's;
 - the RNG state (CPU generator + Megatron's tracker) round-trips through a checkpoint.
@@ -108,7 +109,9 @@ def _rank(tmp):
     labels = torch.stack([rows[i]["labels"] for i in chosen])
     with torch.no_grad():
         s, n = lm_loss(model, ids, labels, reduction="sum")
-    out["eval"] = {"first": first, "second": second, "ref_loss": float(s / n), "ref_tokens": int(n)}
+    whole = trainer.evaluate(model, it, 100)  # more than the set holds: each record once
+    out["eval"] = {"first": first, "second": second, "ref_loss": float(s / n), "ref_tokens": int(n),
+                   "whole": whole["tokens"], "all_tokens": sum(int((r["labels"] != -100).sum()) for r in rows)}
 
     # ---- recompute with adapters vs plain ----
     res = {}
@@ -160,6 +163,7 @@ def test_gpu_readiness_semantics(tmp_path):
         assert ev["first"] == ev["second"]
         assert ev["first"]["tokens"] == ev["ref_tokens"]
         assert abs(ev["first"]["loss"] - ev["ref_loss"]) <= 1e-5 * ev["ref_loss"]
+        assert ev["whole"] == ev["all_tokens"]
 
         plain, rec = r["recompute"]["plain"], r["recompute"]["recompute"]
         assert abs(plain["loss"] - rec["loss"]) <= 1e-6 * abs(plain["loss"])

@@ -104,8 +104,9 @@ def _to_device(batch):
 
 
 def evaluate(model, it, iters: int) -> dict:
-    """Token-weighted mean loss over the first `iters` global batches of `it`'s data (summed over
-    DP ranks): a fresh pass from the start every call, so every evaluation sees the same records."""
+    """Token-weighted mean loss over the first `iters` global batches of `it`'s data (fewer if
+    it has fewer; summed over DP ranks): a fresh pass from the start every call, so every
+    evaluation sees the same records."""
     from megatron.core import parallel_state as ps
 
     from megatron_bdlora.models.llama import lm_loss
@@ -115,7 +116,7 @@ def evaluate(model, it, iters: int) -> dict:
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device())
     with torch.no_grad():
-        for _ in range(iters * it.sampler.micro_per_global):
+        for _ in range(min(iters, it.sampler.global_batches) * it.sampler.micro_per_global):
             ids, labels, mask = _to_device(next(it))
             loss_sum, n = lm_loss(model, ids, labels, mask, reduction="sum")
             total += torch.stack([loss_sum.double(), n.double()])
