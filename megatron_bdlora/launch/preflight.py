@@ -62,16 +62,19 @@ def _model_config(args) -> tuple[dict, str | None]:
 
 def _check_adapter(args, hf: dict) -> None:
     """The adapter flags against the model shape, and --load against both."""
-    from megatron_bdlora.adapters import AdapterConfig
+    from megatron_bdlora.adapters import AdapterConfig, match_bd_rank
     from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint, check_compatible
 
     cfg = None
     if args.adapter != "none" and not args.eval_only:
-        rank = args.match_lora_rank_params or args.lora_rank
+        common = dict(layout=args.lora_layout, target_modules=tuple(args.lora_target_modules))
         try:
+            rank = args.lora_rank
+            if args.adapter == "bdlora" and args.match_lora_rank_params:
+                lora = AdapterConfig(method="lora", rank=args.match_lora_rank_params, **common)
+                rank = match_bd_rank(hf, lora, args.bd_nblocks)
             cfg = AdapterConfig(method=args.adapter, rank=rank, nblocks=args.bd_nblocks,
-                                sharding=args.lora_sharding, layout=args.lora_layout,
-                                target_modules=tuple(args.lora_target_modules))
+                                sharding=args.lora_sharding, **common)
         except ValueError as e:
             raise InputError(str(e)) from None
         if cfg.method == "bdlora":
