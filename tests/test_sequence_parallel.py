@@ -11,8 +11,13 @@ import torch
 
 from dist_utils import run_distributed
 from reference import random_factors, tiny_hf
-from test_core import CONFIGS, _batch  # the same adapters and batch as the non-SP core tests
+from test_core import CONFIGS as CORE_CONFIGS, _batch  # the non-SP core tests' adapters, batch
 
+from megatron_bdlora.adapters import AdapterConfig
+
+# Partial targets: the layers left without an adapter run Megatron's own SP path.
+CONFIGS = {**CORE_CONFIGS, "bd-partial": AdapterConfig(
+    method="bdlora", rank=8, alpha=16, nblocks=4, target_modules=("linear_qkv", "linear_fc2"))}
 TP_SIZES = (2, 4)
 
 
