@@ -1,8 +1,16 @@
-"""The autograd-aware TP collectives the LoRA baselines need (BD-LoRA needs none of them).
+"""The TP collectives of an adapted layer.
 
-Megatron-Core's own mappings assume the tensor downstream of a gather is used identically on
-every rank; S-LoRA's is not (each rank multiplies it by a different B shard), so the backward
-of its all-gather is a reduce-scatter and the backward of its all-reduce is an all-reduce.
+`column_input` / `row_output` are the base layer's own collectives (with or without sequence
+parallelism), issued once for base and LoRA together: AdapterLinear turns the base's off
+(ColumnParallelLinear: disable_grad_reduce, allreduce_dgrad and sequence_parallel off, so it
+multiplies its input as given; RowParallelLinear: explicit_expert_comm, so it returns its
+partial sum). BD-LoRA issues nothing else.
+
+The rest are the LoRA baselines' extras. Megatron-Core's own mappings assume the tensor
+downstream of a gather is used identically on every rank; S-LoRA's is not (each rank multiplies
+it by a different B shard), so the backward of its all-gather is a reduce-scatter and the
+backward of its all-reduce is an all-reduce. A replicated factor's gradient is a partial sum
+over TP ranks with or without SP (each rank sees its own B / input shard), so it is all-reduced.
 """
 
 import torch
