@@ -474,7 +474,7 @@ def test_exports_match_peft(env, tmp_path):
                 if bd:
                     report[(name, "vllm bd/")] = _close(_peft_logits(kv4, os.path.join(out, "bd")),
                                                         ours[name], f"{name} vllm bd/")
-                    assert "--block-diagonal-sharded-loras" in readme and "silently wrong" in readme
+                    assert "--block-diagonal-sharded-loras" in readme and "Stock vLLM refuses `bd/`" in readme
                     assert f"--tensor-parallel-size {kw['nblocks']}" in readme
                 else:
                     assert not os.path.exists(os.path.join(out, "bd"))

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", help="adapter name in the vLLM README commands (default: basename of --out)")
     e.add_argument("--dtype", choices=sorted(DTYPES),
                    help="dtype of exported adapter weights (default: as trained)")
+    e.add_argument("--max-lora-rank", type=int, metavar="R",
+                   help="vllm: the --max-lora-rank to serve with (1, 8, 16, 32, 64, 128, 256, 320, "
+                        "512; default: the smallest >= r that N divides); the BD build's bd/ is "
+                        "zero-padded per block to R/N ranks, alpha rescaled (exact)")
 
     m = sub.add_parser("import", help="import a Hugging Face PEFT LoRA / BD-LoRA adapter",
                        description="Turn a PEFT adapter dir (dense LoRA, or PEFT >= 0.19 use_bdlora) "
@@ -85,7 +89,8 @@ def main(argv=None) -> int:
         else:
             dtype = getattr(torch, args.dtype) if args.dtype else None
             for line in export(args.load, args.format, args.out, hf_checkpoint=args.hf_checkpoint,
-                               overwrite=args.overwrite, name=args.name, dtype=dtype):
+                               overwrite=args.overwrite, name=args.name, dtype=dtype,
+                               max_lora_rank=args.max_lora_rank):
                 print(line)
     except (InputError, FileNotFoundError, PermissionError) as e:  # CheckpointError included
         print(f"error: {e}", file=sys.stderr)

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import types
 
 import torch
 
@@ -160,12 +161,55 @@ def load_for_export(path: str):
     return ckpt
 
 
-def vllm_max_lora_rank(r: int) -> int:
+def vllm_max_lora_rank(cfg, requested: int | None = None) -> int:
+    """The --max-lora-rank R to serve at: `requested`, or the smallest allowed R >= r; for BD-LoRA
+    R must split into N equal blocks (the BD build pads each block's rank r/N to R/N)."""
+    r, n = cfg.rank, cfg.nblocks if cfg.method == "bdlora" else 1
+    if requested is not None:
+        if requested not in VLLM_MAX_LORA_RANKS:
+            raise CheckpointError(f"--max-lora-rank {requested} is not one of vLLM's allowed ranks "
+                                  f"{VLLM_MAX_LORA_RANKS}")
+        if requested < r:
+            raise CheckpointError(f"--max-lora-rank {requested} is below the adapter rank {r}; pass "
+                                  f"one of {[a for a in VLLM_MAX_LORA_RANKS if a >= r]}")
+        if requested % n:
+            raise CheckpointError(f"--max-lora-rank {requested} is not divisible by the adapter's "
+                                  f"{n} blocks; pass one of "
+                                  f"{[a for a in VLLM_MAX_LORA_RANKS if a >= r and a % n == 0]}")
+        return requested
     for allowed in VLLM_MAX_LORA_RANKS:
-        if r <= allowed:
+        if r <= allowed and allowed % n == 0:
             return allowed
-    raise CheckpointError(f"adapter rank {r} exceeds vLLM's largest --max-lora-rank "
-                          f"{VLLM_MAX_LORA_RANKS[-1]}; export hf-merged instead or train a smaller rank")
+    raise CheckpointError(f"no vLLM --max-lora-rank in {VLLM_MAX_LORA_RANKS} is >= the adapter rank "
+                          f"{r}{f' and divisible by its {n} blocks' if n > 1 else ''}; export "
+                          "hf-merged instead or train another rank")
+
+
+def _pad_blocks(t: torch.Tensor, dim: int, blocks: int, new: int) -> torch.Tensor:
+    """Split `dim` into `blocks` equal rank blocks and zero-pad each so the dim becomes `new`."""
+    parts = t.unflatten(dim, (blocks, -1))
+    pad = torch.zeros(*parts.shape[:dim + 1], new // blocks - parts.shape[dim + 1],
+                      *parts.shape[dim + 2:], dtype=t.dtype)
+    return torch.cat([parts, pad], dim + 1).flatten(dim, dim + 1)
+
+
+def pad_bd_rank(tensors: dict, cfg, rank: int) -> tuple:
+    """(global factors, AdapterConfig) of a BD-LoRA adapter with every block's rank r/N zero-padded
+    to rank/N and alpha rescaled so that s·B·A is unchanged (alpha/r, or alpha/sqrt(r) with rsLoRA)."""
+    from megatron_bdlora.adapters import AdapterConfig
+
+    n = cfg.nblocks
+    out = {}
+    for key, t in tensors.items():
+        module = key.split(".lora_")[0].rsplit(".", 1)[-1]
+        column = MODULES[module][2] == "column"
+        if key.endswith(".lora_A"):  # column (G, r, in): N blocks on r;  row (N, r/N, in/N)
+            out[key] = _pad_blocks(t, 1, n, rank) if column else _pad_blocks(t, 1, 1, rank // n)
+        else:  # column B (N, out/N, r/N);  row B (out, r): N blocks on r
+            out[key] = _pad_blocks(t, 2, 1, rank // n) if column else _pad_blocks(t, 1, n, rank)
+    ratio = rank / cfg.rank
+    alpha = cfg.alpha * (ratio ** 0.5 if cfg.rslora else ratio)
+    return out, AdapterConfig.from_dict({**cfg.to_dict(), "rank": rank, "alpha": alpha})
 
 
 def check_vllm_adapter(adapter_dir: str, max_lora_rank: int) -> None:
@@ -307,36 +351,39 @@ VLLM_BD_SECTION = """
 
 `bd/` holds the packed block-diagonal adapter (PEFT `use_bdlora`, nblocks={n}). It is only for a
 vLLM built with BD-LoRA support (vLLM PR #28136, `--block-diagonal-sharded-loras`), which needs
-nblocks == tensor-parallel size and r == --max-lora-rank:
+nblocks == tensor-parallel size and the adapter's r == --max-lora-rank (it slices its LoRA
+buffers by --max-lora-rank):
 
 ```
-vllm serve {base} --enable-lora --lora-modules {name}={bd_dir} --max-lora-rank {r} --tensor-parallel-size {n} --block-diagonal-sharded-loras
+vllm serve {base} --enable-lora --lora-modules {name}={bd_dir} --max-lora-rank {max_rank} --tensor-parallel-size {n} --block-diagonal-sharded-loras
 ```
 {rank_note}
-**WARNING: do not load `bd/` into a stock vLLM.** Its packed factors have the same tensor names
-as a dense LoRA with different shapes; a stock vLLM that accepts them gives silently wrong
-output. Use the dense adapter in this directory with stock vLLM.
+**Stock vLLM refuses `bd/`**: vLLM (checked: 0.33) rejects any adapter whose adapter_config.json
+has a truthy `use_bdlora` ("vLLM does not support block-diagonal LoRA", PEFTHelper.validate_legal).
+Use the dense adapter in this directory with stock vLLM.
 """
 
 
 def export_vllm(ckpt, tmp: str, base: str | None, final_dir: str, name: str | None = None,
-                dtype=None, **_) -> list:
+                dtype=None, max_lora_rank: int | None = None, **_) -> list:
     cfg = ckpt.adapter_config
-    max_rank = vllm_max_lora_rank(cfg.rank)  # error for r > 512
+    max_rank = vllm_max_lora_rank(cfg, max_lora_rank)
     write_peft(tmp, ckpt, base, packed=False, dtype=dtype)
     check_vllm_adapter(tmp, max_rank)
     name = name or os.path.basename(os.path.normpath(final_dir))
     bd = cfg.method == "bdlora"
     bd_section = ""
     if bd:
-        write_peft(os.path.join(tmp, "bd"), ckpt, base, packed=True, dtype=dtype)
-        rank_note = ""
-        if cfg.rank not in VLLM_MAX_LORA_RANKS:
-            rank_note = (f"\nNote: r={cfg.rank} is not an allowed --max-lora-rank "
-                         f"{VLLM_MAX_LORA_RANKS}; the BD build needs r == --max-lora-rank, so it "
-                         "cannot serve this adapter packed. Serve the dense adapter instead.\n")
+        tensors, padded = pad_bd_rank(ckpt.tensors, cfg, max_rank)
+        bd_ckpt = types.SimpleNamespace(adapter_config=padded, base_config=ckpt.base_config,
+                                        tensors=tensors)
+        write_peft(os.path.join(tmp, "bd"), bd_ckpt, base, packed=True, dtype=dtype)
+        rank_note = "" if max_rank == cfg.rank else (
+            f"\n`bd/` is padded for it: each block's rank {cfg.rank // cfg.nblocks} is zero-padded to "
+            f"{max_rank // cfg.nblocks} (r={max_rank}) and alpha rescaled to {padded.alpha:g}, so "
+            "s·B·A is unchanged.\n")
         bd_section = VLLM_BD_SECTION.format(n=cfg.nblocks, base=base or "BASE_MODEL", name=name,
-                                            bd_dir=os.path.join(final_dir, "bd"), r=cfg.rank,
+                                            bd_dir=os.path.join(final_dir, "bd"), max_rank=max_rank,
                                             rank_note=rank_note)
     readme = VLLM_README.format(
         name=name, method=cfg.method, r=cfg.rank, alpha=cfg.alpha, rs=" (rsLoRA)" if cfg.rslora else "",
@@ -347,9 +394,9 @@ def export_vllm(ckpt, tmp: str, base: str | None, final_dir: str, name: str | No
         f.write(readme)
     msgs = [f"vLLM dense adapter: serve with --max-lora-rank {max_rank}"]
     if bd:
-        msgs.append(f"vLLM BD build (PR #28136): bd/ with --block-diagonal-sharded-loras "
-                    f"--tensor-parallel-size {cfg.nblocks} --max-lora-rank {cfg.rank}; never load bd/ "
-                    "into stock vLLM (silently wrong output)")
+        msgs.append(f"vLLM BD build (PR #28136): bd/ (r={max_rank}) with --block-diagonal-sharded-loras "
+                    f"--tensor-parallel-size {cfg.nblocks} --max-lora-rank {max_rank}; stock vLLM "
+                    "refuses bd/ (use_bdlora)")
     return msgs
 
 
@@ -363,12 +410,15 @@ def run_base_dtype(ckpt) -> torch.dtype:
 
 
 def export(ckpt_path: str, fmt: str, out: str, hf_checkpoint: str | None = None,
-           overwrite: bool = False, name: str | None = None, dtype=None) -> list:
+           overwrite: bool = False, name: str | None = None, dtype=None,
+           max_lora_rank: int | None = None) -> list:
     """Export atomically: everything is built in a temp dir next to `out`, renamed at the end.
 
     Returns human-readable lines describing what was written (the CLI prints them)."""
     if fmt not in EXPORTERS:
         raise CheckpointError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
+    if max_lora_rank is not None and fmt != "vllm":
+        raise CheckpointError(f"--max-lora-rank is for --format vllm, not {fmt}")
     out = os.path.abspath(os.path.expanduser(out))
     ckpt = load_for_export(ckpt_path)
     dtype = dtype or run_base_dtype(ckpt)
@@ -379,7 +429,7 @@ def export(ckpt_path: str, fmt: str, out: str, hf_checkpoint: str | None = None,
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     try:
         msgs = EXPORTERS[fmt](ckpt, tmp, base, hf_checkpoint=hf_checkpoint, final_dir=out,
-                              name=name, dtype=dtype)
+                              name=name, dtype=dtype, max_lora_rank=max_lora_rank)
         mark_export(tmp, fmt, ckpt.dir)
         _publish(tmp, out)
     except BaseException:
