@@ -80,6 +80,13 @@ def _divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _block_diag(blocks):
+    """(..., n, rows, cols) blocks -> (..., n*rows, n*cols) block-diagonal (differentiable)."""
+    n = blocks.shape[-3]
+    eye = torch.eye(n, dtype=blocks.dtype, device=blocks.device).view(n, 1, n, 1)
+    return (blocks.unsqueeze(-2) * eye).flatten(-4, -3).flatten(-2)
+
+
 class AdapterLinear(nn.Module):
     """A frozen Megatron-Core parallel linear plus this rank's share of a LoRA / BD-LoRA adapter."""
 
@@ -194,7 +201,7 @@ class AdapterLinear(nn.Module):
             (b,) = self.lora_B.values()
             out = self.spec.out_features
             offset = self.tp_rank * b.shape[0] if self.strategy == "slora" else 0  # this rank's slice
-            return Geometry(1, out, (Slot(0, 1, b.shape[1], offset, b.shape[0]),))
+            return Geometry(1, out, (Slot(0, b.shape[1], offset, b.shape[0]),))
         lg = self.local_groups
         # u holds one block of rank columns per A group; S-LoRA's is gathered to the full rank
         r_u = self.cfg.rank // t if self.strategy == "bd" else self.cfg.rank
@@ -202,8 +209,7 @@ class AdapterLinear(nn.Module):
         for c, out in self.spec.constituents:
             width = out // (lg * t)  # per interleave group, local
             if c in self.adapted:
-                nb = self.lora_B[c].shape[0] if self.strategy == "bd" else 1
-                slots.append(Slot(self.group_of(c) * r_u, nb, r_u // nb, offset, width))
+                slots.append(Slot(self.group_of(c) * r_u, r_u, offset, width))
             offset += width
         return Geometry(lg, offset, tuple(slots))
 
@@ -227,7 +233,7 @@ class AdapterLinear(nn.Module):
         if multi:
             factors = self._batch_factors(x)
         elif not self.merged:
-            factors = {k: p.to(x.dtype) for k, p in self.adapter_params().items()}
+            factors = self._dense({k: p.to(x.dtype) for k, p in self.adapter_params().items()})
         if self.spec.kind == "column":
             x = comm.column_input(x, self.sequence_parallel)
             out, bias = self.base(x, *args, **kwargs)
@@ -238,6 +244,15 @@ class AdapterLinear(nn.Module):
         if multi or not self.merged:
             partial = self._add_delta(partial, self._row_u(x, factors, multi), factors, multi)
         return comm.row_output(partial, self.sequence_parallel), bias
+
+    def _dense(self, factors: dict) -> dict:
+        """This rank's block-diagonal factor (BD: B of a column, A of a row layer) as one dense
+        zero-filled matrix: one GEMM instead of one per local block (extra FLOPs only when a
+        rank holds several blocks, TP < N; at TP = N it is a single block)."""
+        if self.strategy != "bd":
+            return factors
+        blocked = "lora_A" if self.spec.kind == "row" else "lora_B."
+        return {k: _block_diag(v) if k.startswith(blocked) else v for k, v in factors.items()}
 
     def _rows(self, x, multi):
         return x.transpose(0, 1) if multi else x.reshape(1, -1, x.shape[-1])
@@ -252,15 +267,8 @@ class AdapterLinear(nn.Module):
         return u
 
     def _row_u(self, x, f, multi):
-        a, x3 = f["lora_A"], self._rows(self.dropout(x), multi)
-        if self.strategy != "bd":
-            u = torch.matmul(x3, a.transpose(-1, -2))
-            return comm.all_reduce_fwd_bwd(u) if self.strategy == "slora" else u
-        r, t, _ = x3.shape  # per request and block: (R*n, T, in/n) x (R*n, in/n, r/n)
-        nb, rb, ib = a.shape[-3:]
-        xb = x3.unflatten(-1, (nb, ib)).permute(0, 2, 1, 3).reshape(r * nb, t, ib)
-        u = torch.bmm(xb, a.reshape(-1, rb, ib).transpose(1, 2))
-        return u.view(r, nb, t, rb).transpose(1, 2).reshape(r, t, nb * rb)
+        u = torch.matmul(self._rows(self.dropout(x), multi), f["lora_A"].transpose(-1, -2))
+        return comm.all_reduce_fwd_bwd(u) if self.strategy == "slora" else u
 
     def _add_delta(self, out, u, f, multi):
         bs = [f[f"lora_B.{c}"] for c in self.adapted]
@@ -312,8 +320,8 @@ class AdapterLinear(nn.Module):
                              "hidden]")
         cache = self._batch_factors_cache
         if cache is None or cache[0] is not idx or cache[1] != x.dtype:
-            st = {k: (v if self.adapter_index_is_identity else v.index_select(0, idx)).to(x.dtype)
-                  for k, v in self.adapter_stack.items()}
+            st = self._dense({k: (v if self.adapter_index_is_identity else v.index_select(0, idx))
+                              .to(x.dtype) for k, v in self.adapter_stack.items()})
             self._batch_factors_cache = cache = (idx, x.dtype, st)
         return cache[2]
 
