@@ -38,7 +38,7 @@ def test_paper_parameter_ratios(preset, ratios):
     assert real == [adapter_params(two, c) for c in [lora] + bd]
     got = tuple(round(adapter_params(hf, c) / adapter_params(hf, lora), 3) for c in bd)
     assert got == ratios
-    # Fused layout: ~15% fewer LoRA parameters, different ratios (design.md §1).
+    # Fused layout: ~15% fewer LoRA parameters, different ratios (docs/design.md §1).
     fused = AdapterConfig(method="lora", rank=r, layout="fused")
     assert adapter_params(hf, fused) < 0.86 * adapter_params(hf, lora)
 

@@ -50,6 +50,10 @@ def test_torchrun_runs_the_script_as_typed(work):
           *flags(work, "--tensor-model-parallel-size", 2, "--train-iters", 2, "--save", "tr2")], work)
     ck = AdapterCheckpoint(str(work / "tr2"))
     assert ck.step == 2 and ck.config["saved_at_tp"] == 2 and ck.adapter_config.nblocks == 2
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in os.listdir(ck.dir):  # as the umask allows (safetensors alone writes 0600)
+        assert os.stat(os.path.join(ck.dir, f)).st_mode & 0o777 == 0o666 & ~umask, f
     # --no-python: torchrun execs the file (bash), which runs the rank on torchrun's interpreter
     # even with no python on PATH
     env = clean_env(PATH="/usr/bin:/bin")

@@ -1,16 +1,18 @@
 #!/usr/bin/env python
 """Convert megatron-bdlora adapter checkpoints (TP-independent; any TP they were trained at).
 
-    python tools/convert_checkpoint.py inspect runs/demo/checkpoints
-    python tools/convert_checkpoint.py export --load runs/demo/checkpoints --format hf-peft --out out/peft
+    python tools/convert_checkpoint.py inspect runs/demo/bdlora      # after `make finetune`
+    python tools/convert_checkpoint.py export --load runs/demo/bdlora --format hf-peft --out out/peft
     python tools/convert_checkpoint.py export --load CKPT --format hf-merged --out out/merged \\
         --hf-checkpoint meta-llama/Llama-3.2-1B
     python tools/convert_checkpoint.py export --load CKPT --format vllm --out out/vllm
+    python tools/convert_checkpoint.py import --peft PEFT_DIR --hf-checkpoint BASE --out CKPT
 
 Formats: hf-peft (dense PEFT LoRA; BD blocks expanded with zeros, exact), hf-peft-bd (PEFT >= 0.19
 use_bdlora, packed blocks), hf-merged (full HF Llama with W + s*B*A), vllm (dense PEFT dir +
-packed bd/ for the BD-LoRA vLLM build + README with the exact `vllm serve` commands).
-Exports run in one process; the output appears atomically (nothing is left on error).
+packed bd/ for the BD-LoRA vLLM build, padded to --max-lora-rank + README with the exact
+`vllm serve` commands). `import` turns a PEFT adapter (dense or use_bdlora) into a checkpoint.
+Everything runs in one process; the output appears atomically (nothing is left on error).
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """LoRA / BD-LoRA around Megatron-Core's ColumnParallelLinear and RowParallelLinear.
 
 One self-contained module, `AdapterLinear`, holding this rank's pieces of the factors. How the
-factors are split over TP ranks is the strategy (design.md §2):
+factors are split over TP ranks is the strategy (docs/design.md §2):
 
   column layer (x replicated, W split by output rows)
     bd:         A split on r, B block-diagonal (each rank owns whole blocks)  -> no communication
@@ -52,7 +52,7 @@ def _kaiming_uniform(shape, fan_in, key) -> torch.Tensor:
 
 
 def validate(spec: TargetSpec, cfg: AdapterConfig, tp: int, name: str, adapted=None) -> None:
-    """The constraints of design.md §1, each a one-line error naming the fix (`adapted`: the
+    """The constraints of docs/design.md §1, each a one-line error naming the fix (`adapted`: the
     constituents with a LoRA; default all)."""
     r = cfg.rank
     if cfg.strategy == "bd":

@@ -1,4 +1,4 @@
-"""Analytic adapter parameter counts for a Llama shape, and BD rank matching (design.md §1).
+"""Analytic adapter parameter counts for a Llama shape, and BD rank matching (docs/design.md §1).
 
 One source of truth for every count the project prints: the trainer's summary, the rank
 matcher, the paper projection and the memory estimate. Tests check it against the real modules.

@@ -1,4 +1,4 @@
-"""Analytic cost of multi-LoRA serving under tensor parallelism (design.md §2).
+"""Analytic cost of multi-LoRA serving under tensor parallelism (docs/design.md §2).
 
 One forward pass (a decode step or a prefill) of `batch` requests, each with its own adapter,
 on a Llama shape at TP=t. Per GPU it counts FLOPs, HBM bytes, kernels and collectives, and

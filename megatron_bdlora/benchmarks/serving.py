@@ -33,7 +33,7 @@ class ServingConfig:
     reps: int = 8               # timed repetitions (each: prefill + decode_steps, every method)
     warmup: int = 1
     lora_rank: int = 16
-    bd_rank: int | None = None  # None: parameter-matched to lora_rank (design.md §1)
+    bd_rank: int | None = None  # None: parameter-matched to lora_rank (docs/design.md §1)
     bd_nblocks: int | None = None  # None: the TP size
     check_tokens: int = 8       # greedy tokens compared in the bd-vs-merged check
     seed: int = 0

@@ -1,7 +1,7 @@
 """Shared pieces of the measured benchmarks: model shapes, adapter configs, random adapters,
 side-by-side timing statistics, the bar chart.
 
-Timing rules (design.md §6): every method lives in the same processes and the methods are
+Timing rules (docs/design.md §6): every method lives in the same processes and the methods are
 interleaved step by step (step i of every method, in an order that rotates, before step i+1 of
 any), so that machine noise hits all methods alike; a step is timed from a barrier to its end
 (accelerator synchronised), and the time of a step is the slowest rank's. Ratios are taken per
@@ -34,7 +34,7 @@ def adapter_configs(hf: dict, lora_rank: int, bd_rank: int | None, nblocks: int,
                     alpha_per_rank: float = 2.0) -> dict:
     """{method: AdapterConfig or None}; canonical layout, all four target modules.
 
-    bd_rank None: parameter-matched to LoRA rank `lora_rank` (design.md §1 rank matching)."""
+    bd_rank None: parameter-matched to LoRA rank `lora_rank` (docs/design.md §1 rank matching)."""
     from megatron_bdlora.adapters import AdapterConfig, match_bd_rank
 
     lora = dict(method="lora", rank=lora_rank, alpha=alpha_per_rank * lora_rank)

@@ -51,7 +51,7 @@ class TrainingConfig:
 
 
 def _embedding_output_requires_grad(model) -> None:
-    """The backward must reach the first layer even with a frozen base (design.md §3)."""
+    """The backward must reach the first layer even with a frozen base (docs/design.md §3)."""
     model.embedding.register_forward_hook(lambda mod, inp, out: out.detach().requires_grad_(True))
 
 

@@ -1,4 +1,4 @@
-"""TP-independent adapter checkpoints (design.md §4): safetensors + JSON, written atomically.
+"""TP-independent adapter checkpoints (docs/design.md §4): safetensors + JSON, written atomically.
 
 Layout of a checkpoint root (the directory a run saves into):
 

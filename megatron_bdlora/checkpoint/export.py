@@ -7,7 +7,7 @@ part is `MODULES` (Megatron module -> HF sub-module, projections, column|row) an
 below only arrange files. Every export is built in a temp dir next to the output and renamed
 into place at the end: on any error nothing is left behind.
 
-Factor algebra (design.md §1, `AdapterLinear.global_layout`):
+Factor algebra (docs/design.md §1, `AdapterLinear.global_layout`):
   column (q,k,v / gate,up): A (G, r, in), group g = constituent g (canonical) or one shared A
       (fused, duplicated per projection on export: exact).  B: BD (N, out/N, r/N) blocks ->
       dense block_diag (out, r) | PEFT-packed (out, r/N) = blocks stacked on out;  LoRA (out, r).
@@ -213,7 +213,7 @@ def pad_bd_rank(tensors: dict, cfg, rank: int) -> tuple:
 
 
 def check_vllm_adapter(adapter_dir: str, max_lora_rank: int) -> None:
-    """vLLM's PEFT loader rules (design.md §4) applied to an adapter directory."""
+    """vLLM's PEFT loader rules (docs/design.md §4) applied to an adapter directory."""
     from safetensors import safe_open
 
     with open(os.path.join(adapter_dir, PEFT_CONFIG)) as f:

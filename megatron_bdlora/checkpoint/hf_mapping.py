@@ -1,6 +1,6 @@
 """Hugging Face Llama <-> Megatron-Core GPTModel weights: which HF slices make this rank's shard.
 
-Declarative per parameter (design.md §3), kept apart from I/O: `local_shard(name, read, ...)`
+Declarative per parameter (docs/design.md §3), kept apart from I/O: `local_shard(name, read, ...)`
 gets a `read(hf_name, rows=None, cols=None)` callable that returns just the requested slice
 (safetensors slicing for files on disk, plain indexing for in-memory tensors), so a rank never
 materialises more than its own shard.
