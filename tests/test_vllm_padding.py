@@ -70,7 +70,7 @@ def test_default_rank_and_errors():
         == [8, 8, 8, 32, 1, 320]
     assert vllm_max_lora_rank(cfg(6, 2), 64) == 64
     for c, requested, needle in ((cfg(9, 3), None, "divisible by its 3 blocks"),
-                                 (cfg(600), None, ">= the adapter rank 600"),
+                                 (cfg(600), None, "rank 600 exceeds vLLM's largest --max-lora-rank 512"),
                                  (cfg(32, 2), 16, "below the adapter rank 32"),
                                  (cfg(6, 2), 12, "not one of vLLM's allowed ranks"),
                                  (cfg(128, 128), 320, "not divisible by the adapter's 128 blocks")):

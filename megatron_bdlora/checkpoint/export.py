@@ -177,12 +177,15 @@ def vllm_max_lora_rank(cfg, requested: int | None = None) -> int:
                                   f"{n} blocks; pass one of "
                                   f"{[a for a in VLLM_MAX_LORA_RANKS if a >= r and a % n == 0]}")
         return requested
+    if r > VLLM_MAX_LORA_RANKS[-1]:
+        raise CheckpointError(f"adapter rank {r} exceeds vLLM's largest --max-lora-rank "
+                              f"{VLLM_MAX_LORA_RANKS[-1]}; export hf-merged instead or train a smaller rank")
     for allowed in VLLM_MAX_LORA_RANKS:
         if r <= allowed and allowed % n == 0:
             return allowed
-    raise CheckpointError(f"no vLLM --max-lora-rank in {VLLM_MAX_LORA_RANKS} is >= the adapter rank "
-                          f"{r}{f' and divisible by its {n} blocks' if n > 1 else ''}; export "
-                          "hf-merged instead or train another rank")
+    raise CheckpointError(f"no vLLM --max-lora-rank in {VLLM_MAX_LORA_RANKS} is >= the adapter rank {r} "
+                          f"and divisible by its {n} blocks; export hf-merged instead or train "
+                          "another rank or N")
 
 
 def _pad_blocks(t: torch.Tensor, dim: int, blocks: int, new: int) -> torch.Tensor:
