@@ -83,6 +83,8 @@ def _divisors(n):
 def _block_diag(blocks):
     """(..., n, rows, cols) blocks -> (..., n*rows, n*cols) block-diagonal (differentiable)."""
     n = blocks.shape[-3]
+    if n == 1:
+        return blocks.squeeze(-3)
     eye = torch.eye(n, dtype=blocks.dtype, device=blocks.device).view(n, 1, n, 1)
     return (blocks.unsqueeze(-2) * eye).flatten(-4, -3).flatten(-2)
 
