@@ -1,9 +1,10 @@
 """Targets by HF projection (q_proj, v_proj, ...): a packed module adapted in part.
 
 Training at TP=1/2/4 against the dense transformers oracle (loss and every factor gradient), all
-three strategies; BD's collectives equal the base's; merge, multi-adapter batches and
-checkpoint exports (PEFT dense / BD, merged HF, vLLM) of a partial adapter reproduce its logits;
-parameter counts (against PEFT's own) and rank matching follow the targets.
+three strategies; BD's collectives equal the base's; merge, multi-adapter batches, checkpoints
+(saved at TP=2, loaded at TP=1 and 4) and exports (PEFT dense / BD, merged HF, vLLM) of a
+partial adapter reproduce its logits; parameter counts (against PEFT's own) and rank matching
+follow the targets.
 """
 
 import json
@@ -35,7 +36,7 @@ def _worker(hf, sd, factors, ckpt_root):
 
     from megatron_bdlora.adapters import (global_adapter_state, load_global_adapter_state,
                                           merge_adapters, trainable_param_count)
-    from megatron_bdlora.checkpoint.adapter_checkpoint import save_checkpoint
+    from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint, save_checkpoint
     from megatron_bdlora.inference import adapter_batch, load_adapter_stack
     from megatron_bdlora.models.llama import forward_logits, gather_logits
     from megatron_bdlora.parallel import count_collectives, tp_rank_size
@@ -62,6 +63,11 @@ def _worker(hf, sd, factors, ckpt_root):
         r = {"loss": loss.item(), "counts": c.as_dict(),
              "grads": global_adapter_state(model, lambda p: p.grad),
              "trainable": trainable_param_count(model) - model.embedding.word_embeddings.weight.numel()}
+        saved = os.path.join(ckpt_root, name)
+        if tp != 2 and os.path.isdir(saved):  # the TP=2 checkpoint, loaded at this TP
+            fresh = _model(hf, sd)
+            load_checkpoint(saved, fresh)
+            r["loaded_logits"] = logits(fresh, ids)
         if tp == 2:
             r["logits"] = logits(model, ids)
             # two adapters per batch: request 0 uses this one, request 1 a zero adapter
@@ -86,7 +92,7 @@ def setup(tmp_path_factory):
     (layouts,) = run_distributed(_layouts, 1, 1, hf, sd, CONFIGS)
     factors = {n: random_factors(lay, seed=i) for i, (n, lay) in enumerate(layouts.items())}
     results = {tp: run_distributed(_worker, tp, tp, hf, sd, factors, str(root / "ckpt"))[0]
-               for tp in (1, 2, 4)}
+               for tp in (2, 1, 4)}  # TP=2 first: it saves the checkpoints the others load
     return hf, sd, hf_model, factors, results, base_dir, str(root / "ckpt")
 
 
@@ -143,6 +149,18 @@ def test_merge_and_multi_adapter(setup):
         assert torch.allclose(r["multi"][0], r["logits"][0], rtol=1e-5, atol=1e-5), name
         assert torch.allclose(r["multi"][1], r["base_logits"][1], rtol=1e-5, atol=1e-5), name
         assert not torch.allclose(r["logits"], r["base_logits"], atol=1e-3), name
+
+
+def test_checkpoint_loads_at_other_tp(setup):
+    *_, results, _, _ = setup
+    loaded = 0
+    for tp in (1, 4):
+        for name, r in results[tp].items():
+            if name != "base_counts" and "loaded_logits" in r:
+                ours = results[2][name]["logits"]
+                assert (r["loaded_logits"] - ours).abs().max() <= 1e-5 * ours.abs().max(), (tp, name)
+                loaded += 1
+    assert loaded >= 6  # bd and both LoRA shardings at TP=1 and 4, bd-k-up-o at TP=1
 
 
 def test_exports_reproduce_logits(setup, tmp_path):
