@@ -223,7 +223,9 @@ def test_eval_only_loss_equals_peft(env):
     (line,) = [x for x in r.stdout.splitlines() if x.startswith("{")]
     result = json.loads(line)
     assert result["tokens"] == 4 * (SEQ - 1)
-    assert abs(result["loss"] - env["refs"]["bd2"][1]) <= RTOL * result["loss"], (result, env["refs"]["bd2"][1])
+    peft_loss = env["refs"]["bd2"][1]
+    assert abs(result["loss"] - peft_loss) <= RTOL * result["loss"], (result, peft_loss)
+    print(f"[peft import] --eval-only loss {result['loss']:.8f}, PEFT {peft_loss:.8f}")
 
 
 def _cli(*argv):

@@ -34,7 +34,8 @@ from megatron_bdlora.checkpoint.hf_import import (
     CheckpointError, check_hf_checkpoint, open_safetensors, tokenizer_dir,
 )
 
-_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)\.lora_([AB])\.weight$")
+_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)"
+                  r"\.lora_([AB])\.weight$")
 _SUBMODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 # adapter_config.json fields whose truthy value changes what the adapter computes (not importable)
@@ -113,7 +114,7 @@ def _bd_sides(peft_dir: str, bd: dict, projections, layers: int) -> None:
     pats_a, pats_b = bd.get("target_modules_bd_a") or [], bd.get("target_modules_bd_b") or []
     for proj in projections:
         name = f"model.layers.{layers - 1}.{_SUBMODULE[proj]}.{proj}"  # PEFT matches by substring
-        side = ("A" if any(p in name for p in pats_a) else "") + ("B" if any(p in name for p in pats_b) else "")
+        side = "".join(s for s, pats in (("A", pats_a), ("B", pats_b)) if any(p in name for p in pats))
         want = "A" if proj in BD_A_MODULES else "B"
         if side != want:
             got = {"": "neither factor", "AB": "both factors"}.get(side, side)
