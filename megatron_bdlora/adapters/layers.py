@@ -227,9 +227,9 @@ class AdapterLinear(nn.Module):
         return {"lora_A": self.lora_A, **{f"lora_B.{c}": p for c, p in self.lora_B.items()}}
 
     # ---- forward ----------------------------------------------------------------------------
-    # u = x·Aᵀ (the shrink: one GEMM, or one batched GEMM over BD blocks / requests), then the
-    # strategy's collective on u (S-LoRA), then `add_lowrank` accumulates s·u·Bᵀ into the base
-    # output in place. Tensors are (R, T, features), R = 1 for one adapter (lowrank.py).
+    # u = x·Aᵀ (the shrink: one GEMM for all A groups; one per request in a multi-adapter
+    # batch), then the strategy's collective on u (S-LoRA), then `add_lowrank` accumulates
+    # s·u·Bᵀ into the base output in place. Tensors are (R, T, features), R = 1 for one adapter.
     def forward(self, x, *args, **kwargs):
         multi = self.adapter_index is not None
         if multi:
