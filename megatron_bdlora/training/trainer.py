@@ -196,10 +196,13 @@ def train(args) -> dict:
         if state["optimizer_tensors"] is not None:
             optim.load_optimizer_state(model, optimizer, state["optimizer_tensors"],
                                        state["optimizer_meta"])
-        extra = state["extra_state"]
-        train_it.load_state_dict(extra["data"])
-        rng_state.restore(extra["rng"])
-        log0(f"resumed from {state['dir']} at step {step}")
+        extra = state["extra_state"] or {}
+        if "data" in extra:  # a training checkpoint; an imported adapter (step 0) has neither
+            train_it.load_state_dict(extra["data"])
+            rng_state.restore(extra["rng"])
+            log0(f"resumed from {state['dir']} at step {step}")
+        else:
+            log0(f"starting from the adapter in {state['dir']} (no data position or RNG state)")
     n_trainable = sum(p.numel() for p in params)
     log0(f"trainable parameters on rank 0: {n_trainable:,}; TP={ps.get_tensor_model_parallel_world_size()}"
          f" DP={ps.get_data_parallel_world_size()}")
