@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "else, never the checkpoint or a directory holding it)")
     e.add_argument("--name", help="adapter name in the vLLM README commands (default: basename of --out)")
     e.add_argument("--dtype", choices=sorted(DTYPES),
-                   help="dtype of exported adapter weights (default: as trained)")
+                   help="dtype of the exported weights (default: the run's base dtype, bf16 with --bf16)")
     e.add_argument("--max-lora-rank", type=int, metavar="R",
                    help="vllm: the --max-lora-rank to serve with (1, 8, 16, 32, 64, 128, 256, 320, "
                         "512; default: the smallest >= r that N divides); the BD build's bd/ is "

@@ -4,6 +4,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from megatron_bdlora.adapters.layer_types import HF_PROJECTIONS
+from megatron_bdlora.errors import InputError
 
 METHODS = ("bdlora", "lora")
 LAYOUTS = ("canonical", "fused")
@@ -19,7 +20,7 @@ def normalise_targets(names) -> tuple:
     names = [names] if isinstance(names, str) else list(names)
     unknown = sorted(set(names) - set(ALL_TARGETS) - set(HF_TARGETS))
     if unknown or not names:
-        raise ValueError(f"unknown target modules {unknown or names}; choose from Megatron modules "
+        raise InputError(f"unknown target modules {unknown or names}; choose from Megatron modules "
                          f"{ALL_TARGETS} or HF projections {HF_TARGETS}")
     projs = {p for n in names for p in HF_PROJECTIONS.get(n, (n,))}
     out = []
@@ -54,22 +55,22 @@ class AdapterConfig:
     def __post_init__(self):
         self.target_modules = normalise_targets(self.target_modules)
         if self.method not in METHODS:
-            raise ValueError(f"unknown adapter method {self.method!r}; use one of {METHODS}")
+            raise InputError(f"unknown adapter method {self.method!r}; use one of {METHODS}")
         if self.layout not in LAYOUTS:
-            raise ValueError(f"unknown adapter layout {self.layout!r}; use one of {LAYOUTS}")
+            raise InputError(f"unknown adapter layout {self.layout!r}; use one of {LAYOUTS}")
         if self.method == "lora" and self.sharding not in LORA_SHARDINGS:
-            raise ValueError(f"unknown LoRA sharding {self.sharding!r}; use one of {LORA_SHARDINGS}")
+            raise InputError(f"unknown LoRA sharding {self.sharding!r}; use one of {LORA_SHARDINGS}")
         if self.rank < 1:
-            raise ValueError(f"adapter rank must be >= 1, got {self.rank}")
+            raise InputError(f"adapter rank must be >= 1, got {self.rank}")
         if self.method == "bdlora":
             if self.nblocks < 1:
-                raise ValueError(f"--bd-nblocks must be >= 1, got {self.nblocks}")
+                raise InputError(f"--bd-nblocks must be >= 1, got {self.nblocks}")
             if self.rank % self.nblocks:
-                raise ValueError(f"BD-LoRA rank {self.rank} is not divisible by nblocks "
+                raise InputError(f"BD-LoRA rank {self.rank} is not divisible by nblocks "
                                  f"{self.nblocks}; pick a rank that is a multiple of {self.nblocks}")
         partial = [m for m in self.modules if len(self.module_projections(m)) < len(HF_PROJECTIONS[m])]
         if partial and self.layout == "fused":
-            raise ValueError(f"the fused layout shares one A across {partial[0]}'s projections, so it "
+            raise InputError(f"the fused layout shares one A across {partial[0]}'s projections, so it "
                              f"cannot adapt only {', '.join(self.module_projections(partial[0]))}; "
                              "use --lora-layout canonical or target the whole module")
 

@@ -37,6 +37,7 @@ import torch.nn as nn
 from megatron_bdlora.adapters import comm
 from megatron_bdlora.adapters.config import AdapterConfig
 from megatron_bdlora.adapters.layer_types import TargetSpec
+from megatron_bdlora.errors import InputError
 from megatron_bdlora.adapters.lowrank import Geometry, Slot, add_lowrank
 
 
@@ -58,21 +59,21 @@ def validate(spec: TargetSpec, cfg: AdapterConfig, tp: int, name: str, adapted=N
     if cfg.strategy == "bd":
         n = cfg.nblocks
         if n % tp:
-            raise ValueError(f"tensor-model-parallel-size {tp} does not divide --bd-nblocks {n}: "
+            raise InputError(f"tensor-model-parallel-size {tp} does not divide --bd-nblocks {n}: "
                              f"BD-LoRA with {n} blocks runs at TP in {_divisors(n)}")
         if spec.kind == "column":
             for c, out in spec.constituents:
                 if out % n and (adapted is None or c in adapted):
-                    raise ValueError(f"{name}: {c} output size {out} is not divisible by "
+                    raise InputError(f"{name}: {c} output size {out} is not divisible by "
                                      f"--bd-nblocks {n}")
             if spec.interleave > 1 and spec.interleave % n:
-                raise ValueError(f"{name}: --bd-nblocks {n} must divide num_query_groups "
+                raise InputError(f"{name}: --bd-nblocks {n} must divide num_query_groups "
                                  f"{spec.interleave}; use N in {_divisors(spec.interleave)}")
         elif spec.in_features % n:
-            raise ValueError(f"{name}: input size {spec.in_features} is not divisible by "
+            raise InputError(f"{name}: input size {spec.in_features} is not divisible by "
                              f"--bd-nblocks {n}")
     elif cfg.strategy == "slora" and r % tp:
-        raise ValueError(f"S-LoRA splits the rank over TP ranks: --lora-rank {r} must be a "
+        raise InputError(f"S-LoRA splits the rank over TP ranks: --lora-rank {r} must be a "
                          f"multiple of tensor-model-parallel-size {tp}")
 
 

@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=POSITIVE, default=None,
                    help="steps between evaluations on --eval-data-path")
     g.add_argument("--eval-iters", type=POSITIVE, default=10,
-                   help="micro-batches per evaluation (fewer if the eval set is smaller)")
+                   help="global batches per evaluation, the same first ones every time (fewer if the eval set is smaller)")
     g.add_argument("--eval-only", action="store_true",
                    help="evaluate --load CKPT (its base model and tokenizer unless given) and exit")
     g.add_argument("--log-interval", type=POSITIVE, default=10, help="steps between progress updates")
