@@ -15,13 +15,19 @@ from megatron_bdlora.errors import InputError
 LOCK = ".lock"
 
 
-def _start_ticks(pid: int) -> int | None:
-    """The process start time in clock ticks since boot (tells a reused pid apart)."""
+def _stat(pid: int) -> list | None:
+    """The fields of /proc/PID/stat after the command name (None: no such process)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process start time in clock ticks since boot (tells a reused pid apart)."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else None
 
 
 def _alive(owner: dict) -> bool:
@@ -30,13 +36,11 @@ def _alive(owner: dict) -> bool:
     pid = owner.get("pid")
     if not isinstance(pid, int):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    fields = _stat(pid)
+    # a dead rank that nobody has reaped yet is a zombie: gone for our purposes
+    if fields is None or fields[0] == "Z":
         return False
-    except PermissionError:
-        pass
-    return owner.get("start") is None or owner.get("start") == _start_ticks(pid)
+    return owner.get("start") is None or owner.get("start") == int(fields[19])
 
 
 def _owner(path: str) -> dict | None:
