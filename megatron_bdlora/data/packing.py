@@ -86,16 +86,19 @@ def attention_mask_from_document_ids(document_ids: torch.Tensor) -> torch.Tensor
     return ~allowed[:, None]
 
 
-def batch_attention_mask(document_ids: torch.Tensor) -> torch.Tensor | None:
-    """The mask a batch of rows needs: None when no row holds more than one document.
+def batch_attention_mask(document_ids: torch.Tensor, device=None) -> torch.Tensor | None:
+    """The mask a batch of rows needs, built on `device`: None when no row holds more than one
+    document.
 
     make_row puts a row's padding after its documents, so with one document per row the
     attention layer's own causal masking is exact for every real token (a pad query may see the
     document; nothing reads it) and no (b, 1, s, s) tensor is built. Packed rows get the
-    document mask of `attention_mask_from_document_ids`."""
+    document mask of `attention_mask_from_document_ids`. Pass the loader's host tensor: the
+    decision then costs no device sync, and the mask is built where it is used."""
     if int(document_ids.max()) <= 0:
         return None
-    return attention_mask_from_document_ids(document_ids)
+    return attention_mask_from_document_ids(
+        document_ids if device is None else document_ids.to(device, non_blocking=True))
 
 
 def collate(rows) -> dict:

@@ -100,7 +100,7 @@ def _to_device(batch):
     dev = device()
     ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
     # None for unpacked rows: the attention layer is causal by itself, no (b, 1, s, s) tensor
-    return ids, labels, batch_attention_mask(batch["document_ids"].to(dev))
+    return ids, labels, batch_attention_mask(batch["document_ids"], dev)
 
 
 def evaluate(model, it, iters: int) -> dict:
