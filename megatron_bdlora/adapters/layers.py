@@ -37,8 +37,8 @@ import torch.nn as nn
 from megatron_bdlora.adapters import comm
 from megatron_bdlora.adapters.config import AdapterConfig
 from megatron_bdlora.adapters.layer_types import TargetSpec
-from megatron_bdlora.errors import InputError
 from megatron_bdlora.adapters.lowrank import Geometry, Slot, add_lowrank
+from megatron_bdlora.errors import InputError
 
 
 def _seed(*key) -> int:
@@ -344,12 +344,12 @@ class AdapterLinear(nn.Module):
                 geo = self.geometry
                 delta = a.new_zeros(geo.groups, geo.group_size, a.shape[-1])
                 for slot, (c, b) in zip(geo.slots, bs.items()):
-                    b = torch.block_diag(*b) if self.strategy == "bd" else b
+                    b = _block_diag(b) if self.strategy == "bd" else b
                     delta[:, slot.offset:slot.offset + slot.width] = (
                         b @ a[self.group_of(c)]).view(geo.groups, slot.width, -1)
                 return self.scale * delta.flatten(0, 1)
             (b,) = bs.values()
-            a = torch.block_diag(*a) if self.strategy == "bd" else a
+            a = _block_diag(a) if self.strategy == "bd" else a
             return self.scale * (b @ a)
 
     def merge(self) -> None:

@@ -62,22 +62,16 @@ def _model_config(args) -> tuple[dict, str | None]:
 
 def _check_adapter(args, hf: dict) -> None:
     """The adapter flags against the model shape, and --load against both."""
-    from megatron_bdlora.adapters import AdapterConfig, match_bd_rank
     from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint, check_compatible
+    from megatron_bdlora.training.trainer import adapter_config
 
     cfg = None
-    if args.adapter != "none" and not args.eval_only:
-        common = dict(layout=args.lora_layout, target_modules=tuple(args.lora_target_modules))
+    if not args.eval_only:
         try:
-            rank = args.lora_rank
-            if args.adapter == "bdlora" and args.match_lora_rank_params:
-                lora = AdapterConfig(method="lora", rank=args.match_lora_rank_params, **common)
-                rank = match_bd_rank(hf, lora, args.bd_nblocks)
-            cfg = AdapterConfig(method=args.adapter, rank=rank, nblocks=args.bd_nblocks,
-                                sharding=args.lora_sharding, **common)
+            cfg = adapter_config(args, hf, say=lambda *_: None)  # the ranks build this same one
         except ValueError as e:
             raise InputError(str(e)) from None
-        if cfg.method == "bdlora":
+        if cfg is not None and cfg.method == "bdlora":
             kv = hf.get("num_key_value_heads") or hf["num_attention_heads"]
             dims = {"num_key_value_heads": kv, "hidden_size": hf["hidden_size"],
                     "intermediate_size": hf["intermediate_size"]}

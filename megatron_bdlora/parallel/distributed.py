@@ -58,6 +58,13 @@ def tp_rank_size() -> tuple[int, int]:
     return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
 
 
+def all_reduce_flat(tensors: list, group) -> None:
+    """Sum `tensors` over `group` in place with one all-reduce of their flat concatenation."""
+    flat = torch._utils._flatten_dense_tensors(tensors)
+    dist.all_reduce(flat, group=group)
+    torch._foreach_copy_(tensors, torch._utils._unflatten_dense_tensors(flat, tensors))
+
+
 def is_main_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

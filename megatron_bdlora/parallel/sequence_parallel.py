@@ -18,7 +18,8 @@ import dataclasses
 import os
 
 import torch
-import torch.distributed as dist
+
+from megatron_bdlora.parallel.distributed import all_reduce_flat
 
 NEEDS_TP = ("--sequence-parallel splits activations over TP ranks: it needs "
             "--tensor-model-parallel-size > 1")
@@ -51,10 +52,7 @@ def allreduce_sequence_parallel_grads(model) -> None:
              if getattr(p, "sequence_parallel", False) and p.grad is not None]
     if not grads or ps.get_tensor_model_parallel_world_size() == 1:
         return
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=ps.get_tensor_model_parallel_group())
-    for g, summed in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(summed)
+    all_reduce_flat(grads, ps.get_tensor_model_parallel_group())
 
 
 def check_tool_flags(parser, sequence_parallel: bool, tp: int) -> None:

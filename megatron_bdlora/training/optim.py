@@ -5,6 +5,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from megatron_bdlora.parallel.distributed import all_reduce_flat
+
 
 def lr_at(step: int, args) -> float:
     """Linear warmup to --lr, then cosine / linear decay to --min-lr at --train-iters."""
@@ -31,9 +33,7 @@ def sync_data_parallel_grads(params) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if ps.get_data_parallel_world_size() == 1 or not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=ps.get_data_parallel_group())
-    torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+    all_reduce_flat(grads, ps.get_data_parallel_group())
 
 
 def clip_grad_norm(params, max_norm: float) -> float:

@@ -22,7 +22,9 @@ def log0(*a):
         print(*a, flush=True)
 
 
-def adapter_config(args, hf: dict) -> AdapterConfig | None:
+def adapter_config(args, hf: dict, say=log0) -> AdapterConfig | None:
+    """The run's adapter from its flags (None for --adapter none); `say` gets the rank-matching
+    line. Also the launcher's pre-flight check of the flags against the model shape."""
     if args.adapter == "none":
         return None
     rank = args.lora_rank
@@ -32,7 +34,7 @@ def adapter_config(args, hf: dict) -> AdapterConfig | None:
     if args.adapter == "bdlora" and args.match_lora_rank_params:
         lora = AdapterConfig(method="lora", rank=args.match_lora_rank_params, **common)
         rank = match_bd_rank(hf, lora, args.bd_nblocks)
-        log0(f"BD rank {rank} matches LoRA rank {args.match_lora_rank_params}: "
+        say(f"BD rank {rank} matches LoRA rank {args.match_lora_rank_params}: "
              f"{adapter_params(hf, AdapterConfig(method='bdlora', rank=rank, nblocks=args.bd_nblocks, **common)):,}"
              f" vs {adapter_params(hf, lora):,} parameters ({args.lora_layout} layout)")
     return AdapterConfig(method=args.adapter, rank=rank, nblocks=args.bd_nblocks,
