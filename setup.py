@@ -1,5 +1,8 @@
 from setuptools import find_packages, setup
 
+# GGUF -> HF conversion (tools/prepare_smollm2.py, the real-model demo and tests).
+REAL = ["gguf>=0.10,<1", "accelerate>=1.0,<2"]
+
 setup(
     name="megatron-bdlora",
     version="0.1.0",
@@ -21,7 +24,8 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "real": REAL,
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", *REAL],  # the real-model tests convert GGUF
         "gpu": ["transformer-engine[pytorch]"],
     },
 )
