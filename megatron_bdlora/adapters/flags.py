@@ -1,0 +1,30 @@
+"""The run's adapter from its command-line flags: one function for the ranks and pre-flight."""
+
+from megatron_bdlora.adapters.config import AdapterConfig
+from megatron_bdlora.adapters.layout import check
+from megatron_bdlora.adapters.param_count import adapter_params, match_bd_rank
+
+
+def adapter_config(args, hf: dict, say=None) -> AdapterConfig | None:
+    """The adapter of flags `args` on base model `hf` (None for --adapter none), checked against
+    the model shape and TP size (`layout.check`); `say` gets the rank-matching line."""
+    tp = args.tensor_model_parallel_size
+    if args.adapter == "none":
+        check(hf, None, tp)
+        return None
+    rank = args.lora_rank
+    common = dict(alpha=args.lora_alpha, dropout=args.lora_dropout, rslora=args.lora_rslora,
+                  target_modules=tuple(args.lora_target_modules), layout=args.lora_layout,
+                  seed=args.seed)
+    if args.adapter == "bdlora" and args.match_lora_rank_params:
+        lora = AdapterConfig(method="lora", rank=args.match_lora_rank_params, **common)
+        rank = match_bd_rank(hf, lora, args.bd_nblocks)
+        if say:
+            bd = AdapterConfig(method="bdlora", rank=rank, nblocks=args.bd_nblocks, **common)
+            say(f"BD rank {rank} matches LoRA rank {args.match_lora_rank_params}: "
+                f"{adapter_params(hf, bd):,} vs {adapter_params(hf, lora):,} parameters "
+                f"({args.lora_layout} layout)")
+    cfg = AdapterConfig(method=args.adapter, rank=rank, nblocks=args.bd_nblocks,
+                        sharding=args.lora_sharding, **common)
+    check(hf, cfg, tp)
+    return cfg
