@@ -1,4 +1,6 @@
-"""Exact-match accuracy of greedy generation on {"prompt", "completion"} records (torchrun).
+"""Exact-match accuracy of greedy generation on {"prompt", "completion"} records, or on chat
+{"messages"} records (the last message is the reference answer, the ones before it the prompt,
+rendered with the tokenizer's chat template) (torchrun). --json also gets every prediction.
 
     torchrun --nproc_per_node 2 tools/eval_accuracy.py --hf-checkpoint BASE [--load CKPT] \
         --data-path eval.jsonl [--limit 200] [--json out.json]
@@ -43,16 +45,24 @@ def main():
     model.eval()
     tok = load_tokenizer(args.tokenizer or model.tokenizer_path)
     records = load_records(args.data_path)
-    if not {"prompt", "completion"} <= set(records.column_names):
+    chat = "messages" in records.column_names
+    if not chat and not {"prompt", "completion"} <= set(records.column_names):
         raise InputError(f"{args.data_path} has fields {records.column_names}; exact match needs "
-                         "prompt/completion records")
+                         "prompt/completion or messages records")
     records = records.select(range(min(args.limit, len(records))))  # small sets: all of them
+    if chat:  # the trainer's rendering (formats.py), up to the generation prompt of the last turn
+        from megatron_bdlora.data.formats import render_chat
+
+        records = records.map(lambda r: {
+            "prompt": render_chat(tok, r["messages"][:-1], add_generation_prompt=True),
+            "completion": r["messages"][-1]["content"]})
     predictions = []
     with torch.no_grad():
         for i in range(0, len(records), args.batch_size):
             batch = records[i: i + args.batch_size]
-            # tokenised exactly as the trainer tokenises prompts (with BOS)
-            prompts = [tok(pr, add_special_tokens=True)["input_ids"] for pr in batch["prompt"]]
+            # tokenised exactly as the trainer tokenises prompts (with BOS; a chat template
+            # writes its own)
+            prompts = [tok(pr, add_special_tokens=not chat)["input_ids"] for pr in batch["prompt"]]
             outs = generate(model, prompts, args.max_new_tokens, eos_id=tok.eos_token_id,
                             pad_id=tok.pad_token_id or 0)
             predictions += [tok.decode(o, skip_special_tokens=True) for o in outs]
@@ -64,7 +74,7 @@ def main():
         print(json.dumps(result))
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(result, f)
+                json.dump({**result, "prompts": list(records["prompt"]), "predictions": predictions}, f)
     destroy_distributed()
 
 

@@ -103,7 +103,8 @@ def tokenize_tokens(record, index, tokenizer=None, **_):
     return list(ids), [1] * len(ids) if mask is None else [int(m) for m in mask]
 
 
-def _render(tokenizer, messages, add_generation_prompt):
+def render_chat(tokenizer, messages, add_generation_prompt):
+    """The conversation as text, by the tokenizer's own chat template (training and eval)."""
     return tokenizer.apply_chat_template(messages, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
 
@@ -121,8 +122,8 @@ def assistant_char_spans(tokenizer, messages, full):
         if m["role"] != "assistant":
             continue
         try:
-            before = _render(tokenizer, messages[:i], True) if i else None
-            upto = _render(tokenizer, messages[: i + 1], False)
+            before = render_chat(tokenizer, messages[:i], True) if i else None
+            upto = render_chat(tokenizer, messages[: i + 1], False)
         except Exception:  # some templates refuse partial conversations
             before = upto = None
         if before is not None and full.startswith(before) and full.startswith(upto) \
@@ -145,7 +146,7 @@ def assistant_char_spans(tokenizer, messages, full):
 
 def tokenize_messages(record, index, tokenizer, **_):
     messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-    full = _render(tokenizer, messages, False)
+    full = render_chat(tokenizer, messages, False)
     spans = assistant_char_spans(tokenizer, messages, full)
     # The template writes BOS itself, as apply_chat_template(tokenize=True) assumes.
     if getattr(tokenizer, "is_fast", False):
