@@ -2,7 +2,7 @@
 
 import torch
 
-from megatron_bdlora.adapters.layer_types import HF_PROJECTIONS
+from megatron_bdlora.adapters.layout import HF_PROJECTIONS
 
 
 def tiny_hf(seed: int = 0, **overrides):

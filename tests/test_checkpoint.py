@@ -527,7 +527,8 @@ def test_export_errors_leave_nothing(env, tmp_path):
     cfg = json.load(open(cfgp))
     cfg["adapter"]["rank"] = 16
     json.dump(cfg, open(cfgp, "w"))
-    msgs["config mismatch"] = fails("adapter config implies", str(bad), "hf-peft", str(tmp_path / "t"))
+    msgs["config mismatch"] = fails(r"has shape \(3, 8, 64\), expected \(3, 16, 64\)", str(bad),
+                                    "hf-peft", str(tmp_path / "t"))
     # existing output dir: error unless --overwrite, contents untouched
     existing = tmp_path / "exists"
     existing.mkdir()

@@ -7,6 +7,7 @@ from dist_utils import run_distributed
 
 from megatron_bdlora.adapters import AdapterConfig
 from megatron_bdlora.adapters.param_count import adapter_params, match_bd_rank
+from megatron_bdlora.errors import InputError
 from megatron_bdlora.models.presets import get_preset
 
 
@@ -53,26 +54,6 @@ def test_rank_matching():
     assert below <= adapter_params(hf, lora) < above
 
 
-def _spec(leaf, **over):
-    from types import SimpleNamespace
-
-    from megatron_bdlora.adapters.layer_types import target_spec
-
-    hf = {**get_preset("tiny"), **over}
-    config = SimpleNamespace(hidden_size=hf["hidden_size"], ffn_hidden_size=hf["intermediate_size"],
-                             kv_channels=hf["head_dim"], num_attention_heads=hf["num_attention_heads"],
-                             num_query_groups=hf["num_key_value_heads"], gated_linear_unit=True)
-    kind = "row" if leaf in ("linear_proj", "linear_fc2") else "column"
-    from megatron_bdlora.adapters import layer_types
-
-    orig = layer_types.parallel_kind
-    layer_types.parallel_kind = lambda m: kind
-    try:
-        return target_spec(leaf, None, config)
-    finally:
-        layer_types.parallel_kind = orig
-
-
 @pytest.mark.parametrize("leaf,cfg,over,tp,expected", [
     ("linear_qkv", AdapterConfig(method="bdlora", rank=8, nblocks=2), {}, 4,
      "does not divide --bd-nblocks 2"),
@@ -86,11 +67,16 @@ def _spec(leaf, **over):
      "must be a multiple of"),
 ])
 def test_constraint_errors(leaf, cfg, over, tp, expected):
-    from megatron_bdlora.adapters.layers import validate
+    from megatron_bdlora.adapters.layout import check, check_module, module_spec
 
-    with pytest.raises(ValueError) as err:
-        validate(_spec(leaf, **over), cfg, tp, leaf)
+    hf = {**get_preset("tiny"), **over}
+    with pytest.raises(InputError) as err:
+        check_module(module_spec(hf, leaf), cfg, tp, leaf)
     assert expected in str(err.value) and "\n" not in str(err.value)
+    # the whole-model check refuses it with the same line
+    target = AdapterConfig.from_dict({**cfg.to_dict(), "target_modules": [leaf]})
+    with pytest.raises(InputError, match=expected):
+        check(hf, target, tp)
 
 
 def _apply_errors(hf):
@@ -118,7 +104,7 @@ def test_apply_errors():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="not divisible by nblocks 4"):
+    with pytest.raises(InputError, match="--lora-rank 6 is not divisible by --bd-nblocks 4"):
         AdapterConfig(method="bdlora", rank=6, nblocks=4)
     with pytest.raises(ValueError, match="unknown target modules"):
         AdapterConfig(target_modules=("qproj",))

@@ -81,7 +81,7 @@ def test_shards_sum_to_param_count(model, layout):
 
 def test_inconsistent_shapes_raise():
     hf = get_preset("llama3.1-8b")
-    with pytest.raises(ValueError, match="must divide the BD block count"):
+    with pytest.raises(ValueError, match="does not divide --bd-nblocks 4"):
         cm.decode_step(hf, 8, 1, 10, cm.make_adapter("bd", 16, nblocks=4))
     with pytest.raises(ValueError, match="must divide"):
         cm.decode_step(get_preset("tiny"), 8, 1, 10)
@@ -133,8 +133,8 @@ def test_estimate_memory_json(capsys):
 def test_estimate_memory_one_line_errors():
     tool = _tool("estimate_memory")
     for argv, msg in ((["--model-preset", "nope"], "unknown model preset"),
-                      (["--tensor-model-parallel-size", "8", "--bd-nblocks", "4"], "must divide the BD block"),
-                      (["--lora-rank", "12", "--bd-nblocks", "8"], "not divisible by nblocks")):
+                      (["--tensor-model-parallel-size", "8", "--bd-nblocks", "4"], "does not divide --bd-nblocks 4"),
+                      (["--lora-rank", "12", "--bd-nblocks", "8"], "--lora-rank 12 is not divisible by --bd-nblocks 8")):
         with pytest.raises(SystemExit) as exc:
             tool.main(argv)
         text = str(exc.value.code)

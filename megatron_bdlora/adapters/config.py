@@ -1,16 +1,10 @@
 """The adapter config: a small dataclass that travels inside every checkpoint and run config."""
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
-from megatron_bdlora.adapters.layer_types import HF_PROJECTIONS
+from megatron_bdlora.adapters.layout import ALL_TARGETS, HF_PROJECTIONS, HF_TARGETS, check_config
 from megatron_bdlora.errors import InputError
-
-METHODS = ("bdlora", "lora")
-LAYOUTS = ("canonical", "fused")
-LORA_SHARDINGS = ("slora", "replicated")
-ALL_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-HF_TARGETS = tuple(p for m in ALL_TARGETS for p in HF_PROJECTIONS[m])
 
 
 def normalise_targets(names) -> tuple:
@@ -50,29 +44,10 @@ class AdapterConfig:
     layout: str = "canonical"
     sharding: str = "slora"
     seed: int = 0
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self.target_modules = normalise_targets(self.target_modules)
-        if self.method not in METHODS:
-            raise InputError(f"unknown adapter method {self.method!r}; use one of {METHODS}")
-        if self.layout not in LAYOUTS:
-            raise InputError(f"unknown adapter layout {self.layout!r}; use one of {LAYOUTS}")
-        if self.method == "lora" and self.sharding not in LORA_SHARDINGS:
-            raise InputError(f"unknown LoRA sharding {self.sharding!r}; use one of {LORA_SHARDINGS}")
-        if self.rank < 1:
-            raise InputError(f"adapter rank must be >= 1, got {self.rank}")
-        if self.method == "bdlora":
-            if self.nblocks < 1:
-                raise InputError(f"--bd-nblocks must be >= 1, got {self.nblocks}")
-            if self.rank % self.nblocks:
-                raise InputError(f"BD-LoRA rank {self.rank} is not divisible by nblocks "
-                                 f"{self.nblocks}; pick a rank that is a multiple of {self.nblocks}")
-        partial = [m for m in self.modules if len(self.module_projections(m)) < len(HF_PROJECTIONS[m])]
-        if partial and self.layout == "fused":
-            raise InputError(f"the fused layout shares one A across {partial[0]}'s projections, so it "
-                             f"cannot adapt only {', '.join(self.module_projections(partial[0]))}; "
-                             "use --lora-layout canonical or target the whole module")
+        check_config(self)
 
     @property
     def projections(self) -> tuple:
@@ -103,7 +78,6 @@ class AdapterConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
-        d.pop("extra")
         return d
 
     @classmethod

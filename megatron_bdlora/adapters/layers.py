@@ -35,10 +35,10 @@ import torch
 import torch.nn as nn
 
 from megatron_bdlora.adapters import comm
+from megatron_bdlora.adapters import layout
 from megatron_bdlora.adapters.config import AdapterConfig
-from megatron_bdlora.adapters.layer_types import TargetSpec
+from megatron_bdlora.adapters.layout import TargetSpec
 from megatron_bdlora.adapters.lowrank import Geometry, Slot, add_lowrank
-from megatron_bdlora.errors import InputError
 
 
 def _seed(*key) -> int:
@@ -50,35 +50,6 @@ def _kaiming_uniform(shape, fan_in, key) -> torch.Tensor:
     bound = 1.0 / fan_in**0.5
     gen = torch.Generator().manual_seed(_seed(*key))
     return torch.empty(shape).uniform_(-bound, bound, generator=gen)
-
-
-def validate(spec: TargetSpec, cfg: AdapterConfig, tp: int, name: str, adapted=None) -> None:
-    """The constraints of docs/design.md §1, each a one-line error naming the fix (`adapted`: the
-    constituents with a LoRA; default all)."""
-    r = cfg.rank
-    if cfg.strategy == "bd":
-        n = cfg.nblocks
-        if n % tp:
-            raise InputError(f"tensor-model-parallel-size {tp} does not divide --bd-nblocks {n}: "
-                             f"BD-LoRA with {n} blocks runs at TP in {_divisors(n)}")
-        if spec.kind == "column":
-            for c, out in spec.constituents:
-                if out % n and (adapted is None or c in adapted):
-                    raise InputError(f"{name}: {c} output size {out} is not divisible by "
-                                     f"--bd-nblocks {n}")
-            if spec.interleave > 1 and spec.interleave % n:
-                raise InputError(f"{name}: --bd-nblocks {n} must divide num_query_groups "
-                                 f"{spec.interleave}; use N in {_divisors(spec.interleave)}")
-        elif spec.in_features % n:
-            raise InputError(f"{name}: input size {spec.in_features} is not divisible by "
-                             f"--bd-nblocks {n}")
-    elif cfg.strategy == "slora" and r % tp:
-        raise InputError(f"S-LoRA splits the rank over TP ranks: --lora-rank {r} must be a "
-                         f"multiple of tensor-model-parallel-size {tp}")
-
-
-def _divisors(n):
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _block_diag(blocks):
@@ -107,7 +78,7 @@ class AdapterLinear(nn.Module):
         self.adapted = tuple(c for c, _ in spec.constituents if cfg.adapts(c))
         if not self.adapted:
             raise ValueError(f"{name}: no projection of this module is targeted")
-        validate(spec, cfg, tp_size, name, self.adapted)
+        layout.check_module(spec, cfg, tp_size, name)
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.strategy = cfg.strategy
         self.scale = cfg.scale
@@ -133,10 +104,11 @@ class AdapterLinear(nn.Module):
         self.shard_dims = {}
         self.lora_B = nn.ParameterDict()
         device = base.weight.device
-        for pname, (global_shape, dim, init) in self.global_layout().items():
-            local = torch.empty(self._local_shape(global_shape, dim), device=device)
+        for pname, f in layout.factor_layout(spec, cfg).items():
+            dim = f.shard_dim
+            local = torch.empty(f.local_shape(tp_size), device=device)
             if device.type != "meta":
-                local = self.shard(init(global_shape), dim).to(device)
+                local = self.shard(self._init(f)(f.shape), dim).to(device)
             param = nn.Parameter(local.contiguous())
             param.tensor_model_parallel = dim is not None  # Megatron's flag: sharded, not replicated
             if pname == "lora_A":
@@ -150,9 +122,7 @@ class AdapterLinear(nn.Module):
     @property
     def groups(self) -> list:
         """A-factor groups: one per adapted constituent (canonical) or one shared (fused / row)."""
-        if self.spec.kind == "column" and self.cfg.layout == "canonical":
-            return list(self.adapted)
-        return ["fused"] if self.spec.kind == "column" else list(self.adapted)
+        return layout.a_groups(self.spec, self.cfg)
 
     def group_of(self, constituent: str) -> int:
         groups = self.groups
@@ -164,38 +134,20 @@ class AdapterLinear(nn.Module):
         return max(1, self.spec.interleave // self.tp_size)
 
     def global_layout(self) -> dict:
-        """{param name: (global shape, TP shard dim or None, init fn)} — the TP-independent form."""
-        r, n, s = self.cfg.rank, self.cfg.nblocks, self.spec
-        seed, name, zeros = self.cfg.seed, self.name, torch.zeros
-        bd = self.strategy == "bd"
-        layout = {}
-        if s.kind == "column":
-            groups = self.groups
+        """{param name: (global shape, TP shard dim or None, init fn)} — the TP-independent form
+        (`layout.factor_layout`), each factor drawn from generators seeded by (seed, module, draw)."""
+        return {pname: (f.shape, f.shard_dim, self._init(f))
+                for pname, f in layout.factor_layout(self.spec, self.cfg).items()}
 
-            def init_a(shape):
-                return torch.stack([_kaiming_uniform(shape[1:], s.in_features, (seed, name, g))
-                                    for g in groups])
-
-            layout["lora_A"] = ((len(groups), r, s.in_features),
-                                None if self.strategy == "replicated" else 1, init_a)
-            for c, out in s.constituents:
-                if c in self.adapted:
-                    shape = (n, out // n, r // n) if bd else (out, r)
-                    layout[f"lora_B.{c}"] = (shape, 0, zeros)
-        else:
-            (c, out), = s.constituents
-            if bd:
-                def init_a(shape):
-                    return torch.stack([_kaiming_uniform(shape[1:], shape[2], (seed, name, j))
-                                        for j in range(shape[0])])
-
-                layout["lora_A"] = ((n, r // n, s.in_features // n), 0, init_a)
-                layout[f"lora_B.{c}"] = ((out, r), 1, zeros)
-            else:
-                layout["lora_A"] = ((r, s.in_features), 1,
-                                    lambda shape: _kaiming_uniform(shape, s.in_features, (seed, name)))
-                layout[f"lora_B.{c}"] = ((out, r), 0 if self.strategy == "slora" else None, zeros)
-        return layout
+    def _init(self, f: layout.Factor):
+        """B: zeros. A: kaiming-uniform over its true fan-in, one draw per group / block."""
+        key = (self.cfg.seed, self.name)
+        if f.fan_in is None:
+            return torch.zeros
+        if f.draws is None:
+            return lambda shape: _kaiming_uniform(shape, f.fan_in, key)
+        return lambda shape: torch.stack([_kaiming_uniform(shape[1:], f.fan_in, (*key, d))
+                                          for d in f.draws])
 
     def _geometry(self) -> Geometry:
         """Where each B factor writes in this rank's base output, and which u columns it reads."""
@@ -215,11 +167,6 @@ class AdapterLinear(nn.Module):
                 slots.append(Slot(self.group_of(c) * r_u, r_u, offset, width))
             offset += width
         return Geometry(lg, offset, tuple(slots))
-
-    def _local_shape(self, shape, dim):
-        if dim is None:
-            return shape
-        return shape[:dim] + (shape[dim] // self.tp_size,) + shape[dim + 1:]
 
     def shard(self, tensor, dim):
         return tensor if dim is None else tensor.chunk(self.tp_size, dim)[self.tp_rank]
@@ -286,17 +233,11 @@ class AdapterLinear(nn.Module):
         Stored as this rank's shards stacked on a new leading dim, outside the state dict."""
         if not states:
             raise ValueError(f"{self.name}: load_global_stack needs at least one adapter state")
-        layout = self.global_layout()
+        for k, st in enumerate(states):
+            self._check_global(st, f"{self.name}: adapter {k}")
         stack = {}
         for pname, p in self.adapter_params().items():
-            shape, dim, _ = layout[pname]
-            shards = []
-            for k, st in enumerate(states):
-                t = st[pname]
-                if tuple(t.shape) != tuple(shape):
-                    raise ValueError(f"{self.name}.{pname}: adapter {k} has shape {tuple(t.shape)}, "
-                                     f"this adapter expects {tuple(shape)}; check rank/nblocks/layout")
-                shards.append(t if dim is None else t.chunk(self.tp_size, dim)[self.tp_rank])
+            shards = [self.shard(st[pname], self.shard_dims[pname]) for st in states]
             stack[pname] = torch.stack(shards).to(device=p.device, dtype=p.dtype).contiguous()
         self.adapter_stack = stack
         self.set_adapter_index(None)
@@ -385,12 +326,11 @@ class AdapterLinear(nn.Module):
 
     def load_global(self, tensors: dict) -> None:
         """Set this rank's shards from global factors (any TP the constraints allow)."""
-        layout = self.global_layout()
+        self._check_global(tensors, f"{self.name}: the adapter state")
         with torch.no_grad():
             for pname, p in self.adapter_params().items():
-                shape, dim, _ = layout[pname]
-                t = tensors[pname]
-                if tuple(t.shape) != tuple(shape):
-                    raise ValueError(f"{self.name}.{pname}: checkpoint shape {tuple(t.shape)} does "
-                                     f"not match this adapter's {tuple(shape)}; check rank/nblocks/layout")
-                p.copy_(self.shard(t, dim))
+                p.copy_(self.shard(tensors[pname], self.shard_dims[pname]))
+
+    def _check_global(self, tensors: dict, where: str) -> None:
+        layout.check_tensors(tensors, {k: v[0] for k, v in self.global_layout().items()}, where,
+                             "check the adapter's rank, nblocks, layout and target modules")

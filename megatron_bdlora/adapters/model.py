@@ -5,6 +5,8 @@ import torch.nn as nn
 from megatron_bdlora.adapters.config import AdapterConfig
 from megatron_bdlora.adapters.layer_types import target_spec
 from megatron_bdlora.adapters.layers import AdapterLinear
+from megatron_bdlora.adapters.layout import check_tensors
+from megatron_bdlora.errors import InputError
 
 
 def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> list:
@@ -42,17 +44,6 @@ def adapter_modules(model: nn.Module) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
 
 
-def get_adapter_params(model: nn.Module) -> dict:
-    return {f"{n}.{k}": p for n, m in adapter_modules(model).items()
-            for k, p in m.adapter_params().items()}
-
-
-def set_trainable_params(model: nn.Module, names) -> None:
-    names = set(names)
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in names)
-
-
 def trainable_param_count(model: nn.Module) -> int:
     """Parameters this rank trains (a BD-LoRA parameter lives on exactly one TP rank)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -72,15 +63,14 @@ def global_adapter_layout(model: nn.Module) -> dict:
             for k, (shape, _, _) in m.global_layout().items()}
 
 
-def load_global_adapter_state(model: nn.Module, tensors: dict) -> None:
-    mods = adapter_modules(model)
-    expected = {f"{n}.{k}" for n, m in mods.items() for k in m.adapter_params()}
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
-    if missing or unexpected:
-        raise ValueError(f"adapter checkpoint does not match the model: missing "
-                         f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}; "
-                         "check the adapter config (method, target modules, layout)")
-    for n, m in mods.items():
+def load_global_adapter_state(model: nn.Module, tensors: dict, where: str = "the adapter state",
+                              error=InputError) -> None:
+    """Set the model's adapter from global factors {"<module>.<param>": tensor} (any TP the
+    constraints allow), checked first against its layout (`where`, `error`: for the message)."""
+    check_tensors(tensors, global_adapter_layout(model), where,
+                  "check the adapter config (method, rank, nblocks, layout, target modules) and "
+                  "the base model", error)
+    for n, m in adapter_modules(model).items():
         m.load_global({k: tensors[f"{n}.{k}"] for k in m.adapter_params()})
 
 

@@ -9,10 +9,14 @@ The constants below are public peak numbers or rough public measurements, not ca
 the paper's machines. Treat absolute times as optimistic bounds; ratios are what we compare.
 """
 
+import math
 from dataclasses import dataclass, replace
 
 from megatron_bdlora.adapters.config import AdapterConfig
-from megatron_bdlora.adapters.param_count import PROJECTIONS, adapter_params, projection_shapes
+from megatron_bdlora.adapters.layout import (
+    check, factor_layout, head_dim, kv_heads, module_spec, padded_vocab_size,
+)
+from megatron_bdlora.adapters.param_count import adapter_params
 
 STRATEGIES = ("base", "replicated", "slora", "bd")
 BF16 = 2  # bytes per weight, activation and KV entry
@@ -73,59 +77,38 @@ def with_overrides(hw: Hardware, **values) -> Hardware:
     return replace(hw, **values, sources={k: v for k, v in hw.sources.items() if k not in values})
 
 
-def check_tp(hf: dict, tp: int) -> None:
-    heads, groups, ffn = hf["num_attention_heads"], hf["num_key_value_heads"], hf["intermediate_size"]
-    if heads % tp or groups % tp or ffn % tp:
-        raise ValueError(f"TP={tp} must divide the attention heads ({heads}), KV heads ({groups}) "
-                         f"and FFN size ({ffn})")
-
-
 def lora_shards(hf: dict, cfg: AdapterConfig, tp: int) -> list:
     """What one TP rank holds and does for one adapter in one decoder layer, per Megatron module.
 
-    Each entry: a, b = local A / B parameters; a_io, b_io = (input, output) widths of the
-    shrink / expand kernels; comm = None or (op, width) of the collective between them.
+    Each entry: a, b = local A / B parameters (`layout.factor_layout` split over TP); a_io, b_io =
+    (input, output) widths of the shrink / expand kernels; comm = None or (op, width) of the
+    collective between them.
     """
-    check_tp(hf, tp)
-    shapes, r, t = projection_shapes(hf), cfg.rank, tp
-    strategy, n = cfg.strategy, cfg.nblocks
-    if strategy == "bd":
-        if n % t:
-            raise ValueError(f"TP={t} must divide the BD block count N={n}")
-        for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj", "down_proj"):
-            fan_in, fan_out = shapes[p]
-            if (fan_out if PROJECTIONS[p][1] == "column" else fan_in) % n:
-                raise ValueError(f"N={n} must divide the blocked dimension of {p} {shapes[p]}")
-        if hf["num_key_value_heads"] % n:
-            raise ValueError(f"N={n} must divide the KV heads ({hf['num_key_value_heads']})")
+    check(hf, cfg, tp)
+    r, t, strategy = cfg.rank, tp, cfg.strategy
     out = []
     for module in cfg.modules:
-        projs = cfg.module_projections(module)
-        if PROJECTIONS[projs[0]][1] == "column":
-            fan_in = shapes[projs[0]][0]
-            r_col = (len(projs) if cfg.layout == "canonical" else 1) * r  # stacked shrink width
-            fan_out = sum(shapes[p][1] for p in projs)
+        spec = module_spec(hf, module)
+        factors = factor_layout(spec, cfg)
+        a = math.prod(factors["lora_A"].local_shape(t))
+        b = sum(math.prod(f.local_shape(t)) for k, f in factors.items() if k != "lora_A")
+        fan_in = spec.in_features
+        fan_out = sum(o for c, o in spec.constituents if cfg.adapts(c))
+        if spec.kind == "column":
+            r_col = factors["lora_A"].shape[0] * r  # stacked shrink width (A groups x r)
             if strategy == "bd":      # A split on r, B block-diagonal: local blocks only
-                e = dict(a=r_col * fan_in // t, a_io=(fan_in, r_col // t),
-                         b=fan_out * r // (n * t), b_io=(r_col // t, fan_out // t), comm=None)
+                e = dict(a_io=(fan_in, r_col // t), b_io=(r_col // t, fan_out // t), comm=None)
             elif strategy == "slora":  # A split on r -> all-gather -> B split on out
-                e = dict(a=r_col * fan_in // t, a_io=(fan_in, r_col // t),
-                         b=fan_out * r // t, b_io=(r_col, fan_out // t), comm=("all_gather", r_col))
+                e = dict(a_io=(fan_in, r_col // t), b_io=(r_col, fan_out // t), comm=("all_gather", r_col))
             else:                      # replicated: full A everywhere, B split on out
-                e = dict(a=r_col * fan_in, a_io=(fan_in, r_col),
-                         b=fan_out * r // t, b_io=(r_col, fan_out // t), comm=None)
-        else:
-            fan_in, fan_out = shapes[projs[0]]
-            if strategy == "bd":      # A block-diagonal, B split on r; partial joins base AR
-                e = dict(a=r * fan_in // (n * t), a_io=(fan_in // t, r // t),
-                         b=fan_out * r // t, b_io=(r // t, fan_out), comm=None)
-            elif strategy == "slora":  # A split on in -> all-reduce -> B split on out
-                e = dict(a=r * fan_in // t, a_io=(fan_in // t, r),
-                         b=fan_out * r // t, b_io=(r, fan_out // t), comm=("all_reduce", r))
-            else:                      # replicated: A split on in, full B everywhere
-                e = dict(a=r * fan_in // t, a_io=(fan_in // t, r),
-                         b=fan_out * r, b_io=(r, fan_out), comm=None)
-        out.append({"module": module, **e})
+                e = dict(a_io=(fan_in, r_col), b_io=(r_col, fan_out // t), comm=None)
+        elif strategy == "bd":        # A block-diagonal, B split on r; partial joins base AR
+            e = dict(a_io=(fan_in // t, r // t), b_io=(r // t, fan_out), comm=None)
+        elif strategy == "slora":      # A split on in -> all-reduce -> B split on out
+            e = dict(a_io=(fan_in // t, r), b_io=(r, fan_out // t), comm=("all_reduce", r))
+        else:                          # replicated: A split on in, full B everywhere
+            e = dict(a_io=(fan_in // t, r), b_io=(r, fan_out), comm=None)
+        out.append({"module": module, "a": a, "b": b, **e})
     return out
 
 
@@ -170,13 +153,12 @@ def forward_cost(hf: dict, tp: int, batch: int, new_tokens: int, kv_len: int,
     to a KV cache that then holds `kv_len` positions (decode: new_tokens=1; prefill of P
     tokens: new_tokens=kv_len=P). `n_adapters` distinct adapters (default: one per request)
     have their weights read once each; every token multiplies its own adapter's factors."""
-    check_tp(hf, tp)
+    check(hf, adapter, tp)
     if kv_len < new_tokens:
         raise ValueError(f"kv_len ({kv_len}) must be >= new_tokens ({new_tokens})")
     t, T = tp, batch * new_tokens
-    h, heads, groups = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"]
-    d = hf.get("head_dim") or h // heads
-    f, vocab, L = hf["intermediate_size"], hf["vocab_size"], hf["num_hidden_layers"]
+    h, heads, groups, d = hf["hidden_size"], hf["num_attention_heads"], kv_heads(hf), head_dim(hf)
+    f, vocab, L = hf["intermediate_size"], padded_vocab_size(hf["vocab_size"], tp), hf["num_hidden_layers"]
     hl, gl = heads // t, groups // t
     n_adapters = batch if n_adapters is None else n_adapters
 

@@ -2,7 +2,7 @@
 
 Training, per GPU (bf16 mixed precision, frozen base, AdamW on adapter parameters only):
   base weights   bf16 shard: every linear / (TP), vocab-parallel embedding and LM head on the
-                 Megatron-padded vocab (multiple of 128*TP), norms replicated.
+                 model's padded vocab (layout.padded_vocab_size), norms replicated.
   adapter        the rank's local LoRA factors (cost_model.lora_shards: BD owns exactly 1/TP,
                  replicated keeps full copies), bf16 compute copy + fp32 master, fp32 grads,
                  AdamW exp_avg + exp_avg_sq in fp32; master and AdamW states shard over DP with
@@ -31,11 +31,11 @@ Serving: base shard + one bf16 adapter per request + KV cache 2*L*(g/t)*d*seq*ba
 """
 
 from megatron_bdlora.adapters.config import AdapterConfig
-from megatron_bdlora.benchmarks.cost_model import check_tp, lora_shards
+from megatron_bdlora.adapters.layout import check, head_dim, kv_heads, padded_vocab_size
+from megatron_bdlora.benchmarks.cost_model import lora_shards
 from megatron_bdlora.models.presets import get_preset
 
 GiB = 1024 ** 3
-VOCAB_DIVISOR = 128  # Megatron's --make-vocab-size-divisible-by default
 
 
 def preset_from_hf_name(name: str) -> str:
@@ -45,17 +45,12 @@ def preset_from_hf_name(name: str) -> str:
     return preset
 
 
-def padded_vocab(vocab: int, tp: int) -> int:
-    m = VOCAB_DIVISOR * tp
-    return -(-vocab // m) * m
-
-
 def base_weight_params(hf: dict, tp: int) -> float:
     """Base parameters held by one TP rank."""
-    h, heads, groups = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"]
-    d, f = hf.get("head_dim") or h // heads, hf["intermediate_size"]
+    h, heads, groups = hf["hidden_size"], hf["num_attention_heads"], kv_heads(hf)
+    d, f = head_dim(hf), hf["intermediate_size"]
     linear = h * (heads + 2 * groups) * d + heads * d * h + 3 * h * f
-    embed = padded_vocab(hf["vocab_size"], tp) * h / tp
+    embed = padded_vocab_size(hf["vocab_size"], tp) * h / tp
     return (hf["num_hidden_layers"] * (linear / tp + 2 * h) + h
             + embed * (1 if hf.get("tie_word_embeddings") else 2))
 
@@ -69,8 +64,8 @@ def adapter_local_params(hf: dict, cfg: AdapterConfig | None, tp: int) -> int:
 def layer_activation_bytes(hf: dict, tp: int, micro_batch: int, seq: int, cfg: AdapterConfig | None,
                            attention: str = "sdpa", sequence_parallel: bool = False) -> dict:
     """Bytes one decoder layer keeps for backward (see module doc): {"total", "scores"}."""
-    h, heads, groups = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"]
-    d, f = hf.get("head_dim") or h // heads, hf["intermediate_size"]
+    h, heads, groups = hf["hidden_size"], hf["num_attention_heads"], kv_heads(hf)
+    d, f = head_dim(hf), hf["intermediate_size"]
     tokens, sp = micro_batch * seq, tp if sequence_parallel else 1
     column_inputs = 4 * h if cfg is not None else 4 * h / sp
     base = tokens * (4 * h / sp + column_inputs + (4 * h + 4 * groups * d + 6 * f) / tp)
@@ -90,7 +85,7 @@ def estimate(hf: dict, tp: int = 1, dp: int = 1, micro_batch: int = 1, seq: int 
              gpu_memory_gb: float = 80.0, serve_batch: int = 0, serve_seq: int = 0,
              attention: str = "sdpa", sequence_parallel: bool = False) -> dict:
     """Per-GPU bytes for training (and serving when serve_batch > 0)."""
-    check_tp(hf, tp)
+    check(hf, adapter, tp)
     L, h = hf["num_hidden_layers"], hf["hidden_size"]
     tokens = micro_batch * seq
     n_adapter = adapter_local_params(hf, adapter, tp)
@@ -105,7 +100,7 @@ def estimate(hf: dict, tp: int = 1, dp: int = 1, micro_batch: int = 1, seq: int 
         "adapter_grads_fp32": n_adapter * 4,
         "adamw_states_fp32": n_adapter * 8 / shard,
         "activations": recompute_acts if recompute else full_acts,
-        "logits_loss": tokens * (10 * padded_vocab(hf["vocab_size"], tp) / tp + 4 * h),
+        "logits_loss": tokens * (10 * padded_vocab_size(hf["vocab_size"], tp) / tp + 4 * h),
         "overhead": overhead_gb * GiB,
     }
     out = {
@@ -120,7 +115,7 @@ def estimate(hf: dict, tp: int = 1, dp: int = 1, micro_batch: int = 1, seq: int 
     }
     out["train_fits"] = out["train_total"] <= out["gpu_memory"]
     if serve_batch:
-        groups, d = hf["num_key_value_heads"], hf.get("head_dim") or h // hf["num_attention_heads"]
+        groups, d = kv_heads(hf), head_dim(hf)
         serve = {
             "base_weights_bf16": base,
             "adapters_bf16": 2 * serve_batch * n_adapter,  # one adapter per request

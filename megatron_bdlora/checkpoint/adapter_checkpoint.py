@@ -29,7 +29,9 @@ import warnings
 
 import torch
 
+from megatron_bdlora.adapters.layout import check
 from megatron_bdlora.checkpoint.hf_import import CheckpointError, base_config_mismatch, open_safetensors
+from megatron_bdlora.errors import InputError
 
 FORMAT = "megatron-bdlora-adapter"
 FORMAT_VERSION = 1
@@ -425,17 +427,18 @@ class AdapterCheckpoint:
 
 
 # ---- load ---------------------------------------------------------------------------------------
-def _divisors(n: int) -> list:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def loadable_config(cfg, tp: int):
+    """The adapter config a checkpoint loads with at this TP: an S-LoRA adapter whose rank TP does
+    not divide runs 'replicated' (the global factors of plain LoRA do not depend on the sharding)."""
+    if cfg.strategy == "slora" and cfg.rank % tp:
+        return type(cfg).from_dict({**cfg.to_dict(), "sharding": "replicated"})
+    return cfg
 
 
 def check_compatible(ckpt: AdapterCheckpoint, model, tp: int) -> None:
     """One-line errors for an adapter checkpoint that cannot load into `model` at this TP."""
     cfg = ckpt.adapter_config
     where = ckpt.dir
-    if cfg.method == "bdlora" and cfg.nblocks % tp:
-        raise CheckpointError(f"{where} holds a BD-LoRA adapter with {cfg.nblocks} blocks: it loads at "
-                              f"tensor-model-parallel-size in {_divisors(cfg.nblocks)}, not {tp}")
     hf = getattr(model, "hf_config", None)
     if hf and ckpt.base_config:
         diff = base_config_mismatch(ckpt.base_config, hf)
@@ -443,7 +446,12 @@ def check_compatible(ckpt: AdapterCheckpoint, model, tp: int) -> None:
             raise CheckpointError(f"{where} was trained on a different base model ({diff}: "
                                   "checkpoint vs model); load it on the base it was trained on")
     have = getattr(model, "adapter_config", None)
-    if have is not None:
+    if have is None:  # the checkpoint's own adapter will be applied: it must fit the base and TP
+        try:
+            check(hf or ckpt.base_config or None, loadable_config(cfg, tp), tp)
+        except InputError as e:
+            raise CheckpointError(f"{where} holds an adapter that does not fit here: {e}") from None
+    else:
         mine, theirs = have.to_dict(), cfg.to_dict()
         keys = ["method", "rank", "layout", "alpha", "rslora"]
         if cfg.method == "bdlora":
@@ -468,33 +476,18 @@ def load_checkpoint(path: str, model, load_optimizer: bool = True) -> dict:
     "optimizer_tensors", "optimizer_meta"}. Every rank reads the files (no collectives)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_bdlora.adapters import adapter_modules, apply_adapters, load_global_adapter_state
+    from megatron_bdlora.adapters import apply_adapters, load_global_adapter_state
 
     ckpt = AdapterCheckpoint(path)
     tp = ps.get_tensor_model_parallel_world_size()
     check_compatible(ckpt, model, tp)
     if getattr(model, "adapter_config", None) is None:
-        cfg = ckpt.adapter_config
-        if cfg.strategy == "slora" and cfg.rank % tp:
-            # The global factors of plain LoRA do not depend on the sharding: run it replicated.
+        cfg = loadable_config(ckpt.adapter_config, tp)
+        if cfg is not ckpt.adapter_config:
             warnings.warn(f"S-LoRA rank {cfg.rank} is not divisible by TP {tp}: loading {ckpt.dir} "
                           "with sharding 'replicated' (same adapter, different TP split)")
-            cfg = type(cfg).from_dict({**cfg.to_dict(), "sharding": "replicated"})
         apply_adapters(model, cfg)
-    expected = {f"{n}.{k}": tuple(shape) for n, m in adapter_modules(model).items()
-                for k, (shape, _, _) in m.global_layout().items()}
-    tensors = ckpt.tensors
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{os.path.join(ckpt.dir, ADAPTER)} does not match the model's adapter "
-                              f"(missing {missing[:2]}, unexpected {unexpected[:2]}); check the "
-                              "adapter config and the base model")
-    for k, shape in expected.items():
-        if tuple(tensors[k].shape) != shape:
-            raise CheckpointError(f"{os.path.join(ckpt.dir, ADAPTER)}: {k} has shape "
-                                  f"{tuple(tensors[k].shape)}, the model's adapter expects {shape}; "
-                                  "rank, nblocks, layout or base shape differ")
-    load_global_adapter_state(model, tensors)
+    load_global_adapter_state(model, ckpt.tensors, os.path.join(ckpt.dir, ADAPTER), CheckpointError)
     opt_tensors, opt_meta = ckpt.optimizer_state() if load_optimizer else (None, None)
     return {"dir": ckpt.dir, "step": ckpt.step, "config": ckpt.config,
             "adapter_config": ckpt.adapter_config, "run_config": ckpt.config.get("run_config", {}),

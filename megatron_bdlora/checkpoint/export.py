@@ -2,12 +2,12 @@
 or a vLLM bundle; and describe a checkpoint (`inspect`).
 
 Exports run in one process from the global factors: no TP, no Megatron model. The declarative
-part is `MODULES` (Megatron module -> HF sub-module, projections, column|row) and
+part is `adapters/layout.py` (the projections, their modules and the factor shapes) and
 `hf_factors` (global factors -> per-HF-projection (A, B), dense or PEFT-packed); the writers
 below only arrange files. Every export is built in a temp dir next to the output and renamed
 into place at the end: on any error nothing is left behind.
 
-Factor algebra (docs/design.md §1, `AdapterLinear.global_layout`):
+Factor algebra (docs/design.md §1, `layout.factor_layout`):
   column (q,k,v / gate,up): A (G, r, in), group g = constituent g (canonical) or one shared A
       (fused, duplicated per projection on export: exact).  B: BD (N, out/N, r/N) blocks ->
       dense block_diag (out, r) | PEFT-packed (out, r/N) = blocks stacked on out;  LoRA (out, r).
@@ -23,6 +23,10 @@ import types
 
 import torch
 
+from megatron_bdlora.adapters.layout import (
+    BD_A, BD_B, HF_TARGETS, MODULE_KIND, check_tensors, divisors, expected_global_shapes, hf_key,
+    megatron_key,
+)
 from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint, _fsync_dir
 from megatron_bdlora.checkpoint.export_guard import check_export_target, mark_export
 from megatron_bdlora.checkpoint.hf_import import (
@@ -34,16 +38,6 @@ from megatron_bdlora.checkpoint.hf_import import (
 )
 
 FORMATS = ("hf-peft", "hf-peft-bd", "hf-merged", "vllm")
-# Megatron module (leaf) -> (HF sub-module, column|row); the adapted projections come from the
-# adapter config (`module_projections`: partial targets list only theirs)
-MODULES = {
-    "linear_qkv": ("self_attention", "self_attn", "column"),
-    "linear_proj": ("self_attention", "self_attn", "row"),
-    "linear_fc1": ("mlp", "mlp", "column"),
-    "linear_fc2": ("mlp", "mlp", "row"),
-}
-BD_A_MODULES = ["o_proj", "down_proj"]                                  # row: A block-diagonal
-BD_B_MODULES = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]   # column: B block-diagonal
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -51,46 +45,9 @@ PEFT_CONFIG = "adapter_config.json"
 
 
 # ---- declarative mapping -------------------------------------------------------------------------
-def megatron_key(layer: int, module: str) -> str:
-    return f"decoder.layers.{layer}.{MODULES[module][0]}.{module}"
-
-
-def hf_module(layer: int, module: str, proj: str) -> str:
-    return f"model.layers.{layer}.{MODULES[module][1]}.{proj}"
-
-
 def hf_target_modules(cfg) -> list:
     """The adapted HF projections (partial targets list only those)."""
     return list(cfg.projections)
-
-
-def projection_shapes(hf: dict) -> dict:
-    from megatron_bdlora.adapters.param_count import projection_shapes as shapes
-
-    return shapes({**hf, "num_key_value_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"]})
-
-
-def expected_global_shapes(hf: dict, cfg) -> dict:
-    """{"decoder.layers.L...<module>.<param>": shape} of the global factors (no model needed)."""
-    shapes = projection_shapes(hf)
-    r, n, bd = cfg.rank, cfg.nblocks, cfg.method == "bdlora"
-    out = {}
-    for layer in range(hf["num_hidden_layers"]):
-        for module in cfg.modules:
-            key = megatron_key(layer, module)
-            projs = cfg.module_projections(module)
-            fan_in = shapes[projs[0]][0]
-            if MODULES[module][2] == "column":
-                groups = len(projs) if cfg.layout == "canonical" else 1
-                out[f"{key}.lora_A"] = (groups, r, fan_in)
-                for p in projs:
-                    o = shapes[p][1]
-                    out[f"{key}.lora_B.{p}"] = (n, o // n, r // n) if bd else (o, r)
-            else:
-                (p,) = projs
-                out[f"{key}.lora_A"] = (n, r // n, fan_in // n) if bd else (r, fan_in)
-                out[f"{key}.lora_B.{p}"] = (shapes[p][1], r)
-    return out
 
 
 def hf_factors(tensors: dict, cfg, hf: dict, packed: bool = False) -> dict:
@@ -106,13 +63,13 @@ def hf_factors(tensors: dict, cfg, hf: dict, packed: bool = False) -> dict:
             a = tensors[f"{key}.lora_A"]
             for g, proj in enumerate(cfg.module_projections(module)):
                 b = tensors[f"{key}.lora_B.{proj}"]
-                if MODULES[module][2] == "column":
+                if MODULE_KIND[module] == "column":
                     a_p = a[g if cfg.layout == "canonical" else 0]  # fused: shared A duplicated
                     if bd:
                         b = b.flatten(0, 1) if packed else torch.block_diag(*b)
                 else:
                     a_p = (a.flatten(0, 1) if packed else torch.block_diag(*a)) if bd else a
-                out[hf_module(layer, module, proj)] = (a_p.clone(), b.clone())  # own storage each
+                out[hf_key(layer, proj)] = (a_p.clone(), b.clone())  # own storage each
     return out
 
 
@@ -132,8 +89,8 @@ def peft_config(cfg, base: str | None, bd: bool = False) -> dict:
         "rank_pattern": {}, "alpha_pattern": {},
     }
     if bd:
-        out["use_bdlora"] = {"target_modules_bd_a": [p for p in BD_A_MODULES if cfg.adapts(p)],
-                             "target_modules_bd_b": [p for p in BD_B_MODULES if cfg.adapts(p)],
+        out["use_bdlora"] = {"target_modules_bd_a": [p for p in BD_A if cfg.adapts(p)],
+                             "target_modules_bd_b": [p for p in BD_B if cfg.adapts(p)],
                              "nblocks": cfg.nblocks, "match_strict": True}
     return out
 
@@ -145,19 +102,9 @@ def load_for_export(path: str):
     hf = ckpt.base_config
     if not hf:
         raise CheckpointError(f"{ckpt.dir}/config.json records no base model config; it cannot be exported")
-    expected = expected_global_shapes(hf, ckpt.adapter_config)
-    tensors = ckpt.tensors
-    for k, shape in expected.items():
-        if k not in tensors:
-            raise CheckpointError(f"{ckpt.dir}/adapter.safetensors lacks {k}; the adapter does not "
-                                  "match its recorded config (corrupt or hand-edited checkpoint)")
-        if tuple(tensors[k].shape) != tuple(shape):
-            raise CheckpointError(f"{ckpt.dir}/adapter.safetensors: {k} has shape "
-                                  f"{tuple(tensors[k].shape)}, the adapter config implies {tuple(shape)}")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise CheckpointError(f"{ckpt.dir}/adapter.safetensors has unexpected tensor {extra[0]}; "
-                              "the adapter does not match its recorded config")
+    check_tensors(ckpt.tensors, expected_global_shapes(hf, ckpt.adapter_config),
+                  f"{ckpt.dir}/adapter.safetensors", "the adapter does not match its recorded config "
+                  "(corrupt or hand-edited checkpoint)", CheckpointError)
     return ckpt
 
 
@@ -205,7 +152,7 @@ def pad_bd_rank(tensors: dict, cfg, rank: int) -> tuple:
     out = {}
     for key, t in tensors.items():
         module = key.split(".lora_")[0].rsplit(".", 1)[-1]
-        column = MODULES[module][2] == "column"
+        column = MODULE_KIND[module] == "column"
         if key.endswith(".lora_A"):  # column (G, r, in): N blocks on r;  row (N, r/N, in/N)
             out[key] = _pad_blocks(t, 1, n, rank) if column else _pad_blocks(t, 1, 1, rank // n)
         else:  # column B (N, out/N, r/N);  row B (out, r): N blocks on r
@@ -234,7 +181,7 @@ def check_vllm_adapter(adapter_dir: str, max_lora_rank: int) -> None:
         raise CheckpointError(f"--max-lora-rank {max_lora_rank} is not one of {VLLM_MAX_LORA_RANKS}")
     if cfg["r"] > max_lora_rank:
         raise CheckpointError(f"{adapter_dir}: LoRA rank {cfg['r']} > --max-lora-rank {max_lora_rank}")
-    allowed = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    allowed = set(HF_TARGETS)
     with safe_open(os.path.join(adapter_dir, PEFT_WEIGHTS), "pt") as f:
         for k in f.keys():
             if not k.startswith(PEFT_PREFIX) or not k.endswith((".lora_A.weight", ".lora_B.weight")):
@@ -475,8 +422,7 @@ def describe(path: str) -> str:
     else:
         lines.append(f"parameters:      {stored:,} ({cfg.layout} layout)")
     if cfg.method == "bdlora":
-        tps = [d for d in range(1, cfg.nblocks + 1) if cfg.nblocks % d == 0]
-        lines.append(f"loads at TP:     {tps}")
+        lines.append(f"loads at TP:     {divisors(cfg.nblocks)}")
     lines.append(f"trained steps:   {ckpt.step}")
     lines.append(f"saved at TP:     {ckpt.config.get('saved_at_tp', '?')}")
     return "\n".join(lines)

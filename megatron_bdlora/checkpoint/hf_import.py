@@ -14,6 +14,7 @@ import re
 
 import torch
 
+from megatron_bdlora.adapters.layout import head_dim, hf_key, kv_heads, projection_shapes
 from megatron_bdlora.checkpoint.hf_mapping import load_base_weights
 from megatron_bdlora.errors import InputError
 
@@ -85,22 +86,15 @@ def read_hf_config(model_dir: str) -> dict:
 
 def expected_hf_shapes(hf: dict) -> dict:
     """{HF tensor name: shape} of a Llama checkpoint for config `hf` (lm_head only when untied)."""
-    h, heads = hf["hidden_size"], hf["num_attention_heads"]
-    kv = hf.get("num_key_value_heads") or heads
-    d = hf.get("head_dim") or h // heads
-    ffn, vocab = hf["intermediate_size"], hf["vocab_size"]
+    h, vocab = hf["hidden_size"], hf["vocab_size"]
     shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
     if not hf.get("tie_word_embeddings", False):
         shapes["lm_head.weight"] = (vocab, h)
+    projections = projection_shapes(hf)
     for layer in range(hf["num_hidden_layers"]):
         pre = f"model.layers.{layer}."
-        shapes.update({
-            pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,),
-            pre + "self_attn.q_proj.weight": (heads * d, h), pre + "self_attn.k_proj.weight": (kv * d, h),
-            pre + "self_attn.v_proj.weight": (kv * d, h), pre + "self_attn.o_proj.weight": (h, heads * d),
-            pre + "mlp.gate_proj.weight": (ffn, h), pre + "mlp.up_proj.weight": (ffn, h),
-            pre + "mlp.down_proj.weight": (h, ffn),
-        })
+        shapes.update({pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,)})
+        shapes.update({f"{hf_key(layer, p)}.weight": (out, fan_in) for p, (fan_in, out) in projections.items()})
     return shapes
 
 
@@ -214,8 +208,8 @@ def check_hf_checkpoint(name_or_path: str) -> tuple[str, dict]:
 
 
 def load_hf_llama(model_dir_or_hub_name: str, tp: int | None = None, dtype: torch.dtype = torch.float32,
-                  recompute: bool = False, config_overrides: dict | None = None,
-                  attention_backend: str = "sdpa", sequence_parallel: bool = False):
+                  recompute: bool = False, attention_backend: str = "sdpa",
+                  sequence_parallel: bool = False):
     """Build this rank's GPTModel shard for a HF Llama checkpoint and load its weights.
 
     `tp` defaults to the initialised TP size (it must equal it). The returned model carries
@@ -227,7 +221,6 @@ def load_hf_llama(model_dir_or_hub_name: str, tp: int | None = None, dtype: torc
 
     model_dir = resolve_model_dir(model_dir_or_hub_name)
     hf = read_hf_config(model_dir)
-    hf.update(config_overrides or {})
     with SafetensorsCheckpoint(model_dir) as ckpt:
         ckpt.validate(hf)
         world_tp = ps.get_tensor_model_parallel_world_size()
@@ -241,7 +234,6 @@ def load_hf_llama(model_dir_or_hub_name: str, tp: int | None = None, dtype: torc
             model.cuda()
         load_base_weights(model, ckpt.read, hf)
     model.hf_path = os.path.abspath(model_dir)
-    model.hf_name_or_path = str(model_dir_or_hub_name)
     model.tokenizer_path = tokenizer_dir(model_dir)
     return model
 
@@ -251,10 +243,9 @@ def base_config_mismatch(a: dict, b: dict) -> str | None:
     for key in _BASE_FIELDS:
         va, vb = a.get(key), b.get(key)
         if key == "head_dim":
-            va = va or a["hidden_size"] // a["num_attention_heads"]
-            vb = vb or b["hidden_size"] // b["num_attention_heads"]
+            va, vb = head_dim(a), head_dim(b)
         if key == "num_key_value_heads":
-            va, vb = va or a["num_attention_heads"], vb or b["num_attention_heads"]
+            va, vb = kv_heads(a), kv_heads(b)
         if va != vb:
             return f"{key} {va} vs {vb}"
     return None

@@ -10,6 +10,8 @@ import re
 
 import torch
 
+from megatron_bdlora.adapters.layout import head_dim, kv_heads
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _LAYER_MAP = {
     "input_layernorm.weight": "input_layernorm.weight",
@@ -20,8 +22,7 @@ _LAYER_MAP = {
 def local_shard(name: str, read, hf: dict, tp: int, rank: int, padded_vocab: int) -> torch.Tensor:
     """This rank's tensor for Megatron parameter `name` (local layer spec names)."""
     h, heads = hf["hidden_size"], hf["num_attention_heads"]
-    groups = hf.get("num_key_value_heads", heads)
-    d = hf.get("head_dim") or h // heads
+    groups, d = kv_heads(hf), head_dim(hf)
     ffn = hf["intermediate_size"]
 
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
@@ -115,8 +116,7 @@ def hf_state_from_model(model, hf: dict) -> dict:
 
     tp = ps.get_tensor_model_parallel_world_size()
     h, heads = hf["hidden_size"], hf["num_attention_heads"]
-    groups = hf.get("num_key_value_heads", heads)
-    d = hf.get("head_dim") or h // heads
+    groups, d = kv_heads(hf), head_dim(hf)
     hpg, gl = heads // groups, groups // tp
 
     def shards(p):

@@ -5,7 +5,7 @@ Entry point: `import_peft(peft_dir, hf_checkpoint, out)`. The result is a checkp
 with no optimizer state, written by `adapter_checkpoint`'s save path: `--eval-only --load`,
 `--load` (continued training), `inspect` and every export work on it, at any TP it allows.
 
-The PEFT tensors map onto the global factors (`AdapterLinear.global_layout`) as the inverse of
+The PEFT tensors map onto the global factors (`layout.factor_layout`) as the inverse of
 `export.hf_factors`: one A per HF projection (canonical layout); a PEFT-packed block-diagonal
 factor, B (out, r/N) on q/k/v/gate/up or A (r, in/N) on o/down, is its N blocks stacked on the
 first dimension, so `.view(N, ...)` gives our per-block stack. Everything is checked before
@@ -22,22 +22,20 @@ import types
 
 import torch
 
-from megatron_bdlora.adapters import AdapterConfig
-from megatron_bdlora.adapters.layer_types import HF_PROJECTIONS
-from megatron_bdlora.adapters.param_count import PROJECTIONS
-from megatron_bdlora.checkpoint.adapter_checkpoint import _save_rank0, build_config, publish_dir
-from megatron_bdlora.checkpoint.export import (
-    BD_A_MODULES, BD_B_MODULES, PEFT_CONFIG, PEFT_WEIGHTS, expected_global_shapes, megatron_key,
-    projection_shapes,
+from megatron_bdlora.adapters.config import AdapterConfig
+from megatron_bdlora.adapters.layout import (
+    BD_A, BD_B, BY_NAME, HF_TARGETS, check, check_tensors, divisors, expected_global_shapes,
+    megatron_key, projection_shapes,
 )
+from megatron_bdlora.checkpoint.adapter_checkpoint import _save_rank0, build_config, publish_dir
+from megatron_bdlora.checkpoint.export import PEFT_CONFIG, PEFT_WEIGHTS
 from megatron_bdlora.checkpoint.hf_import import (
     CheckpointError, check_hf_checkpoint, open_safetensors, tokenizer_dir,
 )
+from megatron_bdlora.errors import InputError
 
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)"
                   r"\.lora_([AB])\.weight$")
-_SUBMODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 # adapter_config.json fields whose truthy value changes what the adapter computes (not importable)
 _UNSUPPORTED = {
     "use_dora": "DoRA (use_dora)", "lora_bias": "LoRA bias (lora_bias)", "use_qalora": "QA-LoRA",
@@ -113,13 +111,13 @@ def _bd_sides(peft_dir: str, bd: dict, projections, layers: int) -> None:
     """Each adapted module must have its block-diagonal factor where docs/design.md §1 puts it."""
     pats_a, pats_b = bd.get("target_modules_bd_a") or [], bd.get("target_modules_bd_b") or []
     for proj in projections:
-        name = f"model.layers.{layers - 1}.{_SUBMODULE[proj]}.{proj}"  # PEFT matches by substring
+        name = f"model.layers.{layers - 1}.{BY_NAME[proj].hf_parent}.{proj}"  # PEFT matches by substring
         side = "".join(s for s, pats in (("A", pats_a), ("B", pats_b)) if any(p in name for p in pats))
-        want = "A" if proj in BD_A_MODULES else "B"
+        want = BY_NAME[proj].bd_factor
         if side != want:
             got = {"": "neither factor", "AB": "both factors"}.get(side, side)
             raise _fail(peft_dir, f"use_bdlora makes {got} of {proj} block-diagonal; this project "
-                                  f"needs A on {'/'.join(BD_A_MODULES)} and B on {'/'.join(BD_B_MODULES)} "
+                                  f"needs A on {'/'.join(BD_A)} and B on {'/'.join(BD_B)} "
                                   "(docs/design.md §1)")
 
 
@@ -134,7 +132,7 @@ def _projections(peft_dir: str, found: dict, layers: int) -> list:
             raise _fail(peft_dir, f"layer {layer} adapts {sorted(per_layer.get(layer, set()))}, layer 0 "
                                   f"{sorted(projs)}: only adapters on the same projections of every "
                                   "layer import")
-    return sorted(projs, key=list(PROJECTIONS).index)
+    return sorted(projs, key=HF_TARGETS.index)
 
 
 def _global_tensors(peft_dir, tensors, found, projections, cfg, hf, layers) -> dict:
@@ -144,7 +142,7 @@ def _global_tensors(peft_dir, tensors, found, projections, cfg, hf, layers) -> d
     out, groups = {}, {}
     for layer in range(layers):
         for proj in projections:
-            module, kind = PROJECTIONS[proj]
+            module, kind = BY_NAME[proj].module, BY_NAME[proj].kind
             fan_in, fan_out = shapes[proj]
             packed_a, packed_b = bd and kind == "row", bd and kind == "column"
             want = {"A": (r, fan_in // n if packed_a else fan_in), "B": (fan_out, r // n if packed_b else r)}
@@ -166,14 +164,6 @@ def _global_tensors(peft_dir, tensors, found, projections, cfg, hf, layers) -> d
     for key, a_list in groups.items():  # canonical layout: one A per projection, in HF order
         out[f"{key}.lora_A"] = torch.stack(a_list)
     return {k: v.contiguous() for k, v in out.items()}
-
-
-def _check_bd_base(peft_dir: str, cfg: AdapterConfig, hf: dict, projections) -> None:
-    n = cfg.nblocks
-    groups = hf.get("num_key_value_heads") or hf["num_attention_heads"]
-    if any(p in projections for p in HF_PROJECTIONS["linear_qkv"]) and groups % n:
-        raise _fail(peft_dir, f"nblocks {n} does not divide the base's {groups} key/value heads: "
-                              "q/k/v blocks would split a query group across TP ranks")
 
 
 def _adapter_config(peft_dir: str, pcfg: dict, projections: list) -> AdapterConfig:
@@ -210,9 +200,9 @@ def load_peft(peft_dir: str, hf: dict) -> tuple:
     found = {}
     for k in tensors:
         m = _KEY.match(k)
-        if not m or _SUBMODULE.get(m.group(3)) != m.group(2):
+        if not m or m.group(3) not in BY_NAME or BY_NAME[m.group(3)].hf_parent != m.group(2):
             raise _fail(peft_dir, f"tensor {k} is not a LoRA factor of a Llama projection "
-                                  f"({', '.join(PROJECTIONS)}); only those import")
+                                  f"({', '.join(HF_TARGETS)}); only those import")
         layer, proj, side = int(m.group(1)), m.group(3), m.group(4)
         if layer >= layers:
             raise _fail(peft_dir, f"{k} is for layer {layer}; the base has {layers} layers "
@@ -228,12 +218,14 @@ def load_peft(peft_dir: str, hf: dict) -> tuple:
     cfg = _adapter_config(peft_dir, pcfg, projections)  # stores the targets normalised
     if cfg.method == "bdlora":
         _bd_sides(peft_dir, pcfg["use_bdlora"], projections, layers)
-        _check_bd_base(peft_dir, cfg, hf, projections)
+    try:  # the base's shape against the adapter (its blocks), at TP=1 (any TP dividing N loads it)
+        check(hf, cfg, 1)
+    except InputError as e:
+        raise _fail(peft_dir, f"the adapter does not fit this base: {e}") from None
     out = _global_tensors(peft_dir, tensors, found, projections, cfg, hf, layers)
-    expected = expected_global_shapes(hf, cfg)
-    if {k: tuple(v.shape) for k, v in out.items()} != {k: tuple(v) for k, v in expected.items()}:
-        raise _fail(peft_dir, "the factors do not form this project's adapter layout for targets "
-                              f"{list(cfg.target_modules)}")
+    check_tensors(out, expected_global_shapes(hf, cfg), f"--peft {peft_dir}",
+                  f"the factors do not form this project's adapter layout for targets "
+                  f"{list(cfg.target_modules)}", CheckpointError)
     return cfg, out
 
 
@@ -265,7 +257,7 @@ def import_peft(peft_dir: str, hf_checkpoint: str, out: str) -> list:
         raise
     kind = f"BD-LoRA, N={cfg.nblocks}" if cfg.method == "bdlora" else "LoRA"
     scale = f"alpha={cfg.alpha:g}{' (rsLoRA)' if cfg.rslora else ''}"
-    tps = (f"TP in {[d for d in range(1, cfg.nblocks + 1) if cfg.nblocks % d == 0]}"
+    tps = (f"TP in {divisors(cfg.nblocks)}"
            if cfg.method == "bdlora" else "any TP")
     return [f"imported {peft_dir} ({kind}, r={cfg.rank}, {scale}, targets "
             f"{' '.join(cfg.target_modules)}) to {os.path.join(out, os.path.basename(step_dir))}",

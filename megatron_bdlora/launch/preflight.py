@@ -62,23 +62,12 @@ def _model_config(args) -> tuple[dict, str | None]:
 
 def _check_adapter(args, hf: dict) -> None:
     """The adapter flags against the model shape, and --load against both."""
+    from megatron_bdlora.adapters.flags import adapter_config
     from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint, check_compatible
-    from megatron_bdlora.training.trainer import adapter_config
 
-    cfg = None
-    if not args.eval_only:
-        try:
-            cfg = adapter_config(args, hf, say=lambda *_: None)  # the ranks build this same one
-        except ValueError as e:
-            raise InputError(str(e)) from None
-        if cfg is not None and cfg.method == "bdlora":
-            kv = hf.get("num_key_value_heads") or hf["num_attention_heads"]
-            dims = {"num_key_value_heads": kv, "hidden_size": hf["hidden_size"],
-                    "intermediate_size": hf["intermediate_size"]}
-            for name, size in dims.items():
-                if size % cfg.nblocks:
-                    raise InputError(f"--bd-nblocks {cfg.nblocks} does not divide the model's "
-                                     f"{name} {size}; choose N dividing it")
+    # The ranks build (and check) this same adapter; --eval-only (which needs --load) takes the
+    # checkpoint's, checked by check_compatible.
+    cfg = None if args.eval_only else adapter_config(args, hf)
     if args.load:
         ckpt = AdapterCheckpoint(args.load)
         check_compatible(ckpt, SimpleNamespace(hf_config=hf, adapter_config=cfg),

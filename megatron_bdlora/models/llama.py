@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from megatron_bdlora.adapters.layout import check_tp, head_dim, kv_heads, padded_vocab_size
 from megatron_bdlora.parallel.cpu_compat import apply as _cpu_compat
 from megatron_bdlora.parallel.cpu_compat import transformer_config as _cpu_config
 from megatron_bdlora.parallel.sequence_parallel import NEEDS_TP, block_spec
@@ -32,10 +33,6 @@ def rope_scaling(hf: dict) -> dict | None:
     if scaling.get("rope_type", scaling.get("type")) != "llama3":
         raise ValueError(f"unsupported rope scaling {scaling!r}; only llama3 scaling is implemented")
     return scaling
-
-
-def head_dim(hf: dict) -> int:
-    return hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
 
 
 def rope_inv_freq(hf: dict) -> torch.Tensor:
@@ -59,22 +56,14 @@ def rope_inv_freq(hf: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
-    """Pad to a multiple of lcm(multiple, tp): TP-independent for Llama's 128256 and any tp | 128."""
-    step = math.lcm(multiple, tp)
-    return -(-vocab // step) * step
-
-
 def transformer_config(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32,
                        recompute: bool = False, init: bool = True, sequence_parallel: bool = False):
     from megatron.core.transformer import TransformerConfig
 
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ValueError("Llama configs with attention_bias/mlp_bias are not supported")
-    heads, groups = hf["num_attention_heads"], hf.get("num_key_value_heads", hf["num_attention_heads"])
-    if heads % tp or groups % tp:
-        raise ValueError(f"tensor-model-parallel-size {tp} must divide the attention heads ({heads}) "
-                         f"and KV heads ({groups})")
+    check_tp(hf, tp)
+    heads, groups = hf["num_attention_heads"], kv_heads(hf)
     if sequence_parallel and tp == 1:
         raise ValueError(NEEDS_TP)
     extra = {}

@@ -13,6 +13,7 @@ import re
 
 import yaml
 
+from megatron_bdlora.adapters.layout import check_rank_blocks, check_tp_blocks
 from megatron_bdlora.errors import InputError
 
 # A name on the Hugging Face Hub (owner/name); anything else that does not exist is a bad path.
@@ -268,13 +269,10 @@ def validate(args, world: int) -> None:
                          f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
     if args.bd_nblocks is None:
         args.bd_nblocks = tp
-    if args.adapter == "bdlora" and args.bd_nblocks % tp:
-        raise InputError(f"--tensor-model-parallel-size {tp} does not divide --bd-nblocks "
-                         f"{args.bd_nblocks}")
-    if args.adapter == "bdlora" and not args.match_lora_rank_params and \
-            args.lora_rank % args.bd_nblocks:
-        raise InputError(f"--lora-rank {args.lora_rank} is not divisible by --bd-nblocks "
-                         f"{args.bd_nblocks}; use a multiple of {args.bd_nblocks}")
+    if args.adapter == "bdlora":  # the model-shape checks follow in adapters.flags.adapter_config
+        check_tp_blocks(args.bd_nblocks, tp)
+        if not args.match_lora_rank_params:
+            check_rank_blocks(args.lora_rank, args.bd_nblocks)
     if args.save_interval is None:
         args.save_interval = args.train_iters
 

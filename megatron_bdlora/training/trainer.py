@@ -7,8 +7,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_bdlora.adapters import AdapterConfig, apply_adapters, match_bd_rank
-from megatron_bdlora.adapters.param_count import adapter_params
+from megatron_bdlora.adapters import apply_adapters
+from megatron_bdlora.adapters.flags import adapter_config
 from megatron_bdlora.errors import InputError
 from megatron_bdlora.parallel import destroy_distributed, init_distributed, is_main_rank
 from megatron_bdlora.parallel.sequence_parallel import allreduce_sequence_parallel_grads
@@ -20,25 +20,6 @@ from megatron_bdlora.training import nonfinite, optim, rng_state
 def log0(*a):
     if is_main_rank():
         print(*a, flush=True)
-
-
-def adapter_config(args, hf: dict, say=log0) -> AdapterConfig | None:
-    """The run's adapter from its flags (None for --adapter none); `say` gets the rank-matching
-    line. Also the launcher's pre-flight check of the flags against the model shape."""
-    if args.adapter == "none":
-        return None
-    rank = args.lora_rank
-    common = dict(alpha=args.lora_alpha, dropout=args.lora_dropout, rslora=args.lora_rslora,
-                  target_modules=tuple(args.lora_target_modules), layout=args.lora_layout,
-                  seed=args.seed)
-    if args.adapter == "bdlora" and args.match_lora_rank_params:
-        lora = AdapterConfig(method="lora", rank=args.match_lora_rank_params, **common)
-        rank = match_bd_rank(hf, lora, args.bd_nblocks)
-        say(f"BD rank {rank} matches LoRA rank {args.match_lora_rank_params}: "
-             f"{adapter_params(hf, AdapterConfig(method='bdlora', rank=rank, nblocks=args.bd_nblocks, **common)):,}"
-             f" vs {adapter_params(hf, lora):,} parameters ({args.lora_layout} layout)")
-    return AdapterConfig(method=args.adapter, rank=rank, nblocks=args.bd_nblocks,
-                         sharding=args.lora_sharding, **common)
 
 
 def build(args):
@@ -62,7 +43,7 @@ def build(args):
         tokenizer = args.tokenizer
     # --eval-only: load_checkpoint applies the checkpoint's own adapter config (the adapter flags'
     # defaults would otherwise not match it)
-    cfg = None if args.eval_only else adapter_config(args, model.hf_config)
+    cfg = None if args.eval_only else adapter_config(args, model.hf_config, say=log0)
     if cfg is not None:
         apply_adapters(model, cfg)
         if args.recompute_activations:
