@@ -26,6 +26,6 @@ setup(
     extras_require={
         "real": REAL,
         "dev": ["pytest>=8", "pytest-timeout>=2.3", *REAL],  # the real-model tests convert GGUF
-        "gpu": ["transformer-engine[pytorch]"],
+        "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],  # megatron-core 0.16.1's pin
     },
 )

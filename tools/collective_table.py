@@ -24,13 +24,15 @@ def main():
                    help="default: the world size")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="activations split along the sequence over TP ranks (TP > 1)")
+    p.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
+                   help="local or Transformer Engine layers (needs TE and a CUDA GPU)")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
     args = p.parse_args()
     from megatron_bdlora.parallel.sequence_parallel import check_tool_flags
 
     sp = args.sequence_parallel
     tp = args.tensor_model_parallel_size or int(os.environ.get("WORLD_SIZE", "1"))
-    check_tool_flags(p, sp, tp)
+    check_tool_flags(p, sp, tp, args.transformer_impl)
 
     from megatron_bdlora.benchmarks.collectives import format_table, measure_collectives
     from megatron_bdlora.models.presets import get_preset
@@ -38,10 +40,11 @@ def main():
 
     init_distributed(tensor_parallel_size=tp)
     table = measure_collectives(get_preset(args.model_preset), args.lora_rank, args.bd_nblocks or tp,
-                                sequence_parallel=sp)
+                                sequence_parallel=sp, transformer_impl=args.transformer_impl)
     if is_main_rank():
         print(f"collectives per training step, {args.model_preset}, TP={tp}, "
-              f"sequence parallel {'on' if sp else 'off'}, rank {args.lora_rank}, "
+              f"sequence parallel {'on' if sp else 'off'}, {args.transformer_impl} layers, "
+              f"rank {args.lora_rank}, "
               f"N={args.bd_nblocks or tp} (calls / bytes)")
         print(format_table(table))
         print(f"bd == base (calls and bytes, every phase): {table['bd'] == table['base']}")

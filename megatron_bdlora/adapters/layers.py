@@ -39,6 +39,7 @@ from megatron_bdlora.adapters import layout
 from megatron_bdlora.adapters.config import AdapterConfig
 from megatron_bdlora.adapters.layout import TargetSpec
 from megatron_bdlora.adapters.lowrank import Geometry, Slot, add_lowrank
+from megatron_bdlora.te.adapter import base_forward, take_over
 
 
 def _seed(*key) -> int:
@@ -87,12 +88,13 @@ class AdapterLinear(nn.Module):
         # Under sequence parallelism the adapter owns the layer's one SP collective: the column
         # layer's all-gather (the base's own turned off) and the row layer's reduce-scatter.
         self.sequence_parallel = bool(getattr(base, "sequence_parallel", False))
-        if spec.kind == "column":
+        te = take_over(base, spec.kind, name)  # a TE layer: its own TP communication off
+        if spec.kind == "column" and not te:
             # The LoRA branch and the base share one input-gradient all-reduce (ours).
             base.disable_grad_reduce = True
             base.allreduce_dgrad = False
             base.sequence_parallel = False
-        else:
+        elif not te:
             # The base returns its partial sum; we add ours and reduce once.
             if not base.skip_bias_add and base.bias is not None:
                 raise ValueError(f"{name}: row-parallel layer with a fused bias is not supported")
@@ -186,11 +188,11 @@ class AdapterLinear(nn.Module):
             factors = self._dense({k: p.to(x.dtype) for k, p in self.adapter_params().items()})
         if self.spec.kind == "column":
             x = comm.column_input(x, self.sequence_parallel)
-            out, bias = self.base(x, *args, **kwargs)
+            out, bias, x = base_forward(self.base, x, *args, **kwargs)  # x: the LoRA input
             if multi or not self.merged:
                 out = self._add_delta(out, self._column_u(x, factors, multi), factors, multi)
             return out, bias
-        partial, bias = self.base(x, *args, **kwargs)  # not yet reduced
+        partial, bias, _ = base_forward(self.base, x, *args, **kwargs)  # not yet reduced
         if multi or not self.merged:
             partial = self._add_delta(partial, self._row_u(x, factors, multi), factors, multi)
         return comm.row_output(partial, self.sequence_parallel), bias

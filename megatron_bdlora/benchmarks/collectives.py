@@ -19,13 +19,14 @@ STRATEGIES = {
 
 
 def measure_collectives(hf: dict, rank: int = 8, nblocks: int = 2, batch: int = 2, seq: int = 16,
-                        sequence_parallel: bool = False):
+                        sequence_parallel: bool = False, transformer_impl: str = "local"):
     """{strategy: {"forward"|"backward"[|"sp_grads"]: {op: {"calls", "bytes"}}}} for one step."""
     ids = torch.randint(0, hf["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
     labels = torch.roll(ids, -1, 1)
     table = {}
     for name, make in STRATEGIES.items():
-        model = build_model(hf, tp=tp_rank_size()[1], sequence_parallel=sequence_parallel)
+        model = build_model(hf, tp=tp_rank_size()[1], sequence_parallel=sequence_parallel,
+                            transformer_impl=transformer_impl)
         if make is None:
             for p in model.parameters():
                 p.requires_grad_(False)

@@ -209,7 +209,7 @@ def check_hf_checkpoint(name_or_path: str) -> tuple[str, dict]:
 
 def load_hf_llama(model_dir_or_hub_name: str, tp: int | None = None, dtype: torch.dtype = torch.float32,
                   recompute: bool = False, attention_backend: str = "sdpa",
-                  sequence_parallel: bool = False):
+                  sequence_parallel: bool = False, transformer_impl: str = "local"):
     """Build this rank's GPTModel shard for a HF Llama checkpoint and load its weights.
 
     `tp` defaults to the initialised TP size (it must equal it). The returned model carries
@@ -229,7 +229,7 @@ def load_hf_llama(model_dir_or_hub_name: str, tp: int | None = None, dtype: torc
                                   f"{world_tp}; initialise parallel state with the same TP")
         model = build_model(hf, tp=world_tp, dtype=dtype, recompute=recompute, init=False,
                             attention_backend=attention_backend,
-                            sequence_parallel=sequence_parallel)
+                            sequence_parallel=sequence_parallel, transformer_impl=transformer_impl)
         if torch.cuda.is_available():  # filled in place on the GPU, slice by slice
             model.cuda()
         load_base_weights(model, ckpt.read, hf)

@@ -16,11 +16,15 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _LAYER_MAP = {
     "input_layernorm.weight": "input_layernorm.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    # Transformer Engine layout: the norms are fused into the column layers after them. TE's
+    # `_extra_state` (FP8 metadata) is no parameter, so imports and exports never see it.
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
 }
 
 
 def local_shard(name: str, read, hf: dict, tp: int, rank: int, padded_vocab: int) -> torch.Tensor:
-    """This rank's tensor for Megatron parameter `name` (local layer spec names)."""
+    """This rank's tensor for Megatron parameter `name` (local or TE layer spec names)."""
     h, heads = hf["hidden_size"], hf["num_attention_heads"]
     groups, d = kv_heads(hf), head_dim(hf)
     ffn = hf["intermediate_size"]
@@ -129,7 +133,10 @@ def hf_state_from_model(model, hf: dict) -> dict:
 
     out = {}
     for name, p in base_param_names(model).items():
-        parts = shards(p) if getattr(p, "tensor_model_parallel", False) else [p.detach().float()]
+        # A vocab-parallel weight built with init=False (load_hf_llama) lacks Megatron's marker.
+        vocab_parallel = name in ("embedding.word_embeddings.weight", "output_layer.weight")
+        sharded = vocab_parallel or getattr(p, "tensor_model_parallel", False)
+        parts = shards(p) if sharded else [p.detach().float()]
         if name == "embedding.word_embeddings.weight":
             out["model.embed_tokens.weight"] = torch.cat(parts)[: hf["vocab_size"]]
         elif name == "output_layer.weight":

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from megatron_bdlora.adapters.layout import check_tp, head_dim, kv_heads, padded_vocab_size
 from megatron_bdlora.parallel.cpu_compat import apply as _cpu_compat
 from megatron_bdlora.parallel.cpu_compat import transformer_config as _cpu_config
-from megatron_bdlora.parallel.sequence_parallel import NEEDS_TP, block_spec
+from megatron_bdlora.parallel.sequence_parallel import NEEDS_TP
 
 
 def hf_field(hf: dict, key: str, default=None):
@@ -90,21 +90,22 @@ def transformer_config(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32
 
 def build_model(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32,
                 recompute: bool = False, init: bool = True, attention_backend: str = "sdpa",
-                sequence_parallel: bool = False):
+                sequence_parallel: bool = False, transformer_impl: str = "local"):
     """A Megatron-Core GPTModel for a Llama config, this rank's TP shard (local layer spec with
-    `attention_backend` core attention: sdpa or Megatron's local DotProductAttention).
+    `attention_backend` core attention: sdpa or Megatron's local DotProductAttention; with
+    `transformer_impl="transformer_engine"` its linears are TE's, megatron_bdlora/te/spec.py).
 
     `sequence_parallel` (TP > 1): activations outside the TP regions split along the sequence,
     so sequence lengths must be multiples of TP. Generation (KV-cached decode of one token) runs
     on a model built without it; the adapter is the same either way."""
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_bdlora.models.attention import layer_spec
+    from megatron_bdlora.te.spec import decoder_block_spec
 
     _cpu_compat()
     cfg = transformer_config(hf, tp, dtype, recompute, init, sequence_parallel)
     model = GPTModel(
-        cfg, block_spec(layer_spec(attention_backend), cfg),
+        cfg, decoder_block_spec(cfg, attention_backend, transformer_impl),
         vocab_size=padded_vocab_size(hf["vocab_size"], tp),
         max_sequence_length=hf.get("max_position_embeddings", 8192),
         position_embedding_type="rope", rotary_base=int(hf_field(hf, "rope_theta", 10000.0)),

@@ -55,8 +55,18 @@ def allreduce_sequence_parallel_grads(model) -> None:
     all_reduce_flat(grads, ps.get_tensor_model_parallel_group())
 
 
-def check_tool_flags(parser, sequence_parallel: bool, tp: int) -> None:
-    """A tool's --sequence-parallel without TP: one line from rank 0, exit status 2 everywhere."""
-    if sequence_parallel and tp < 2:
-        parser.exit(2, f"{parser.prog}: error: {NEEDS_TP}\n"
+def check_tool_flags(parser, sequence_parallel: bool, tp: int, transformer_impl: str = "local") -> None:
+    """A tool's --sequence-parallel without TP, or --transformer-impl transformer_engine where TE
+    cannot run: one line from rank 0, exit status 2 everywhere."""
+    from megatron_bdlora.errors import InputError
+    from megatron_bdlora.te.guard import require_te
+
+    error = NEEDS_TP if sequence_parallel and tp < 2 else None
+    if error is None and transformer_impl == "transformer_engine":
+        try:
+            require_te()
+        except InputError as e:
+            error = str(e)
+    if error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n"
                     if os.environ.get("RANK", "0") == "0" else None)

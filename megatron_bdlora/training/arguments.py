@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-backend", choices=["sdpa", "local"], default="sdpa",
                    help="sdpa: torch scaled_dot_product_attention (flash on GPU, no mask when "
                         "unpacked); local: Megatron-Core's DotProductAttention")
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
+                   help="Megatron-LM's flag: local: Megatron-Core's local layers; transformer_engine: "
+                        "TE linears with the fused input RMSNorm (a CUDA GPU and the [gpu] extra)")
     g.add_argument("--recompute-activations", action="store_true",
                    help="full activation recompute of every decoder layer")
     g = p.add_argument_group("adapter")
@@ -251,6 +254,10 @@ def validate(args, world: int) -> None:
         raise InputError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
     if args.prompt_template is not None and "{prompt}" not in args.prompt_template:
         raise InputError(f"--prompt-template {args.prompt_template!r} has no {{prompt}} placeholder")
+    if args.transformer_impl == "transformer_engine":
+        from megatron_bdlora.te.guard import require_te
+
+        require_te()
     tp = args.tensor_model_parallel_size
     if world % tp:
         raise InputError(f"--tensor-model-parallel-size {tp} does not divide the world size "

@@ -32,14 +32,16 @@ def build(args):
     if args.hf_checkpoint:
         model = load_hf_llama(args.hf_checkpoint, dtype=dtype, recompute=args.recompute_activations,
                               attention_backend=args.attention_backend,
-                              sequence_parallel=args.sequence_parallel)
+                              sequence_parallel=args.sequence_parallel,
+                              transformer_impl=args.transformer_impl)
         tokenizer = args.tokenizer or model.tokenizer_path
     else:
         hf = get_preset(args.model_preset)
         model = build_model(hf, tp=args.tensor_model_parallel_size, dtype=dtype,
                             recompute=args.recompute_activations,
                             attention_backend=args.attention_backend,
-                            sequence_parallel=args.sequence_parallel)
+                            sequence_parallel=args.sequence_parallel,
+                            transformer_impl=args.transformer_impl)
         tokenizer = args.tokenizer
     # --eval-only: load_checkpoint applies the checkpoint's own adapter config (the adapter flags'
     # defaults would otherwise not match it)

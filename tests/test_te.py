@@ -1,0 +1,353 @@
+"""Transformer Engine layers (`--transformer-impl transformer_engine`) on CPU, against the TE
+STAND-IN (megatron_bdlora/te/standin.py: real TE needs CUDA). tests/gpu/test_te_gpu.py runs real TE.
+
+One spawn per TP size (1, 2, 4) runs, with SP off and on: every strategy/layout on the TE spec
+against the local spec (loss, adapter grads, embedding grad, collectives), the column layers'
+input gradient against a dense reference, HF import/export, merge/unmerge, a multi-adapter batch
+and, at TP=2, adapter checkpoints moving between TE and local layers.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from reference import random_factors, tiny_hf
+from test_core import CONFIGS as CORE_CONFIGS, _batch
+
+from megatron_bdlora.adapters import AdapterConfig
+
+CONFIGS = {**CORE_CONFIGS, "bd-partial": AdapterConfig(
+    method="bdlora", rank=8, alpha=16, nblocks=4, target_modules=("linear_qkv", "linear_fc2"))}
+IMPLS = ("local", "transformer_engine")
+TP_SIZES = (1, 2, 4)
+# SP off and on at TP=2; TP=4 runs SP on (the harder path) and, on local layers, only the base
+# and one BD adapter: 4 ranks share 2 cores, and the file must stay well under a minute.
+SP_RUNS = {1: (False,), 2: (False, True), 4: (True,)}
+LOCAL_AT_TP4 = ("base", "bd-canonical")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _model(hf, sd, impl, sp, cfg=None, factors=None):
+    from megatron_bdlora.adapters import apply_adapters, load_global_adapter_state
+    from megatron_bdlora.checkpoint.hf_mapping import load_base_weights, tensor_reader
+    from megatron_bdlora.models.llama import build_model
+    from megatron_bdlora.parallel import tp_rank_size
+
+    model = build_model(hf, tp=tp_rank_size()[1], init=False, sequence_parallel=sp,
+                        transformer_impl=impl)
+    load_base_weights(model, tensor_reader(sd), hf)
+    if cfg is not None:
+        apply_adapters(model, cfg)
+        load_global_adapter_state(model, factors)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    model.embedding.word_embeddings.weight.requires_grad_(True)  # the backward runs to the bottom
+    return model
+
+
+def _column_input_grads(model, sp):
+    """d/dx of sum(g * y) for layer 0's linear_qkv and linear_fc1 wrappers (full sequence), with
+    the adapter and with its B factors zeroed (the base alone); x and g are the same at every TP."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    t, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    layer = model.decoder.layers[0]
+    out = {}
+    for name, mod in (("qkv", layer.self_attention.linear_qkv), ("fc1", layer.mlp.linear_fc1)):
+        gen = torch.Generator().manual_seed(11)
+        x_full = torch.randn(12, 2, mod.spec.in_features, generator=gen)
+        g_full = torch.randn(12, 2, mod.spec.out_features, generator=gen)
+        for tag in ("lora", "base"):
+            x = (x_full.chunk(t)[rank] if sp else x_full).clone().requires_grad_(True)
+            y, _ = mod(x)
+            # this rank's output columns: whole query groups (qkv), [gate_i; up_i] (fc1)
+            parts = g_full.chunk(1 if name == "qkv" else 2, -1)
+            (y * torch.cat([g.chunk(t, -1)[rank] for g in parts], -1)).sum().backward()
+            dx = x.grad
+            if sp:
+                dxs = [torch.empty_like(dx) for _ in range(t)]
+                dist.all_gather(dxs, dx.contiguous(), group=ps.get_tensor_model_parallel_group())
+                dx = torch.cat(dxs)
+            out[f"{name}-{tag}"] = dx
+            if t == 1 and tag == "lora":  # dense reference: RMSNorm, then W + ΔW on its output
+                xr = x_full.clone().requires_grad_(True)
+                base = mod.base
+                ln = xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + base.eps) * base.layer_norm_weight
+                (ln @ (base.weight + mod.local_delta()).t() * g_full).sum().backward()
+                out[f"{name}-dense"] = xr.grad
+            with torch.no_grad():  # then the base alone
+                for p in mod.lora_B.values():
+                    p.zero_()
+    return out
+
+
+def _worker(hf, sd, factors, ckpt_dir):
+    from megatron_bdlora.adapters import global_adapter_state
+    from megatron_bdlora.benchmarks.collectives import step_collectives
+    from megatron_bdlora.checkpoint.hf_mapping import hf_state_from_model
+    from megatron_bdlora.inference.multi_adapter import adapter_batch, load_adapter_stack
+    from megatron_bdlora.models.llama import forward_logits, gather_logits
+    from megatron_bdlora.parallel import tp_rank_size
+    from megatron_bdlora.te import standin
+
+    standin.install()
+    tp = tp_rank_size()[1]
+    ids, labels = _batch()
+    vocab = hf["vocab_size"]
+    out = {}
+    for sp in SP_RUNS[tp]:
+        for impl in IMPLS:
+            _, counts = step_collectives(_model(hf, sd, impl, sp), ids, labels)
+            out[(sp, impl, "base")] = {"counts": counts}
+            for name, cfg in CONFIGS.items():
+                if tp == 4 and impl == "local" and name not in LOCAL_AT_TP4:
+                    continue
+                model = _model(hf, sd, impl, sp, cfg, factors[name])
+                loss, counts = step_collectives(model, ids, labels)
+                out[(sp, impl, name)] = {
+                    "loss": loss.item(), "counts": counts,
+                    "grads": global_adapter_state(model, lambda p: p.grad),
+                    "embedding_grad": model.embedding.word_embeddings.weight.grad.clone()}
+        te = _model(hf, sd, "transformer_engine", sp, CONFIGS["bd-canonical"], factors["bd-canonical"])
+        out[(sp, "input_grads")] = _column_input_grads(te, sp)
+
+    te = _model(hf, sd, "transformer_engine", False, CONFIGS["bd-fused"], factors["bd-fused"])
+    out["te_names"] = sorted(n for n, _ in te.named_parameters())
+    out["state_dict_keys"] = sorted(te.state_dict())
+    out["hf_export"] = hf_state_from_model(te, hf)
+    logits = gather_logits(forward_logits(te, ids), vocab).detach()
+    weights = {n: p.detach().clone() for n, p in te.named_parameters() if ".base." in n}
+    from megatron_bdlora.adapters import merge_adapters, unmerge_adapters
+
+    merge_adapters(te)
+    out["merged_logits"] = gather_logits(forward_logits(te, ids), vocab).detach()
+    unmerge_adapters(te)
+    out["unmerged_drift"] = max((p - weights[n]).abs().max().item()
+                                for n, p in te.named_parameters() if ".base." in n)
+    out["logits"] = logits
+    # multi-adapter batch: row 0 uses bd-fused, row 1 a second adapter of the same layout
+    second = {k: v * -0.5 for k, v in factors["bd-fused"].items()}
+    load_adapter_stack(te, [factors["bd-fused"], second])
+    with torch.no_grad(), adapter_batch(te, torch.tensor([0, 1])):
+        out["multi_logits"] = gather_logits(forward_logits(te, ids), vocab)
+    if tp == 2:
+        out["cross_load"] = _cross_load(hf, sd, factors["bd-canonical"], ckpt_dir, ids)
+    return out
+
+
+def _cross_load(hf, sd, factors, ckpt_dir, ids):
+    """Adapter checkpoints saved from TE layers load on local layers and the reverse."""
+    from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint, save_checkpoint
+    from megatron_bdlora.models.llama import forward_logits, gather_logits
+
+    cfg, vocab, out = CONFIGS["bd-canonical"], hf["vocab_size"], {}
+    for src, dst in (("transformer_engine", "local"), ("local", "transformer_engine")):
+        model = _model(hf, sd, src, False, cfg, factors)
+        want = gather_logits(forward_logits(model, ids), vocab).detach()
+        save_checkpoint(os.path.join(ckpt_dir, src), model, step=1)
+        fresh = _model(hf, sd, dst, False)
+        load_checkpoint(os.path.join(ckpt_dir, src), fresh)
+        out[src] = (want, gather_logits(forward_logits(fresh, ids), vocab).detach())
+    return out
+
+
+def _layouts(hf, sd):
+    from megatron_bdlora.adapters import apply_adapters, global_adapter_layout
+
+    out = {}
+    for name, cfg in CONFIGS.items():
+        model = _model(hf, sd, "local", False)
+        apply_adapters(model, cfg)
+        out[name] = global_adapter_layout(model)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    hf, sd, _ = tiny_hf()
+    (layouts,) = run_distributed(_layouts, 1, 1, hf, sd)
+    factors = {name: random_factors(layout, seed=i) for i, (name, layout) in enumerate(layouts.items())}
+    ckpt = str(tmp_path_factory.mktemp("te_ckpt"))
+    return hf, sd, factors, {tp: run_distributed(_worker, tp, tp, hf, sd, factors, ckpt)
+                             for tp in TP_SIZES}
+
+
+def _close(a, b, rtol=2e-5):
+    return (a - b).abs().max() <= rtol * b.abs().max() + 1e-7
+
+
+def _runs(results):
+    return [(tp, sp) for tp in TP_SIZES for sp in SP_RUNS[tp]]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_te_matches_local_spec(setup, name):
+    """Loss, every adapter gradient and the embedding gradient (the input gradients of every
+    layer, LoRA branches included) equal the local spec's, at TP 1/2/4, SP off and on; and the
+    TP>1 runs equal TP=1's."""
+    _, _, _, results = setup
+    ref = results[1][0][(False, "local", name)]
+    for tp, sp in _runs(results):
+        for rank, r in enumerate(results[tp]):
+            local, te = r.get((sp, "local", name)), r[(sp, "transformer_engine", name)]
+            for got in (local, te) if local else (te,):
+                assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (tp, sp)
+                assert set(got["grads"]) == set(ref["grads"])
+                for k, g in ref["grads"].items():
+                    assert g.abs().max() > 0, k
+                    assert _close(got["grads"][k], g), (tp, sp, k)
+            ref_emb = (local["embedding_grad"] if local else  # this rank's vocabulary rows
+                       results[1][0][(False, "local", name)]["embedding_grad"].chunk(tp)[rank])
+            assert _close(te["embedding_grad"], ref_emb), (tp, sp)
+
+
+def _calls(counts, phase, op):
+    return counts.get(phase, {}).get(op, {}).get("calls", 0)
+
+
+def test_te_collectives(setup):
+    """TE layers issue exactly the local layers' collectives (calls and bytes, forward and
+    backward), for the base and every strategy; BD-LoRA issues exactly the base's."""
+    hf, _, _, results = setup
+    layers = hf["num_hidden_layers"]
+    for tp, sp in _runs(results):
+        if tp == 1:
+            continue
+        r = results[tp][0]
+        base = r[(sp, "transformer_engine", "base")]["counts"]
+        # TE's own communication really runs in the unadapted base: one all-gather (SP) or
+        # all-reduce per column layer's backward, per row layer's forward
+        op = "reduce_scatter" if sp else "all_reduce"
+        assert _calls(base, "forward", op) >= 2 * layers
+        for name in ("base", *CONFIGS):
+            if (sp, "local", name) in r:
+                assert r[(sp, "transformer_engine", name)]["counts"] == \
+                    r[(sp, "local", name)]["counts"], (tp, sp, name)
+        for name in ("bd-canonical", "bd-fused", "bd-partial"):
+            assert r[(sp, "transformer_engine", name)]["counts"] == base, (tp, sp, name)
+
+
+def test_column_input_grad_includes_lora(setup):
+    """Under SP the column layer's norm runs after our one all-gather, inside TE: its input
+    gradient carries the LoRA branch's part (summed before the one reduce-scatter)."""
+    _, _, _, results = setup
+    ref = results[1][0][(False, "input_grads")]
+    for name in ("qkv", "fc1"):
+        assert _close(ref[f"{name}-lora"], ref[f"{name}-dense"]), name
+        lora_part = ref[f"{name}-lora"] - ref[f"{name}-base"]
+        assert lora_part.abs().max() > 0.05 * ref[f"{name}-lora"].abs().max(), name
+        for tp, sp in _runs(results):
+            for r in results[tp]:
+                got = r[(sp, "input_grads")]
+                assert _close(got[f"{name}-lora"], ref[f"{name}-lora"]), (tp, sp, name)
+                assert _close(got[f"{name}-base"], ref[f"{name}-base"]), (tp, sp, name)
+
+
+def test_hf_import_export_merge_multi(setup):
+    hf, sd, factors, results = setup
+    ref = results[1][0]
+    for tp in TP_SIZES:
+        r = results[tp][0]
+        assert "decoder.layers.0.self_attention.linear_qkv.base.layer_norm_weight" in r["te_names"]
+        assert not any("input_layernorm" in n or "pre_mlp_layernorm" in n for n in r["te_names"])
+        assert any(k.endswith("linear_qkv.base._extra_state") for k in r["state_dict_keys"])
+        # HF import -> TE layout -> HF export is the identity (no _extra_state, norms back in place)
+        assert r["hf_export"].keys() == {k for k in sd if k != "lm_head.weight" or
+                                         not hf.get("tie_word_embeddings")}
+        for k, v in r["hf_export"].items():
+            assert torch.equal(v, sd[k].float()), (tp, k)
+        assert _close(r["logits"], ref["logits"]), tp
+        assert _close(r["merged_logits"], r["logits"]), tp
+        assert r["unmerged_drift"] <= 1e-6
+        # multi-adapter batch: row 0 is the single-adapter run's row 0
+        assert _close(r["multi_logits"][0], r["logits"][0]), tp
+        assert not _close(r["multi_logits"][1], r["logits"][1]), tp
+
+
+def test_adapter_checkpoints_move_between_te_and_local(setup):
+    _, _, _, results = setup
+    for src, (want, got) in results[2][0]["cross_load"].items():
+        assert _close(got, want), src
+
+
+def test_te_flag_refused_without_te_in_one_line():
+    from megatron_bdlora.errors import InputError
+    from megatron_bdlora.te import guard
+    from megatron_bdlora.training.arguments import parse_args
+
+    assert guard.probe() == "absent" and not guard._injected  # this machine: no TE
+    with pytest.raises(InputError) as e:
+        parse_args(["--model-preset", "tiny", "--data-path", __file__,
+                    "--transformer-impl", "transformer_engine"])
+    assert "megatron-bdlora[gpu]" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(InputError, match="not installed"):
+        guard.layer_classes()
+    # the done-when command's tool: one line from rank 0, nothing from rank 1, exit status 2
+    tool = os.path.join(ROOT, "tools", "collective_table.py")
+    for rank in (0, 1):
+        run = subprocess.run([sys.executable, tool, "--transformer-impl", "transformer_engine",
+                              "--sequence-parallel"], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "WORLD_SIZE": "2", "RANK": str(rank)})
+        assert run.returncode == 2 and run.stdout == ""
+        lines = run.stderr.strip().splitlines()
+        assert lines == ([f"collective_table.py: error: {e.value}"] if rank == 0 else []), lines
+
+
+def _overlap_worker():
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_bdlora.adapters.layers import AdapterLinear
+    from megatron_bdlora.adapters.layer_types import TargetSpec
+    from megatron_bdlora.te import standin
+
+    standin.install()
+    cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
+                            normalization="RMSNorm", use_cpu_initialization=True,
+                            tp_comm_overlap=True)
+    layer = standin.StandInRowParallelLinear(16, 16, config=cfg, init_method=torch.nn.init.zeros_,
+                                             bias=False, input_is_parallel=True,
+                                             skip_bias_add=True, is_expert=False)
+    try:
+        AdapterLinear(layer, TargetSpec("row", 16, (("o_proj", 16),)), CONFIGS["bd-fused"],
+                      "decoder.layers.0.self_attention.linear_proj", 0, 1)
+    except ValueError as e:
+        return type(e).__name__, str(e)
+
+
+def test_tp_comm_overlap_refused_in_one_line():
+    kind, msg = run_distributed(_overlap_worker, 1, 1)[0]
+    assert kind == "InputError" and "tp_comm_overlap" in msg and "\n" not in msg
+
+
+BROKEN_TE = '''raise RuntimeError("libcudart.so.12: cannot open shared object file")\n'''
+
+
+def test_broken_te_leaves_local_working(tmp_path):
+    """A TE whose import raises RuntimeError (as TE does without its CUDA libraries; reproduced by
+    a package that only raises) takes Megatron-Core's import down, unless megatron_bdlora is
+    imported first: then one line says so, GPTModel imports and the TE flag is refused."""
+    (tmp_path / "transformer_engine").mkdir()
+    (tmp_path / "transformer_engine" / "__init__.py").write_text(BROKEN_TE)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "RANK": "0"}
+    premise = subprocess.run([sys.executable, "-c", "from megatron.core.models.gpt import GPTModel"],
+                             capture_output=True, text=True, timeout=120, env=env)
+    assert premise.returncode != 0 and "RuntimeError: libcudart" in premise.stderr
+    code = ("import megatron_bdlora\n"
+            "from megatron.core.models.gpt import GPTModel\n"
+            "from megatron_bdlora.models.llama import build_model\n"
+            "from megatron_bdlora.te.guard import require_te\n"
+            "try:\n    require_te()\nexcept ValueError as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    assert [ln for ln in run.stderr.splitlines() if "Transformer Engine" in ln] == [
+        "megatron-bdlora: Transformer Engine is installed but fails to import (RuntimeError: "
+        "libcudart.so.12: cannot open shared object file); --transformer-impl local still works"]
+    assert run.stdout.strip().startswith("--transformer-impl transformer_engine: Transformer "
+                                         "Engine is installed but fails to import")
