@@ -136,8 +136,35 @@ def _worker(hf, sd, factors, ckpt_dir):
     load_adapter_stack(te, [factors["bd-fused"], second])
     with torch.no_grad(), adapter_batch(te, torch.tensor([0, 1])):
         out["multi_logits"] = gather_logits(forward_logits(te, ids), vocab)
+    if tp == 1:
+        out["overlap_error"] = _overlap_error()
     if tp == 2:
         out["cross_load"] = _cross_load(hf, sd, factors["bd-canonical"], ckpt_dir, ids)
+        out["trainer"] = _train(ckpt_dir)  # last: the trainer re-initialises parallel state
+    return out
+
+
+def _train(work):
+    """The trainer with --transformer-impl local and transformer_engine, TP=2 with SP: per-step
+    losses and the saved adapters."""
+    import json
+
+    from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint
+    from megatron_bdlora.training.arguments import parse_args
+    from megatron_bdlora.training.trainer import train
+
+    out = {}
+    for impl in IMPLS:
+        save = os.path.join(work, f"train-{impl}")
+        train(parse_args(["--model-preset", "tiny", "--tokenizer", os.path.join(work, "data", "tokenizer"),
+                          "--data-path", os.path.join(work, "data", "train.jsonl"),
+                          "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                          "--seq-length", "32", "--micro-batch-size", "4", "--train-iters", "2",
+                          "--lr", "1e-2", "--save", save, "--log-interval", "1",
+                          "--transformer-impl", impl]))
+        with open(os.path.join(save, "metrics.jsonl")) as f:
+            losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+        out[impl] = (losses, AdapterCheckpoint(save).tensors)
     return out
 
 
@@ -173,7 +200,10 @@ def setup(tmp_path_factory):
     hf, sd, _ = tiny_hf()
     (layouts,) = run_distributed(_layouts, 1, 1, hf, sd)
     factors = {name: random_factors(layout, seed=i) for i, (name, layout) in enumerate(layouts.items())}
+    from megatron_bdlora.data.synthetic import write_demo_data
+
     ckpt = str(tmp_path_factory.mktemp("te_ckpt"))
+    write_demo_data(os.path.join(ckpt, "data"), 0, num_train=32, num_eval=8, num_pretrain=8)
     return hf, sd, factors, {tp: run_distributed(_worker, tp, tp, hf, sd, factors, ckpt)
                              for tp in TP_SIZES}
 
@@ -276,6 +306,19 @@ def test_adapter_checkpoints_move_between_te_and_local(setup):
         assert _close(got, want), src
 
 
+def test_trainer_runs_te_layers(setup):
+    """--transformer-impl transformer_engine through the trainer (TP=2, SP): the same losses and
+    the same trained adapter as local layers."""
+    run = setup[3][2][0]["trainer"]
+    (local_losses, local_ckpt), (te_losses, te_ckpt) = run["local"], run["transformer_engine"]
+    assert len(local_losses) == 2
+    for a, b in zip(local_losses, te_losses, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a), (local_losses, te_losses)
+    assert local_ckpt.keys() == te_ckpt.keys()
+    for k, v in local_ckpt.items():
+        assert _close(te_ckpt[k], v), k
+
+
 def test_te_flag_refused_without_te_in_one_line():
     from megatron_bdlora.errors import InputError
     from megatron_bdlora.te import guard
@@ -299,14 +342,13 @@ def test_te_flag_refused_without_te_in_one_line():
         assert lines == ([f"collective_table.py: error: {e.value}"] if rank == 0 else []), lines
 
 
-def _overlap_worker():
+def _overlap_error():
     from megatron.core.transformer import TransformerConfig
 
     from megatron_bdlora.adapters.layers import AdapterLinear
     from megatron_bdlora.adapters.layer_types import TargetSpec
     from megatron_bdlora.te import standin
 
-    standin.install()
     cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
                             normalization="RMSNorm", use_cpu_initialization=True,
                             tp_comm_overlap=True)
@@ -320,8 +362,8 @@ def _overlap_worker():
         return type(e).__name__, str(e)
 
 
-def test_tp_comm_overlap_refused_in_one_line():
-    kind, msg = run_distributed(_overlap_worker, 1, 1)[0]
+def test_tp_comm_overlap_refused_in_one_line(setup):
+    kind, msg = setup[3][1][0]["overlap_error"]
     assert kind == "InputError" and "tp_comm_overlap" in msg and "\n" not in msg
 
 

@@ -10,7 +10,9 @@
 # Env: PYTHON (default python3), OUT (work dir, default a temp dir), PRESET (default tiny),
 # STEPS (default 6). Stages (one line each, PASS / FAIL / SKIP): install, nccl (the process group
 # and an all-reduce on the device), train (bf16, TP=1, saves at STEPS/2), resume (--load, to
-# STEPS), eval (--eval-only), export (hf-peft, bf16 tensors). Exit status: the number of failures.
+# STEPS), eval (--eval-only), export (hf-peft, bf16 tensors), te (tests/gpu/test_te_gpu.py, real
+# Transformer Engine; SKIP where TE does not import or there is no GPU). Exit status: the number
+# of failures.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${PYTHON:-python3}"
@@ -108,6 +110,18 @@ print(len(t), "tensors, bf16")
 EOF
 }
 
+te_gpu() {  # tests/gpu/test_te_gpu.py: real Transformer Engine (issue 18)
+  "$py" -m pytest -q -s -p no:cacheprovider "$root/tests/gpu/test_te_gpu.py"
+}
+
+te_stage() {  # SKIP, not PASS, where Transformer Engine does not import or there is no GPU
+  if ! "$py" -c "import torch, megatron_bdlora; from megatron_bdlora.te.guard import require_te
+require_te()" > "$out/te_check.log" 2>&1; then
+    echo "SKIP te ($(tail -n 1 "$out/te_check.log"))"; return
+  fi
+  stage te te_gpu
+}
+
 echo "gpu_smoke: device ${DEVICE:-cuda}, preset $preset, work dir $out"
 stage install install
 stage nccl nccl
@@ -115,4 +129,5 @@ stage train train
 stage resume resume
 stage eval evaluate
 stage export export_peft
+te_stage
 exit "$failures"
