@@ -78,7 +78,8 @@ def _column_input_grads(model, sp):
             if t == 1 and tag == "lora":  # dense reference: RMSNorm, then W + ΔW on its output
                 xr = x_full.clone().requires_grad_(True)
                 base = mod.base
-                ln = xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + base.eps) * base.layer_norm_weight
+                ln = xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + base.eps)
+                ln = ln * base.layer_norm_weight
                 (ln @ (base.weight + mod.local_delta()).t() * g_full).sum().backward()
                 out[f"{name}-dense"] = xr.grad
             with torch.no_grad():  # then the base alone
@@ -137,7 +138,7 @@ def _worker(hf, sd, factors, ckpt_dir):
     with torch.no_grad(), adapter_batch(te, torch.tensor([0, 1])):
         out["multi_logits"] = gather_logits(forward_logits(te, ids), vocab)
     if tp == 1:
-        out["overlap_error"] = _overlap_error()
+        out["layer_checks"] = _layer_checks()
     if tp == 2:
         out["cross_load"] = _cross_load(hf, sd, factors["bd-canonical"], ckpt_dir, ids)
         out["trainer"] = _train(ckpt_dir)  # last: the trainer re-initialises parallel state
@@ -156,8 +157,9 @@ def _train(work):
     out = {}
     for impl in IMPLS:
         save = os.path.join(work, f"train-{impl}")
-        train(parse_args(["--model-preset", "tiny", "--tokenizer", os.path.join(work, "data", "tokenizer"),
-                          "--data-path", os.path.join(work, "data", "train.jsonl"),
+        data = os.path.join(work, "data")
+        train(parse_args(["--model-preset", "tiny", "--tokenizer", os.path.join(data, "tokenizer"),
+                          "--data-path", os.path.join(data, "train.jsonl"),
                           "--tensor-model-parallel-size", "2", "--sequence-parallel",
                           "--seq-length", "32", "--micro-batch-size", "4", "--train-iters", "2",
                           "--lr", "1e-2", "--save", save, "--log-interval", "1",
@@ -342,29 +344,58 @@ def test_te_flag_refused_without_te_in_one_line():
         assert lines == ([f"collective_table.py: error: {e.value}"] if rank == 0 else []), lines
 
 
-def _overlap_error():
+def _layer_checks():
+    """Single TE (stand-in) layers under AdapterLinear: TE's returned bias comes back as the
+    bias, not added; a fused row bias and tp_comm_overlap are refused."""
     from megatron.core.transformer import TransformerConfig
 
     from megatron_bdlora.adapters.layers import AdapterLinear
     from megatron_bdlora.adapters.layer_types import TargetSpec
     from megatron_bdlora.te import standin
 
-    cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
-                            normalization="RMSNorm", use_cpu_initialization=True,
-                            tp_comm_overlap=True)
-    layer = standin.StandInRowParallelLinear(16, 16, config=cfg, init_method=torch.nn.init.zeros_,
-                                             bias=False, input_is_parallel=True,
-                                             skip_bias_add=True, is_expert=False)
-    try:
-        AdapterLinear(layer, TargetSpec("row", 16, (("o_proj", 16),)), CONFIGS["bd-fused"],
-                      "decoder.layers.0.self_attention.linear_proj", 0, 1)
-    except ValueError as e:
-        return type(e).__name__, str(e)
+    def config(**kw):
+        return TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
+                                 normalization="RMSNorm", use_cpu_initialization=True, **kw)
+
+    def wrap(layer, kind):
+        spec = TargetSpec(kind, 16, (("o_proj" if kind == "row" else "up_proj", 16),))
+        return AdapterLinear(layer, spec, CONFIGS["bd-fused"], f"layer.{kind}", 0, 1)
+
+    def refusal(make):
+        try:
+            make()
+        except ValueError as e:
+            return type(e).__name__, str(e)
+
+    def row(cfg, **kw):
+        return standin.StandInRowParallelLinear(16, 16, config=cfg, init_method=torch.nn.init.normal_,
+                                                input_is_parallel=True, is_expert=False, **kw)
+
+    out = {"overlap": refusal(lambda: wrap(row(config(tp_comm_overlap=True), bias=False,
+                                                  skip_bias_add=True), "row")),
+           "fused_row_bias": refusal(lambda: wrap(row(config(), bias=True, skip_bias_add=False),
+                                                  "row"))}
+    column = standin.StandInLayerNormColumnParallelLinear(
+        16, 16, config=config(), init_method=torch.nn.init.normal_, gather_output=False, bias=True,
+        skip_bias_add=True, is_expert=False)
+    with torch.no_grad():
+        column.bias.normal_()
+    adapted = wrap(column, "column")
+    x = torch.randn(3, 2, 16)
+    y, bias = adapted(x)
+    ln = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + column.eps)  # norm weight ones
+    out["returned_bias"] = (bias is column.bias, (y - ln @ column.weight.t()).abs().max().item())
+    return out
 
 
-def test_tp_comm_overlap_refused_in_one_line(setup):
-    kind, msg = setup[3][1][0]["overlap_error"]
+def test_te_bias_return_and_refusals(setup):
+    checks = setup[3][1][0]["layer_checks"]
+    kind, msg = checks["overlap"]
     assert kind == "InputError" and "tp_comm_overlap" in msg and "\n" not in msg
+    assert checks["fused_row_bias"] == (
+        "ValueError", "layer.row: row-parallel layer with a fused bias is not supported")
+    is_param, err = checks["returned_bias"]
+    assert is_param and err < 1e-5  # returned to the caller (bias-dropout-add), not added
 
 
 BROKEN_TE = '''raise RuntimeError("libcudart.so.12: cannot open shared object file")\n'''

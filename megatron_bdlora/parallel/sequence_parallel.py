@@ -55,7 +55,8 @@ def allreduce_sequence_parallel_grads(model) -> None:
     all_reduce_flat(grads, ps.get_tensor_model_parallel_group())
 
 
-def check_tool_flags(parser, sequence_parallel: bool, tp: int, transformer_impl: str = "local") -> None:
+def check_tool_flags(parser, sequence_parallel: bool, tp: int,
+                     transformer_impl: str = "local") -> None:
     """A tool's --sequence-parallel without TP, or --transformer-impl transformer_engine where TE
     cannot run: one line from rank 0, exit status 2 everywhere."""
     from megatron_bdlora.errors import InputError

@@ -46,8 +46,9 @@ def require_te() -> None:
         return
     status = probe()
     if status == "absent":
-        raise InputError("--transformer-impl transformer_engine needs Transformer Engine, which is "
-                         f"not installed: {EXTRA} (on a CUDA machine), or use --transformer-impl local")
+        raise InputError("--transformer-impl transformer_engine needs Transformer Engine, which "
+                         f"is not installed: {EXTRA} (on a CUDA machine), or use "
+                         "--transformer-impl local")
     if status != "ok":
         raise InputError(f"--transformer-impl transformer_engine: Transformer Engine is installed "
                          f"but fails to import ({status}); fix its CUDA libraries or use "

@@ -79,7 +79,8 @@ class _NormLinear(torch.autograd.Function):
         ctx.save_for_backward(x, ln_weight, weight, total)
         ctx.mode, ctx.sp, ctx.group, ctx.tp_size = mode, sp, group, m.tp_size
         ctx.eps = getattr(m, "eps", None)
-        ctx.return_ln, ctx.has_bias, ctx.inp_shape = m.return_layernorm_output, bias is not None, inp.shape
+        ctx.return_ln, ctx.has_bias = m.return_layernorm_output, bias is not None
+        ctx.inp_shape = inp.shape
         out = out.view(-1, *inp.shape[1:-1], out.shape[-1])
         return (out, ln_out.view(inp.shape)) if ctx.return_ln else out
 
@@ -146,7 +147,8 @@ class _StandIn(torch.nn.Module):
         self.weight.tensor_model_parallel, self.weight.partition_dim = True, dim
         self.weight.partition_stride = stride
         if bias:
-            self.bias = torch.nn.Parameter(torch.zeros(self.out_features if dim == 0 else output_size, **kw))
+            size = self.out_features if dim == 0 else output_size
+            self.bias = torch.nn.Parameter(torch.zeros(size, **kw))
         else:
             self.bias = torch.Tensor().to(**kw)
         if norm:

@@ -93,7 +93,7 @@ def test_te_matches_local_and_issues_no_collectives():
             loss, _ = lm_loss(model, ids, labels)
             loss.backward()
         out[impl] = (logits, global_adapter_state(model, lambda p: p.grad), counts.as_dict())
-    (l_logits, l_grads, l_counts), (t_logits, t_grads, t_counts) = out["local"], out["transformer_engine"]
+    (l_logits, l_grads, l_counts), (t_logits, t_grads, t_counts) = (out[i] for i in IMPLS)
     assert t_counts == l_counts == {}, t_counts  # TP=1: nothing at all, TE included
     err = (t_logits - l_logits).abs().max() / l_logits.abs().max()
     print(f"TE vs local logits: max rel err {err:.2e}")
