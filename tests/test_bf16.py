@@ -55,7 +55,7 @@ def _runs(data, root):
     ids = torch.randint(0, model.hf_config["vocab_size"], (2, 16), generator=g)
     labels = ids.roll(-1, 1)
     labels[:, :4] = -100
-    loss, _ = trainer.train_step(model, params, [(ids, labels, None)])
+    loss, _ = trainer.accumulate_gradients(model, params, [(ids, labels, None)])
     norm = optim.clip_grad_norm(params, 1.0)
     opt.step()
     layer = next(m for m in adapter_modules(model).values())

@@ -1,10 +1,10 @@
-"""Print (and save) the collectives of one training step per TP strategy.
+"""Print (and save) the collectives of one step of the trainer's own train_step per TP strategy.
 
     torchrun --nproc_per_node 2 tools/collective_table.py [--model-preset tiny] [--json out.json]
     torchrun --nproc_per_node 4 tools/collective_table.py --tensor-model-parallel-size 4 --sequence-parallel
 
-Under --sequence-parallel the step also runs the trainer's SP gradient reduction (an "sp_grads"
-row appears only if it issues anything; with frozen norms it issues nothing).
+Phases as the step names them (tokens, forward, backward, sp_grads, grad_sync, clip, optimizer);
+one that issues nothing has no row (sp_grads under frozen norms, grad_sync at DP=1).
 """
 
 import argparse

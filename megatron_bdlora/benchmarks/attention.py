@@ -26,7 +26,7 @@ import torch
 from megatron_bdlora.benchmarks.timing import (adapter_configs, bar_chart, interleaved_times,
                                                llama_shape, paired_ratio, run_environment,
                                                share_base_weights, spread_ms, summary_ms)
-from megatron_bdlora.benchmarks.training import TrainingConfig, _batch, _Trainer
+from megatron_bdlora.benchmarks.training import TrainerStep, TrainingConfig, random_batch
 
 VARIANTS = {"sdpa": ("sdpa", False), "local": ("local", False),
             "sdpa+sp": ("sdpa", True), "local+sp": ("local", True)}
@@ -130,10 +130,10 @@ def run_attention(cfg: AttentionConfig) -> dict:
     tp = tp_rank_size()[1]
     hf = llama_shape(cfg.hidden, cfg.ffn, cfg.layers, cfg.heads, cfg.kv_heads, cfg.vocab,
                      max_positions=max(2048, cfg.seq_len))
-    trainers = {n: _Trainer(m, cfg.lr) for n, m in _models(cfg, hf, tp).items()}
-    ids, labels = (x.to(device()) for x in _batch(cfg, dp_rank=0))
+    trainers = {n: TrainerStep(m, cfg.lr) for n, m in _models(cfg, hf, tp).items()}
+    ids, labels = (x.to(device()) for x in random_batch(cfg, dp_rank=0))
 
-    losses = {n: t.step(ids, labels).item() for n, t in trainers.items()}  # also builds Adam state
+    losses = {n: TrainerStep.loss(t.step(ids, labels)) for n, t in trainers.items()}  # also builds Adam state
     memory = {}
     for n, t in trainers.items():
         saved = saved_activation_bytes(t.model, lambda: lm_loss(t.model, ids, labels)[0])
@@ -162,7 +162,7 @@ def run_attention(cfg: AttentionConfig) -> dict:
         }
     config = {**asdict(cfg), "tp": tp, "bd_nblocks": cfg.bd_nblocks or tp, **run_environment(),
               "model": hf,
-              "step": "forward + backward + AdamW on the BD-LoRA adapter (frozen base), no mask",
+              "step": "the trainer's train_step on the BD-LoRA adapter (frozen base), no mask",
               "memory": "max over ranks; activation: distinct non-parameter storages saved for "
                         "backward in one forward; peak: torch-allocated bytes during a step above "
                         "the pre-step live set (CPU: profiler allocation events, min of 2 steps; "

@@ -1,14 +1,13 @@
-"""Collectives per training step (forward, backward) of each TP strategy on one model shape.
+"""Collectives of one step of the trainer's own train_step, per phase, for each TP strategy on
+one model shape (the embedding weight trains too, so the frozen base has a backward).
 
-Under sequence parallelism the step also runs the SP gradient reduction the trainer issues
-before its DP sync; frozen norms make it issue nothing, so no "sp_grads" phase appears."""
+Frozen norms make the SP gradient reduction issue nothing, so no "sp_grads" phase appears."""
 
 import torch
 
 from megatron_bdlora.adapters import AdapterConfig, apply_adapters
-from megatron_bdlora.models.llama import build_model, lm_loss
+from megatron_bdlora.models.llama import build_model
 from megatron_bdlora.parallel import count_collectives, tp_rank_size
-from megatron_bdlora.parallel.sequence_parallel import allreduce_sequence_parallel_grads
 
 STRATEGIES = {
     "base": None,
@@ -20,7 +19,7 @@ STRATEGIES = {
 
 def measure_collectives(hf: dict, rank: int = 8, nblocks: int = 2, batch: int = 2, seq: int = 16,
                         sequence_parallel: bool = False, transformer_impl: str = "local"):
-    """{strategy: {"forward"|"backward"[|"sp_grads"]: {op: {"calls", "bytes"}}}} for one step."""
+    """{strategy: {phase: {op: {"calls", "bytes"}}}} for one trainer step (step_collectives)."""
     ids = torch.randint(0, hf["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
     labels = torch.roll(ids, -1, 1)
     table = {}
@@ -30,26 +29,26 @@ def measure_collectives(hf: dict, rank: int = 8, nblocks: int = 2, batch: int = 
         if make is None:
             for p in model.parameters():
                 p.requires_grad_(False)
-            # a frozen base has no backward; let the embedding output carry one, as LoRA does
-            model.embedding.word_embeddings.weight.requires_grad_(True)
         else:
             apply_adapters(model, make(rank, nblocks))
-            model.embedding.word_embeddings.weight.requires_grad_(True)
+        # the embedding trains under every strategy, so the base too has gradients to clip (one
+        # scalar TP all-reduce): what differs from the base is then the adapter's alone
+        model.embedding.word_embeddings.weight.requires_grad_(True)
         table[name] = step_collectives(model, ids, labels)[1]
     return table
 
 
 def step_collectives(model, ids, labels) -> tuple:
-    """(loss, {phase: {op: {"calls", "bytes"}}}) of one forward, backward and the SP gradient
-    reduction the trainer issues before its DP sync."""
+    """(loss, {phase: {op: {"calls", "bytes"}}}) of one step of the trainer's own train_step
+    (benchmarks/training.TrainerStep) on (ids, labels) as one micro-batch; phases as the step
+    names them (tokens, forward, backward, sp_grads, grad_sync, clip, optimizer), those that
+    issue nothing left out."""
+    from megatron_bdlora.benchmarks.training import TrainerStep
+
+    step = TrainerStep(model, lr=1e-4)
     with count_collectives() as counts:
-        with counts.phase("forward"):
-            loss, _ = lm_loss(model, ids, labels)
-        with counts.phase("backward"):
-            loss.backward()
-        with counts.phase("sp_grads"):
-            allreduce_sequence_parallel_grads(model)
-    return loss.detach(), counts.as_dict()
+        result = step.step(ids, labels, counts)
+    return result.loss_sum / result.tokens.clamp(min=1), counts.as_dict()
 
 
 def format_table(table: dict) -> str:
@@ -57,8 +56,7 @@ def format_table(table: dict) -> str:
     head = f"{'strategy':<11} {'phase':<9} " + " ".join(f"{op + ' calls/bytes':>26}" for op in ops)
     lines = [head, "-" * len(head)]
     for name, phases in table.items():
-        others = [ph for ph in phases if ph not in ("forward", "backward")]  # e.g. sp_grads
-        for phase in ("forward", "backward", *others):
+        for phase in phases:
             cells = [phases.get(phase, {}).get(op, {"calls": 0, "bytes": 0}) for op in ops]
             lines.append(f"{name:<11} {phase:<9} " +
                          " ".join(f"{c['calls']:>12} / {c['bytes']:>11}" for c in cells))

@@ -1,16 +1,16 @@
-"""Measured training step: forward + backward + (DP gradient all-reduce) + AdamW step.
+"""Measured training step: the trainer's own train_step (training/trainer.py) per method.
 
 Methods base / replicated / slora / bd on one randomly initialised Llama shape, all in the same
 processes, repetitions interleaved round-robin. `base` is the frozen model with no adapter: its
 step is forward + backward down to the embedding output (made to require grad, as it is for
 every method here, so each method runs the same backward through the base) and no optimizer
-work. With world size = TP x DP, each DP replica gets its own batch and the adapter gradients
-are summed over the DP group in one flat all-reduce (one bucket, as Megatron's DDP does),
-then averaged. With `sequence_parallel` (TP > 1) every model runs Megatron's sequence
-parallelism and the step also runs the trainer's SP gradient reduction (nothing is issued: the
-norms are frozen). Per method: step time median and p10/p90, tokens/s (all DP replicas),
-collectives of one step per phase (forward, backward, sp_grads, grad_sync, optimizer), paired
-ratios to base and bd.
+work. The step is the one train() runs: the loss over the global batch's supervised tokens
+(one DP all-reduce of the count), the flat DP gradient all-reduce (DP > 1), the SP norm-grad
+reduction (nothing under frozen norms), clipping of the global norm (one scalar TP all-reduce
+when there are gradients), the non-finite check and AdamW. With world size = TP x DP each DP
+replica gets its own batch. Per method: step time median and p10/p90, tokens/s (all DP
+replicas), collectives of one step per phase (tokens, forward, backward, sp_grads, grad_sync,
+clip, optimizer), paired ratios to base and bd.
 """
 
 from dataclasses import asdict, dataclass
@@ -21,7 +21,6 @@ from megatron_bdlora.benchmarks.timing import (METHODS, adapter_configs, bar_cha
                                                collective_calls, collective_columns,
                                                interleaved_times, llama_shape, paired_ratio,
                                                run_environment, spread_ms, summary_ms)
-from megatron_bdlora.parallel.sequence_parallel import allreduce_sequence_parallel_grads
 
 
 @dataclass
@@ -50,57 +49,49 @@ class TrainingConfig:
                    seq_len=32, steps=1, reps=2, warmup=1, lora_rank=8)
 
 
-def _embedding_output_requires_grad(model) -> None:
-    """The backward must reach the first layer even with a frozen base (docs/design.md §3)."""
-    model.embedding.register_forward_hook(lambda mod, inp, out: out.detach().requires_grad_(True))
+class TrainerStep:
+    """The trainer's own iteration, training/trainer.train_step (loss over the global batch's
+    supervised tokens, DP all-reduce, clipping, non-finite check, AdamW of training/optim.py),
+    with the trainer's default flags but --lr and a constant schedule, on the caller's batch.
+    The embedding output requires grad, so even the frozen base runs its backward."""
 
-
-class _Trainer:
     def __init__(self, model, lr: float):
-        from megatron.core import parallel_state as ps
+        from megatron_bdlora.training import optim
+        from megatron_bdlora.training.arguments import build_parser
+        from megatron_bdlora.training.trainer import backward_to_embedding
 
         self.model = model
+        model.train()
+        backward_to_embedding(model)
+        self.args = build_parser().parse_args(["--lr", str(lr), "--lr-decay-style", "constant"])
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=lr) if self.params else None
-        self.dp_group = ps.get_data_parallel_group()
-        self.dp = ps.get_data_parallel_world_size()
+        # the frozen base trains nothing: no optimizer (AdamW refuses an empty parameter list)
+        self.optimizer = optim.make_optimizer(self.params, self.args) if self.params else None
+        self.steps = 0
 
     def step(self, ids, labels, counts=None):
-        import contextlib
+        """One step on (ids, labels) as one micro-batch; `counts` (count_collectives) gets each
+        part of the step as a phase. Returns the trainer's StepResult."""
+        from megatron_bdlora.training.trainer import no_phase, train_step
 
-        from megatron_bdlora.models.llama import lm_loss
+        phase = counts.phase if counts is not None else no_phase
+        result = train_step(self.model, self.params, self.optimizer, [(ids, labels, None)],
+                            self.steps, self.args, phase)
+        self.steps += 1
+        return result
 
-        phase = counts.phase if counts is not None else (lambda name: contextlib.nullcontext())
-        with phase("forward"):
-            loss, _ = lm_loss(self.model, ids, labels)
-        with phase("backward"):
-            loss.backward()
-        with phase("sp_grads"):
-            allreduce_sequence_parallel_grads(self.model)
-        with phase("grad_sync"):
-            self._sync_grads()
-        with phase("optimizer"):
-            if self.opt is not None:
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    def _sync_grads(self):
+    @staticmethod
+    def loss(result) -> float:
+        """The step's loss over the global batch (summed over DP), as the trainer logs it."""
         import torch.distributed as dist
+        from megatron.core import parallel_state as ps
 
-        if self.dp == 1 or not self.params:
-            return
-        grads = [p.grad for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.dp_group)
-        flat /= self.dp
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        total = result.loss_sum.clone()
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        return float(total) / max(int(result.tokens), 1)
 
 
-def _batch(cfg, dp_rank: int):
+def random_batch(cfg, dp_rank: int):
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + dp_rank + 1)
     ids = torch.randint(2, cfg.vocab, (cfg.batch, cfg.seq_len), generator=gen)
     labels = torch.roll(ids, -1, dims=1)
@@ -121,17 +112,13 @@ def run_training(cfg: TrainingConfig) -> dict:
     hf = llama_shape(cfg.hidden, cfg.ffn, cfg.layers, cfg.heads, cfg.kv_heads, cfg.vocab)
     configs = adapter_configs(hf, cfg.lora_rank, cfg.bd_rank, nblocks)
     models = build_models(hf, configs, seed=cfg.seed, sequence_parallel=cfg.sequence_parallel)
-    trainers = {}
-    for m, model in models.items():
-        model.train()
-        _embedding_output_requires_grad(model)
-        trainers[m] = _Trainer(model, cfg.lr)
-    ids, labels = (t.to(device()) for t in _batch(cfg, dp_rank))
+    trainers = {m: TrainerStep(model, cfg.lr) for m, model in models.items()}
+    ids, labels = (t.to(device()) for t in random_batch(cfg, dp_rank))
 
     collectives, losses = {}, {}
     for m in METHODS:  # one counted step each (also the first warm-up step)
         with count_collectives() as counts:
-            losses[m] = trainers[m].step(ids, labels, counts).item()
+            losses[m] = TrainerStep.loss(trainers[m].step(ids, labels, counts))
         collectives[m] = counts.as_dict()
 
     times = interleaved_times({m: (lambda t=trainers[m]: t.step(ids, labels)) for m in METHODS},
@@ -165,10 +152,13 @@ def run_training(cfg: TrainingConfig) -> dict:
     bd_c, base_c = collectives["bd"], collectives["base"]
     results["bd"]["tp_collectives_equal_base"] = all(
         bd_c.get(ph, {}) == base_c.get(ph, {})
-        for ph in ("forward", "backward", "sp_grads", "optimizer"))
+        for ph in ("tokens", "forward", "backward", "sp_grads", "optimizer"))
     config = {**asdict(cfg), "tp": tp, "dp": dp, "bd_nblocks": nblocks, "bd_rank": configs["bd"].rank,
               **run_environment(), "tokens_per_step": tokens, "model": hf,
-              "step": "forward + backward + DP grad all-reduce (flat, DP>1) + AdamW on trainable params",
+              "step": "the trainer's train_step: token count all-reduce (DP), forward + backward, "
+                      "SP norm grads, DP grad all-reduce (flat, DP>1), clipping to "
+                      f"{trainers['bd'].args.clip_grad} (global norm: one TP all-reduce), "
+                      "non-finite check, AdamW on the trainable parameters",
               "timing": "methods interleaved step by step (rotating order); step time = slowest "
                         "rank; ratios paired per step (same repetition and step index)"}
     return {"config": config, "results": results}

@@ -16,14 +16,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from megatron_bdlora.adapters import layout
 from megatron_bdlora.benchmarks.timing import (adapter_configs, bar_chart, build_models, llama_shape,
                                                paired_ratio, round_robin, run_environment, summary_ms,
                                                sync)
-from megatron_bdlora.benchmarks.training import _batch, _embedding_output_requires_grad, _Trainer
+from megatron_bdlora.benchmarks.training import TrainerStep, random_batch
 
 METHODS = ("ours_base", "ours_lora", "ours_bd", "peft_lora", "peft_bd")
 ADAPTERS = {"lora": ("ours_lora", "peft_lora"), "bdlora": ("ours_bd", "peft_bd")}
-HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # dense BF16 peak FLOP/s by device name (public datasheets), for the MFU column on a GPU
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -77,18 +77,21 @@ def training_flops(hf: dict, batch: int, seq: int, adapter=None) -> dict:
 
 
 class _PeftTrainer:
-    """transformers + PEFT: logits, the same CE over labels != -100, backward, AdamW."""
+    """transformers + PEFT, its own loop: logits, the same CE over labels != -100, backward,
+    clipping to our trainer's norm (as the HF Trainer's max_grad_norm does), AdamW."""
 
-    def __init__(self, model, lr: float):
+    def __init__(self, model, lr: float, clip: float):
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=lr)
+        self.clip = clip
 
     def step(self, ids, labels):
         logits = self.model(input_ids=ids).logits
         mask = labels != -100
         loss = torch.nn.functional.cross_entropy(logits[mask].float(), labels[mask])
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return loss.detach()
@@ -105,10 +108,10 @@ def peft_models(hf: dict, cfg: VsPeftConfig, configs: dict, device) -> dict:
         base = LlamaForCausalLM(LlamaConfig(**hf)).to(device=device, dtype=DTYPES[cfg.dtype]).train()
         bd = None
         if acfg.strategy == "bd":
-            bd = BdLoraConfig(target_modules_bd_a=["o_proj", "down_proj"],
-                              target_modules_bd_b=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"],
+            bd = BdLoraConfig(target_modules_bd_a=list(layout.BD_A),
+                              target_modules_bd_b=list(layout.BD_B),
                               nblocks=acfg.nblocks)
-        lcfg = LoraConfig(r=acfg.rank, lora_alpha=acfg.alpha, lora_dropout=0.0, target_modules=HF_TARGETS,
+        lcfg = LoraConfig(r=acfg.rank, lora_alpha=acfg.alpha, lora_dropout=0.0, target_modules=list(layout.HF_TARGETS),
                           **({"use_bdlora": bd} if bd else {}))
         out[name] = get_peft_model(base, lcfg)
     return out
@@ -125,21 +128,20 @@ def run_vs_peft(cfg: VsPeftConfig) -> dict:
     configs = adapter_configs(hf, cfg.lora_rank, cfg.bd_rank, cfg.bd_nblocks)
     ours = build_models(hf, {k: configs[k] for k in ("base", "slora", "bd")}, seed=cfg.seed,
                         dtype=DTYPES[cfg.dtype])
-    trainers = {}
-    for m, key in (("ours_base", "base"), ("ours_lora", "slora"), ("ours_bd", "bd")):
-        ours[key].train()
-        _embedding_output_requires_grad(ours[key])
-        trainers[m] = _Trainer(ours[key], cfg.lr)
+    trainers = {m: TrainerStep(ours[key], cfg.lr)
+                for m, key in (("ours_base", "base"), ("ours_lora", "slora"), ("ours_bd", "bd"))}
+    clip = trainers["ours_bd"].args.clip_grad
     for m, model in peft_models(hf, cfg, configs, device()).items():
-        trainers[m] = _PeftTrainer(model, cfg.lr)
+        trainers[m] = _PeftTrainer(model, cfg.lr, clip)
     counts = {m: sum(p.numel() for p in t.params) for m, t in trainers.items()}
     for kind, (mine, theirs) in ADAPTERS.items():
         if counts[mine] != counts[theirs]:
             raise RuntimeError(f"{kind}: we train {counts[mine]} parameters, PEFT {counts[theirs]}; "
                                "the comparison would not be like for like")
 
-    ids, labels = (t.to(device()) for t in _batch(cfg, 0))
-    losses = {m: trainers[m].step(ids, labels).item() for m in METHODS}  # also a warm-up step
+    ids, labels = (t.to(device()) for t in random_batch(cfg, 0))
+    losses = {m: TrainerStep.loss(trainers[m].step(ids, labels)) if m.startswith("ours")
+              else trainers[m].step(ids, labels).item() for m in METHODS}  # also a warm-up step
     clock = time.process_time if cfg.clock == "cpu" else time.perf_counter
     times = {m: [] for m in METHODS}
     for rep in range(cfg.warmup + cfg.reps):
@@ -181,8 +183,9 @@ def run_vs_peft(cfg: VsPeftConfig) -> dict:
         }
     config = {**asdict(cfg), **run_environment(), "dtype": cfg.dtype, "tokens_per_step": tokens,
               "model": hf, "peak_flops": peak,
-              "step": "forward + backward + AdamW on the trainable parameters (ours_base: "
-                      "forward + backward to the embedding output, no optimizer)",
+              "step": "ours: the trainer's train_step (token-normalised loss, clipping, "
+                      "non-finite check, AdamW; ours_base: forward + backward to the embedding "
+                      "output, no optimizer); PEFT: its own loop, the same loss, clipping and AdamW",
               "timing": f"{cfg.clock} clock; methods interleaved step by step (rotating order); "
                         "ratios paired per step (same repetition and step index)"}
     return {"config": config, "base": method("ours_base", base_flops), "results": results}

@@ -1,8 +1,10 @@
 """The fine-tuning job: model + adapter + data + AdamW over TP x DP, checkpoints, eval, logging."""
 
+import contextlib
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -49,9 +51,7 @@ def build(args):
     if cfg is not None:
         apply_adapters(model, cfg)
         if args.recompute_activations:
-            # Frozen base + recompute: the checkpointed block's input must require grad, or the
-            # recomputed adapters receive no gradient at all.
-            model.embedding.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+            backward_to_embedding(model)
     if torch.cuda.is_available():
         model.cuda()
     return model, tokenizer
@@ -112,7 +112,18 @@ def evaluate(model, it, iters: int) -> dict:
     return {"loss": loss, "ppl": float(torch.exp(torch.tensor(loss))), "tokens": int(n)}
 
 
-def train_step(model, params, batches) -> tuple[torch.Tensor, torch.Tensor]:
+def backward_to_embedding(model) -> None:
+    """The embedding output requires grad, so the backward runs down to the first layer even
+    with a frozen base (with recompute the checkpointed block's input must require grad, or the
+    recomputed adapters receive no gradient at all)."""
+    model.embedding.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+
+
+def no_phase(name):
+    return contextlib.nullcontext()
+
+
+def accumulate_gradients(model, params, batches, phase=no_phase) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of one global batch, summed over micro-batches and DP ranks: backward of each
     micro-batch's summed token loss / the supervised tokens of the whole global batch (counted
     first: one small DP all-reduce), so a micro-batch weighs by its tokens as in one big batch.
@@ -121,17 +132,51 @@ def train_step(model, params, batches) -> tuple[torch.Tensor, torch.Tensor]:
 
     from megatron_bdlora.models.llama import lm_loss
 
-    tokens = torch.stack([(labels != -100).sum() for _, labels, _ in batches]).sum()
-    dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+    with phase("tokens"):
+        tokens = torch.stack([(labels != -100).sum() for _, labels, _ in batches]).sum()
+        dist.all_reduce(tokens, group=ps.get_data_parallel_group())
     denom = tokens.clamp(min=1).float()
     loss_sum = torch.zeros((), dtype=torch.float32, device=tokens.device)
     for ids, labels, mask in batches:
-        loss, _ = lm_loss(model, ids, labels, mask, reduction="sum")
-        (loss / denom).backward()
+        with phase("forward"):
+            loss, _ = lm_loss(model, ids, labels, mask, reduction="sum")
+        with phase("backward"):
+            (loss / denom).backward()
         loss_sum += loss.detach()
-    allreduce_sequence_parallel_grads(model)  # norm grads under SP; nothing when frozen
-    optim.sync_data_parallel_grads(params)
+    with phase("sp_grads"):
+        allreduce_sequence_parallel_grads(model)  # norm grads under SP; nothing when frozen
+    with phase("grad_sync"):
+        optim.sync_data_parallel_grads(params)
     return loss_sum, tokens
+
+
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # this rank's summed token loss (device)
+    tokens: torch.Tensor    # supervised tokens of the global batch (device)
+    lr: float
+    grad_norm: float
+    skipped: bool
+
+
+def train_step(model, params, optimizer, batches, step: int, args, phase=no_phase) -> StepResult:
+    """One iteration of train() (the benchmarks run this same function): the LR of `step`, the
+    global batch's gradients, clipping, the non-finite check (may raise NonFiniteError), AdamW.
+    `optimizer` None: nothing trains (the benchmarks' frozen-base reference); `phase(name)` is a
+    context manager around each part (collective counting)."""
+    lr = optim.lr_at(step, args)
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+    loss_sum, tokens = accumulate_gradients(model, params, batches, phase)
+    with phase("clip"):
+        grad_norm = optim.clip_grad_norm(params, args.clip_grad)
+    skip = nonfinite.skip_step(step + 1, grad_norm, args)  # or stops the run, naming the step
+    with phase("optimizer"):
+        if optimizer is not None and not skip:
+            optimizer.step()
+    return StepResult(loss_sum, tokens, lr, grad_norm, skip)
 
 
 def save(args, model, optimizer, step, train_it, config) -> None:
@@ -200,22 +245,14 @@ def train(args) -> dict:
     skipped_steps = 0
     while step < args.train_iters:
         t0 = time.time()
-        lr = optim.lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
         batches = [_to_device(next(train_it)) for _ in range(micro_steps)]
-        loss_sum, tokens = train_step(model, params, batches)
-        grad_norm = optim.clip_grad_norm(params, args.clip_grad)
-        skip = nonfinite.skip_step(step + 1, grad_norm, args)  # or stops the run, naming the step
-        if not skip:
-            optimizer.step()
-        skipped_steps += skip
+        r = train_step(model, params, optimizer, batches, step, args)
+        skipped_steps += r.skipped
         step += 1
-        dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
-        n_tokens = int(tokens)  # with the loss: this step's one host sync for logging
+        dist.all_reduce(r.loss_sum, group=ps.get_data_parallel_group())
+        n_tokens = int(r.tokens)  # with the loss: this step's one host sync for logging
         dt = time.time() - t0
-        last = {"loss": float(loss_sum) / max(n_tokens, 1), "lr": lr, "grad_norm": grad_norm,
+        last = {"loss": float(r.loss_sum) / max(n_tokens, 1), "lr": r.lr, "grad_norm": r.grad_norm,
                 "tokens_per_s": n_tokens / dt}
         if torch.cuda.is_available():
             last["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
