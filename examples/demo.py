@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from megatron_bdlora.training.launch import ROOT, finetune, last_json, run, torchrun
+from run_commands import ROOT, finetune, last_json, run, torchrun  # examples/, the script's folder
 
 
 def main():

@@ -1,9 +1,11 @@
-"""The project's error for bad user input (flags, files, data, checkpoints).
+"""The project's one-line errors: bad user input (flags, files, data, checkpoints) and a run
+that diverged.
 
 Raise `InputError` (not ValueError) with one line that names the problem and the fix. The rank
-that raises it prints that line and the job exits with status 2 (launch/rank.py); any other
-exception is a bug and keeps its traceback. It subclasses ValueError so existing callers that
-catch ValueError keep working.
+that raises it prints that line and the job exits with status 2 (launch/rank.py). A run that
+diverged (`DivergedError`: the input was fine, the training was not) exits 3 the same way. Any
+other exception is a bug and keeps its traceback. InputError subclasses ValueError so existing
+callers that catch ValueError keep working.
 """
 
 
@@ -15,4 +17,13 @@ class InputFileNotFound(InputError, FileNotFoundError):
     """A file or directory the user named does not exist (still a FileNotFoundError)."""
 
 
+class CheckpointError(InputError):
+    """A problem with checkpoint files or their compatibility; the message is one line."""
+
+
+class DivergedError(RuntimeError):
+    """Training diverged (a non-finite loss or gradient); the message names the step and the fix."""
+
+
 EXIT_INPUT = 2  # argparse's status for bad command lines; every input error exits with it
+EXIT_DIVERGED = 3  # a DivergedError: the flags and files were fine, the run was not

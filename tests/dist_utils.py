@@ -2,16 +2,11 @@
 
 import os
 import pickle
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_bdlora.parallel.distributed import free_port
 
 
 def _worker(rank, world, tp, port, fn, args, queue):
@@ -38,7 +33,7 @@ def run_distributed(fn, world_size: int, tp: int | None = None, *args, timeout: 
     """Run fn(*args) on every rank; return the list of per-rank results (rank order)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, tp or world_size, port, fn, args, queue))
              for r in range(world_size)]
     for p in procs:

@@ -318,10 +318,11 @@ def test_wandb_config_keeps_non_secrets():
 def test_nonfinite_step_stops_or_skips():
     from types import SimpleNamespace
 
-    from megatron_bdlora.errors import InputError
+    from megatron_bdlora.errors import DivergedError, InputError
     from megatron_bdlora.training.nonfinite import skip_step
 
     assert not skip_step(3, 1.5, SimpleNamespace(skip_nonfinite=False))
     assert skip_step(3, float("nan"), SimpleNamespace(skip_nonfinite=True))
-    with pytest.raises(InputError, match="step 7: the gradient norm is inf"):
+    assert not issubclass(DivergedError, InputError)  # exit status 3, not bad input's 2
+    with pytest.raises(DivergedError, match="step 7: the gradient norm is inf"):
         skip_step(7, float("inf"), SimpleNamespace(skip_nonfinite=False))

@@ -15,6 +15,7 @@ import torch
 from dist_utils import run_distributed
 
 from megatron_bdlora.adapters import AdapterConfig
+from megatron_bdlora.parallel.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,7 +153,7 @@ def _torchrun(script, nproc, *args, timeout=120):
 
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), os.path.join(ROOT, "tools", script), "--smoke",
+               "--master_port", str(free_port()), os.path.join(ROOT, "tools", script), "--smoke",
                "--json", os.path.join(d, "out.json"), "--png", os.path.join(d, "out.png"), *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=d, env=env)
@@ -160,14 +161,6 @@ def _torchrun(script, nproc, *args, timeout=120):
         assert os.path.getsize(os.path.join(d, "out.png")) > 0
         with open(os.path.join(d, "out.json")) as f:
             return json.load(f)
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serving_script_smoke():

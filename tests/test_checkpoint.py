@@ -107,7 +107,7 @@ def _run_tp1(dirs, ckpt_root, scratch):
         info = ac.load_checkpoint(os.path.join(ckpt_root, name), model)
         out["adapters"][name] = _logits(model)
         if name == "bd4":
-            out["bd4_info"] = {k: info[k] for k in ("step", "extra_state", "optimizer_tensors",
+            out["bd4_info"] = {k: getattr(info, k) for k in ("step", "extra_state", "optimizer_tensors",
                                                     "optimizer_meta", "run_config")}
 
     # atomic saves: keep-last-K, a crash mid-save keeps the previous checkpoint and `latest`

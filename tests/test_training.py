@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from launch_utils import descendants, make_demo_data
+from megatron_bdlora.parallel.distributed import free_port
 from megatron_bdlora.checkpoint.adapter_checkpoint import (
     AdapterCheckpoint,
     list_checkpoints,
@@ -28,16 +28,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "pretrain_scripts", "finetune_llama.sh")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(nproc: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and
            k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
-    env.update(NPROC=str(nproc), MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
+    env.update(NPROC=str(nproc), MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
                WANDB_SILENT="true", CI="true", PYTHONUNBUFFERED="1")
     env.setdefault("PYTHON", sys.executable)
     return env

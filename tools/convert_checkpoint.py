@@ -23,9 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_bdlora.training.arguments import OneLineParser  # noqa: E402
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="convert_checkpoint.py", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace --out if it is a previous export of this tool (never anything "
                         "else, never the checkpoint or a directory holding it)")
     e.add_argument("--name", help="adapter name in the vLLM README commands (default: basename of --out)")
-    e.add_argument("--dtype", choices=sorted(DTYPES),
+    e.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="dtype of the exported weights (default: the run's base dtype, bf16 with --bf16)")
     e.add_argument("--max-lora-rank", type=int, metavar="R",
                    help="vllm: the --max-lora-rank to serve with (1, 8, 16, 32, 64, 128, 256, 320, "

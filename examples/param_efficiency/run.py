@@ -28,10 +28,14 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 
 from megatron_bdlora.checkpoint.adapter_checkpoint import read_config, resolve_checkpoint_dir
-from megatron_bdlora.training.launch import ROOT, finetune, last_json, run_parallel, torchrun
+
+# examples/run_commands.py, the examples' subprocess helpers, one folder up
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from run_commands import ROOT, finetune, last_json, run_parallel, torchrun  # noqa: E402
 
 EVAL_ACCURACY = os.path.join(ROOT, "tools", "eval_accuracy.py")
 

@@ -52,10 +52,11 @@ class TrainingConfig:
 class TrainerStep:
     """The trainer's own iteration, training/trainer.train_step (loss over the global batch's
     supervised tokens, DP all-reduce, clipping, non-finite check, AdamW of training/optim.py),
-    with the trainer's default flags but --lr and a constant schedule, on the caller's batch.
+    with the trainer's default flags but --lr, a constant schedule and `flags`, on the caller's
+    batch.
     The embedding output requires grad, so even the frozen base runs its backward."""
 
-    def __init__(self, model, lr: float):
+    def __init__(self, model, lr: float, flags=()):
         from megatron_bdlora.training import optim
         from megatron_bdlora.training.arguments import build_parser
         from megatron_bdlora.training.trainer import backward_to_embedding
@@ -63,7 +64,8 @@ class TrainerStep:
         self.model = model
         model.train()
         backward_to_embedding(model)
-        self.args = build_parser().parse_args(["--lr", str(lr), "--lr-decay-style", "constant"])
+        self.args = build_parser().parse_args(["--lr", str(lr), "--lr-decay-style", "constant",
+                                               *flags])
         self.params = [p for p in model.parameters() if p.requires_grad]
         # the frozen base trains nothing: no optimizer (AdamW refuses an empty parameter list)
         self.optimizer = optim.make_optimizer(self.params, self.args) if self.params else None

@@ -26,12 +26,13 @@ import os
 import re
 import shutil
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from megatron_bdlora.adapters.layout import check
-from megatron_bdlora.checkpoint.hf_import import CheckpointError, base_config_mismatch, open_safetensors
-from megatron_bdlora.errors import InputError
+from megatron_bdlora.checkpoint.hf_import import base_config_mismatch, open_safetensors
+from megatron_bdlora.errors import CheckpointError, InputError
 
 FORMAT = "megatron-bdlora-adapter"
 FORMAT_VERSION = 1
@@ -466,14 +467,26 @@ def check_compatible(ckpt: AdapterCheckpoint, model, tp: int) -> None:
                                   f"{sorted(mine['target_modules'])}")
 
 
-def load_checkpoint(path: str, model, load_optimizer: bool = True) -> dict:
+@dataclass
+class LoadedCheckpoint:
+    """What load_checkpoint read besides the adapter it loaded into the model."""
+    dir: str
+    step: int
+    config: dict               # the checkpoint's config.json
+    adapter_config: object     # its AdapterConfig
+    run_config: dict           # the flags of the run that wrote it ({} when none)
+    extra_state: dict | None   # the trainer's: {"step", "data", "rng"}; None for an imported adapter
+    optimizer_tensors: dict | None  # global Adam moments (None: not asked for, or none saved)
+    optimizer_meta: dict | None
+
+
+def load_checkpoint(path: str, model, load_optimizer: bool = True) -> LoadedCheckpoint:
     """Load an adapter checkpoint (root or step dir) into `model` at the current TP size.
 
     Any TP dividing N loads a BD-LoRA adapter, any TP a plain LoRA one. Applies the checkpoint's
     adapter config first when the model has no adapters yet (an S-LoRA adapter whose rank the TP
-    size does not divide is then run 'replicated'; the factors are the same). Returns
-    {"dir", "step", "config", "adapter_config", "run_config", "extra_state",
-    "optimizer_tensors", "optimizer_meta"}. Every rank reads the files (no collectives)."""
+    size does not divide is then run 'replicated'; the factors are the same). Every rank reads
+    the files (no collectives)."""
     from megatron.core import parallel_state as ps
 
     from megatron_bdlora.adapters import apply_adapters, load_global_adapter_state
@@ -489,7 +502,6 @@ def load_checkpoint(path: str, model, load_optimizer: bool = True) -> dict:
         apply_adapters(model, cfg)
     load_global_adapter_state(model, ckpt.tensors, os.path.join(ckpt.dir, ADAPTER), CheckpointError)
     opt_tensors, opt_meta = ckpt.optimizer_state() if load_optimizer else (None, None)
-    return {"dir": ckpt.dir, "step": ckpt.step, "config": ckpt.config,
-            "adapter_config": ckpt.adapter_config, "run_config": ckpt.config.get("run_config", {}),
-            "extra_state": ckpt.extra_state(), "optimizer_tensors": opt_tensors,
-            "optimizer_meta": opt_meta}
+    return LoadedCheckpoint(ckpt.dir, ckpt.step, ckpt.config, ckpt.adapter_config,
+                            ckpt.config.get("run_config", {}), ckpt.extra_state(), opt_tensors,
+                            opt_meta)

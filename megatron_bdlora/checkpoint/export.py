@@ -30,12 +30,12 @@ from megatron_bdlora.adapters.layout import (
 from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint, _fsync_dir
 from megatron_bdlora.checkpoint.export_guard import check_export_target, mark_export
 from megatron_bdlora.checkpoint.hf_import import (
-    CheckpointError,
     SafetensorsCheckpoint,
     base_config_mismatch,
     resolve_model_dir,
     read_hf_config,
 )
+from megatron_bdlora.errors import CheckpointError
 
 FORMATS = ("hf-peft", "hf-peft-bd", "hf-merged", "vllm")
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

@@ -8,7 +8,7 @@ Entry points: `check_export_target(out, source_dir, overwrite)` before building 
 import json
 import os
 
-from megatron_bdlora.checkpoint.hf_import import CheckpointError
+from megatron_bdlora.errors import CheckpointError
 
 MARKER = ".megatron-bdlora-export"
 

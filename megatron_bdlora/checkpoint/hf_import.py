@@ -16,7 +16,7 @@ import torch
 
 from megatron_bdlora.adapters.layout import head_dim, hf_key, kv_heads, projection_shapes
 from megatron_bdlora.checkpoint.hf_mapping import load_base_weights
-from megatron_bdlora.errors import InputError
+from megatron_bdlora.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
@@ -25,10 +25,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _BASE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "vocab_size")
-
-
-class CheckpointError(InputError):
-    """A problem with checkpoint files or their compatibility; the message is one line."""
 
 
 def resolve_model_dir(name_or_path: str) -> str:

@@ -14,10 +14,10 @@ rank 0 prints it, the agent passes SIGINT on; for SIGTERM, which the ranks die o
 import logging
 import os
 import signal
-import socket
 import sys
 
-from megatron_bdlora.errors import EXIT_INPUT, InputError
+from megatron_bdlora.errors import EXIT_DIVERGED, EXIT_INPUT, InputError
+from megatron_bdlora.parallel.distributed import free_port
 from megatron_bdlora.training.arguments import NONNEG, POSITIVE, OneLineParser, build_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,12 +36,6 @@ def _launcher_parser():
     return p
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(launch, trainer_argv, save) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -49,7 +43,7 @@ def _torchrun(launch, trainer_argv, save) -> int:
 
     from megatron_bdlora.launch.rank import interrupted_line
 
-    port = launch.master_port or (_free_port() if launch.nnodes == 1 else DEFAULT_PORT)
+    port = launch.master_port or (free_port() if launch.nnodes == 1 else DEFAULT_PORT)
     ns = get_args_parser().parse_args([
         "--nproc-per-node", str(launch.nproc_per_node), "--nnodes", str(launch.nnodes),
         "--node-rank", str(launch.node_rank), "--master-addr", launch.master_addr,
@@ -62,8 +56,9 @@ def _torchrun(launch, trainer_argv, save) -> int:
         run(ns)
     except ChildFailedError as e:
         failures = sorted(e.failures.items())
-        if any(f.exitcode == EXIT_INPUT for _, f in failures):
-            return EXIT_INPUT  # that rank printed the one line
+        for status in (EXIT_INPUT, EXIT_DIVERGED):
+            if any(f.exitcode == status for _, f in failures):
+                return status  # that rank printed the one line
         rank, f = failures[0]
         how = f"signal {f.signal_name()}" if f.exitcode < 0 else f"status {f.exitcode}"
         print(f"error: rank {rank} exited with {how}; its output is above", file=sys.stderr)

@@ -6,12 +6,14 @@
 - an `InputError` is printed as one line by the rank that raised it and every rank exits 2 at
   once (os._exit: no collective teardown that would wait for peers stuck in a collective;
   torchrun then stops the others). A non-zero rank waits a moment first, so that when every rank
-  hit the same error only rank 0's line is printed (torchrun stops the waiting ranks);
+  hit the same error only rank 0's line is printed (torchrun stops the waiting ranks); a
+  `DivergedError` (a non-finite step) likewise, with exit status 3;
 - Ctrl-C (KeyboardInterrupt: a rank run directly) prints one line from rank 0 (the step and the
   last checkpoint) and exits 130; under torchrun the ranks get SIGTERM from the agent instead
   and the launcher prints that line (launch/cli.py);
-- an exception out of a collective (a peer died) is at most one line; any other exception is a
-  bug: its traceback is printed and the rank exits 1 at once.
+- an exception out of a collective (a peer died, NCCL init failed) is printed in full by rank 0
+  and at most one line by the others; any other exception is a bug: its traceback is printed
+  and the rank exits 1 at once.
 """
 
 import ctypes
@@ -22,7 +24,7 @@ import sys
 import time
 import traceback
 
-from megatron_bdlora.errors import EXIT_INPUT, InputError
+from megatron_bdlora.errors import EXIT_DIVERGED, EXIT_INPUT, DivergedError, InputError
 
 PR_SET_PDEATHSIG = 1
 _cleanups = []
@@ -94,11 +96,11 @@ def run_rank(fn, *args):
     die_with_parent()
     try:
         return fn(*args)
-    except InputError as e:
+    except (InputError, DivergedError) as e:
         if _rank() != 0:
             time.sleep(2.0)  # rank 0's line wins when it hit the same error
         print(f"error: {e}", file=sys.stderr, flush=True)
-        _exit(EXIT_INPUT)
+        _exit(EXIT_INPUT if isinstance(e, InputError) else EXIT_DIVERGED)
     except KeyboardInterrupt:
         if _rank() == 0:
             print(interrupted_line(_save_dir[0]), file=sys.stderr, flush=True)
@@ -106,13 +108,13 @@ def run_rank(fn, *args):
     except SystemExit:
         raise
     except BaseException as e:
-        if _in_collective(e):
-            # A peer died (it printed why) and this rank's collective broke: torchrun stops this
-            # rank in a moment; if not, one line instead of a second traceback.
+        if _in_collective(e) and _rank() != 0:
+            # A peer died, or every rank failed the same way (NCCL init): rank 0 prints the error
+            # in full; torchrun stops this rank in a moment; if not, one line, not a second copy.
             time.sleep(2.0)
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            print(f"error: rank {_rank()}: a collective failed ({first[:200]}); the failing "
-                  "rank's error is above", file=sys.stderr, flush=True)
-        else:  # a bug: keep the traceback, but do not leave peers waiting
+            print(f"error: rank {_rank()}: a collective failed ({first[:200]}); rank 0 or the "
+                  "failing rank printed the error", file=sys.stderr, flush=True)
+        else:  # a bug, or rank 0's collective / CUDA failure: the whole traceback, peers not kept
             traceback.print_exc()
         _exit(1)

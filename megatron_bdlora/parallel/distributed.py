@@ -9,11 +9,27 @@ import torch.distributed as dist
 from megatron_bdlora.parallel import cpu_compat
 
 
-def init_distributed(tensor_parallel_size: int = 1, seed: int = 1234, timeout_s: int = 600) -> None:
+def check_local_devices() -> None:
+    """More ranks on this node than visible GPUs would fail at init with "invalid device
+    ordinal": say so in one line first."""
+    from megatron_bdlora.errors import InputError
+
+    if not torch.cuda.is_available():
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count()
+    if local > gpus:
+        raise InputError(f"{local} ranks per node but {gpus} visible GPU(s) "
+                         f"(torch.cuda.device_count()); launch at most {gpus} per node "
+                         "(--nproc-per-node) or check CUDA_VISIBLE_DEVICES")
+
+
+def init_distributed(tensor_parallel_size: int = 1, seed: int = 1234, timeout_minutes: int = 10) -> None:
     """Initialise the process group (NCCL with GPUs, gloo without) and TP x DP groups.
 
     Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as torchrun sets them;
-    a plain `python script.py` is treated as a world of one.
+    a plain `python script.py` is treated as a world of one. `timeout_minutes`: the collective
+    timeout (Megatron-LM's --distributed-timeout-minutes).
     """
     from megatron.core import parallel_state as ps
 
@@ -22,11 +38,13 @@ def init_distributed(tensor_parallel_size: int = 1, seed: int = 1234, timeout_s:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        check_local_devices()
+        kw = {}
+        if torch.cuda.is_available():
+            kw["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(kw["device_id"])
+        dist.init_process_group("nccl" if kw else "gloo", timeout=timedelta(minutes=timeout_minutes), **kw)
     world = dist.get_world_size()
     if world % tensor_parallel_size:
         raise ValueError(
@@ -69,7 +87,8 @@ def is_main_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (single-node rendezvous: the launcher, tests)."""
     import socket
 
     with socket.socket() as s:

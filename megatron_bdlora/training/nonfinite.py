@@ -4,11 +4,11 @@ the same decision without a collective of its own."""
 
 import math
 
-from megatron_bdlora.errors import InputError
+from megatron_bdlora.errors import DivergedError
 
 
-class NonFiniteError(InputError):
-    """Training diverged; the message names the step and the fix (exit status 2, one line)."""
+class NonFiniteError(DivergedError):
+    """A non-finite gradient norm; the message names the step and the fix (exit status 3)."""
 
 
 def skip_step(step: int, grad_norm, args) -> bool:

@@ -78,14 +78,25 @@ def data_iterator(args, tokenizer, path, seed_offset=0):
     return DataIterator(rows, sampler), rows.stats
 
 
-def _to_device(batch):
-    from megatron_bdlora.data import batch_attention_mask
+def _on_device(batch):
+    """(ids, labels) on the device and the loader's host document ids: a micro-batch's mask is
+    built only when it runs (`_mask`), so one (b, 1, s, s) mask is alive at a time."""
     from megatron_bdlora.parallel import device
 
     dev = device()
-    ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
+    return batch["input_ids"].to(dev), batch["labels"].to(dev), batch["document_ids"]
+
+
+def _mask(document_ids, dev):
+    from megatron_bdlora.data import batch_attention_mask
+
     # None for unpacked rows: the attention layer is causal by itself, no (b, 1, s, s) tensor
-    return ids, labels, batch_attention_mask(batch["document_ids"], dev)
+    return None if document_ids is None else batch_attention_mask(document_ids, dev)
+
+
+def _to_device(batch):
+    ids, labels, docs = _on_device(batch)
+    return ids, labels, _mask(docs, ids.device)
 
 
 def evaluate(model, it, iters: int) -> dict:
@@ -137,9 +148,9 @@ def accumulate_gradients(model, params, batches, phase=no_phase) -> tuple[torch.
         dist.all_reduce(tokens, group=ps.get_data_parallel_group())
     denom = tokens.clamp(min=1).float()
     loss_sum = torch.zeros((), dtype=torch.float32, device=tokens.device)
-    for ids, labels, mask in batches:
+    for ids, labels, docs in batches:  # docs: host document ids (or None: unpacked rows)
         with phase("forward"):
-            loss, _ = lm_loss(model, ids, labels, mask, reduction="sum")
+            loss, _ = lm_loss(model, ids, labels, _mask(docs, ids.device), reduction="sum")
         with phase("backward"):
             (loss / denom).backward()
         loss_sum += loss.detach()
@@ -198,7 +209,8 @@ def train(args) -> dict:
 
     from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint
 
-    init_distributed(args.tensor_model_parallel_size, seed=args.seed)
+    init_distributed(args.tensor_model_parallel_size, seed=args.seed,
+                     timeout_minutes=args.distributed_timeout_minutes)
     from megatron_bdlora.data import load_tokenizer
 
     model, tokenizer_path = build(args)
@@ -222,17 +234,17 @@ def train(args) -> dict:
     step = 0
     if args.load:
         state = load_checkpoint(args.load, model)
-        step = state["step"]
-        if state["optimizer_tensors"] is not None:
-            optim.load_optimizer_state(model, optimizer, state["optimizer_tensors"],
-                                       state["optimizer_meta"])
-        extra = state["extra_state"] or {}
+        step = state.step
+        if state.optimizer_tensors is not None:
+            optim.load_optimizer_state(model, optimizer, state.optimizer_tensors,
+                                       state.optimizer_meta)
+        extra = state.extra_state or {}
         if "data" in extra:  # a training checkpoint; an imported adapter (step 0) has neither
             train_it.load_state_dict(extra["data"])
-            rng_state.restore(extra["rng"])
-            log0(f"resumed from {state['dir']} at step {step}")
+            rng_state.restore(extra["rng"], seed=args.seed + step, say=log0)
+            log0(f"resumed from {state.dir} at step {step}")
         else:
-            log0(f"starting from the adapter in {state['dir']} (no data position or RNG state)")
+            log0(f"starting from the adapter in {state.dir} (no data position or RNG state)")
     n_trainable = sum(p.numel() for p in params)
     log0(f"trainable parameters on rank 0: {n_trainable:,}; TP={ps.get_tensor_model_parallel_world_size()}"
          f" DP={ps.get_data_parallel_world_size()}")
@@ -245,7 +257,7 @@ def train(args) -> dict:
     skipped_steps = 0
     while step < args.train_iters:
         t0 = time.time()
-        batches = [_to_device(next(train_it)) for _ in range(micro_steps)]
+        batches = [_on_device(next(train_it)) for _ in range(micro_steps)]
         r = train_step(model, params, optimizer, batches, step, args)
         skipped_steps += r.skipped
         step += 1

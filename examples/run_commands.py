@@ -1,4 +1,5 @@
-"""Drive the launcher and the torchrun tools from Python (the demo and the experiments use this).
+"""Drive the launcher and the torchrun tools from Python, for the examples (demo.py,
+finetune_real.py, param_efficiency/run.py); not the launcher itself (megatron_bdlora/launch).
 
 Everything runs as a subprocess, exactly as a user would type it, so an experiment exercises the
 same code path as `pretrain_scripts/finetune_llama.sh` on a cluster.
@@ -11,7 +12,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "pretrain_scripts", "finetune_llama.sh")
 
 
