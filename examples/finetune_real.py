@@ -20,7 +20,7 @@ import random
 import sys
 import time
 
-from megatron_bdlora.training.launch import ROOT, finetune, run, torchrun
+from run_commands import ROOT, finetune, run, torchrun  # examples/, the script's folder
 
 WORDS = {"water": "mivo", "fire": "taksu", "stone": "orel", "tree": "banu", "sky": "qelim",
          "bread": "pottar", "house": "vendo", "river": "silu", "moon": "karro", "road": "dusen",
