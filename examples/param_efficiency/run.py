@@ -166,7 +166,8 @@ class Experiment:
                                    self.eval_iters], env=env, log=os.path.join(save, "test.log")))
         acc = last_json(torchrun(1, EVAL_ACCURACY, "--hf-checkpoint", self.base_hf, "--load", save,
                                  "--data-path", self.paths["test"], "--limit", a.num_eval,
-                                 "--batch-size", 128, env=env, log=os.path.join(save, "accuracy.log")))
+                                 "--batch-size", 128, "--json", os.path.join(save, "accuracy.json"),
+                                 env=env, log=os.path.join(save, "accuracy.log")))
         scores = {"test_loss": test["loss"], "exact_match": acc["exact_match"]}
         with open(cached, "w") as f:
             json.dump(scores, f)
