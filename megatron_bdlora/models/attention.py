@@ -19,17 +19,25 @@ kernel:
   `no_mask` for every forward after the prefill, so a one-token decode step attends all keys.
 - GQA: `enable_gqa=True` shares each K/V head across its query heads inside the kernel (no
   repeat_interleave copy of K/V, which DotProductAttention makes), on CPU always and on a GPU
-  without a mask (flash). A masked call on a GPU repeats K/V, because the kernel that takes a
-  mask has no GQA and the fallback (math) would materialise the scores.
+  with flash or math. On a GPU the memory-efficient and cuDNN kernels have no GQA: a call that
+  goes to them (masked under auto, or pinned) repeats K/V, else SDPA would fall back to math,
+  which materialises the scores.
+- `--sdpa-backend` (`pin_kernel`): auto lets torch choose (on Hopper it may choose cuDNN before
+  flash); flash / efficient / cudnn / math pin the kernel with `sdpa_kernel` (a call the pinned
+  kernel cannot run fails). The kernel each kind of call runs is logged once.
 
 One difference from DotProductAttention on rows whose every key is masked: Megatron's
 `masked_fill(-10000)` softmax averages all values, SDPA returns zeros. The project's masks never
 produce such rows (a padding query always sees itself).
 """
 
+import contextlib
 import math
+import warnings
 
+import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
@@ -37,6 +45,42 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
 BACKENDS = ("sdpa", "local")
+KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+           "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+_pinned = {"kernel": "auto"}
+_logged = set()
+
+
+def pin_kernel(name: str) -> None:
+    """The process's SDPA kernel (`--sdpa-backend`): auto or one of KERNELS."""
+    if name != "auto" and name not in KERNELS:
+        raise ValueError(f"unknown SDPA kernel {name!r}; choose auto or one of {sorted(KERNELS)}")
+    _pinned["kernel"] = name
+    _logged.clear()
+
+
+def _needs_repeat(q, masked: bool) -> bool:
+    """CUDA's memory-efficient and cuDNN kernels take no GQA (auto sends masked calls there)."""
+    kernel = _pinned["kernel"]
+    return q.is_cuda and (kernel in ("efficient", "cudnn") or (kernel == "auto" and masked))
+
+
+def _log_kernel(q, k, v, kw) -> None:
+    """Once per kind of call: the kernel that runs (torch's own choice under auto)."""
+    from megatron_bdlora.parallel.distributed import is_main_rank
+
+    key = (kw["attn_mask"] is not None, kw["is_causal"], q.device.type)
+    if key in _logged:
+        return
+    _logged.add(key)
+    kernel = _pinned["kernel"]
+    if kernel == "auto":
+        choice = torch._fused_sdp_choice(q, k, v, kw["attn_mask"], kw["dropout_p"], kw["is_causal"],
+                                         scale=kw["scale"], enable_gqa=kw["enable_gqa"])
+        kernel = f"auto -> {SDPBackend(choice).name.lower()}"
+    if is_main_rank():
+        print(f"sdpa kernel ({q.device.type}, {'masked' if key[0] else 'causal' if key[1] else 'no mask'},"
+              f" {q.dtype}): {kernel}", flush=True)
 
 
 class SDPAttention(MegatronModule):
@@ -80,19 +124,20 @@ class SDPAttention(MegatronModule):
             else:
                 mask = causal_lower_right(sq, sk)
         gqa = self.groups != self.heads
-        if gqa and mask is not None and q.is_cuda:
-            # CUDA's kernel for masks (memory-efficient) has no GQA; with enable_gqa SDPA would
-            # fall back to the math kernel, which materialises the scores. Repeat K/V instead.
+        if gqa and _needs_repeat(q, mask is not None):
             k, v = (t.repeat_interleave(self.heads // self.groups, dim=1) for t in (k, v))
             gqa = False
         p = self.dropout_p if self.training else 0.0
         kw = dict(attn_mask=mask, is_causal=causal, dropout_p=p, scale=self.softmax_scale,
                   enable_gqa=gqa)
-        if p > 0 and not self.config.sequence_parallel:
-            # Dropout inside a TP region: the TP-rank-specific generator, as Megatron does.
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                out = F.scaled_dot_product_attention(q, k, v, **kw)
-        else:
+        _log_kernel(q, k, v, kw)
+        kernel = _pinned["kernel"]
+        with contextlib.ExitStack() as stack:
+            if kernel != "auto":
+                stack.enter_context(sdpa_kernel(KERNELS[kernel]))
+            if p > 0 and not self.config.sequence_parallel:
+                # Dropout inside a TP region: the TP-rank-specific generator, as Megatron does.
+                stack.enter_context(tensor_parallel.get_cuda_rng_tracker().fork())
             out = F.scaled_dot_product_attention(q, k, v, **kw)
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
@@ -103,7 +148,10 @@ def layer_spec(attention_backend: str = "sdpa"):
 
     if attention_backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {attention_backend!r}; choose one of {BACKENDS}")
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    with warnings.catch_warnings():
+        # its norm is replaced by ours (parallel/sequence_parallel.py): Apex's is never wanted
+        warnings.filterwarnings("ignore", message="Apex is not installed", category=UserWarning)
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     if attention_backend == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec

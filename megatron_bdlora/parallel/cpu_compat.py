@@ -1,7 +1,8 @@
 """The few places where Megatron-Core assumes CUDA, made to work on CPU.
 
 Everything here is a no-op when CUDA is available, so the same code path runs NCCL + GPU
-unchanged. `transformer_config` turns Megatron's fusions off and its CPU initialisation on. Patched:
+unchanged (models/llama.py turns Megatron's fusions off and its CPU initialisation on, on both
+devices). Patched:
 ``torch.cuda.current_device`` (used for device placement of buffers such as
 RoPE's ``inv_freq``), the default causal mask (built on "cuda"), and the CUDA RNG tracker
 (attention dropout and activation recompute fork the CUDA generator; on CPU they fork the CPU one).
@@ -60,15 +61,6 @@ class _CpuRNGStatesTracker:
         return _fork()
 
 
-def transformer_config(gpu_choices: dict) -> dict:
-    """TransformerConfig fields: `gpu_choices` (fusions) as given with CUDA; on CPU the fused
-    kernels off (Megatron's unfused paths are the numerical reference) and weights built on
-    the CPU (Megatron otherwise allocates them on the "current CUDA device")."""
-    if torch.cuda.is_available():
-        return dict(gpu_choices)
-    return {**{k: False for k in gpu_choices}, "use_cpu_initialization": True}
-
-
 def apply() -> None:
     """Install the CPU accommodations once; inert when CUDA is present."""
     global _applied
@@ -110,3 +102,5 @@ def seed_model_parallel(seed: int) -> None:
     # Same offsets as Megatron-Core: TP ranks differ for dropout inside TP regions.
     tracker.add("model-parallel-rng", seed + 2718 + ps.get_tensor_model_parallel_rank())
     tracker.add("data-parallel-rng", seed)
+    tracker.add("expert-parallel-rng", seed + 1024 + 100 * ps.get_expert_model_parallel_rank()
+                + ps.get_expert_tensor_parallel_rank())

@@ -34,6 +34,9 @@ def init_distributed(tensor_parallel_size: int = 1, seed: int = 1234, timeout_mi
     from megatron.core import parallel_state as ps
 
     cpu_compat.apply()
+    # Megatron-LM's setting (before CUDA starts): TP collectives are issued in order with compute
+    # on one hardware queue; Megatron-Core warns in every TP layer without it
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")

@@ -1,12 +1,18 @@
 """RNG state for bit-exact resume: the CPU generator, the CUDA generator and Megatron's RNG
-tracker (one set of named states per TP rank: they are seeded per TP rank).
+tracker (one set of named states per TP rank: they are seeded per TP rank), with the device kind
+they were drawn on.
 
-Everything is a uint8 tensor, so the checkpoint's trainer state stays loadable with safetensors
-and `weights_only`; nothing is pickled to disk.
+Everything is a uint8 tensor (and the kind a string), so the checkpoint's trainer state stays
+loadable with safetensors and `weights_only`; nothing is pickled to disk.
 """
 
 import torch
 import torch.distributed as dist
+
+
+def device_kind() -> str:
+    """Whose generators the tracker holds: CUDA's with a GPU, else the CPU's (cpu_compat)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def capture() -> dict:
@@ -14,28 +20,33 @@ def capture() -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    mine = dict(get_cuda_rng_tracker().get_states())  # CPU uint8 tensors, CUDA tracker too
+    mine = dict(get_cuda_rng_tracker().get_states())  # CPU uint8 tensors, CUDA tracker's too
     trackers = [None] * ps.get_tensor_model_parallel_world_size()
     dist.all_gather_object(trackers, mine, group=ps.get_tensor_model_parallel_group())
-    state = {"cpu": torch.get_rng_state(), "tracker": trackers}
+    state = {"device": device_kind(), "cpu": torch.get_rng_state(), "tracker": trackers}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def restore(state) -> None:
-    """Restore what `capture` saved (a bare tensor: the CPU state of older checkpoints). The
-    tracker is restored when the TP size is the one saved; else it keeps its fresh seeding."""
+def restore(state: dict, seed: int, say=print) -> None:
+    """Restore what `capture` saved. The tracker and the CUDA generator are restored when saved on
+    this device kind (their states differ in size between CPU and CUDA) and, for the tracker, at
+    the TP size saved; otherwise they are reseeded from `seed` (deterministic; `say` tells why)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    if isinstance(state, torch.Tensor):
-        torch.set_rng_state(state)
-        return
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    trackers = state.get("tracker") or []
-    if len(trackers) == ps.get_tensor_model_parallel_world_size():
-        get_cuda_rng_tracker().set_states(dict(trackers[ps.get_tensor_model_parallel_rank()]))
+    from megatron_bdlora.parallel.cpu_compat import seed_model_parallel
 
+    tp = ps.get_tensor_model_parallel_world_size()
+    trackers = state["tracker"]
+    if state["device"] != device_kind() or len(trackers) != tp:
+        seed_model_parallel(seed)
+        if say is not None:
+            say(f"RNG: checkpoint saved on {state['device']} at TP={len(trackers)}, resuming on "
+                f"{device_kind()} at TP={tp}: dropout RNGs reseeded from {seed}, not restored")
+    else:
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"])
+        get_cuda_rng_tracker().set_states(dict(trackers[ps.get_tensor_model_parallel_rank()]))
+    torch.set_rng_state(state["cpu"])
