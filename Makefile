@@ -23,7 +23,7 @@ prepare-real: setup
 	$(BIN)/python tools/prepare_smollm2.py
 
 test: setup prepare-real
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 finetune: setup
 	$(BIN)/python examples/demo.py

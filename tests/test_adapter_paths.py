@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_utils import run_distributed
-from reference import random_factors, tiny_hf
-from test_core import _layouts
+from tests.dist_utils import run_distributed
+from tests.reference import random_factors, tiny_hf
+from tests.test_core import _layouts
 
 from megatron_bdlora.adapters import AdapterConfig
 
@@ -143,7 +143,7 @@ def _run_multi(model, ids, hf, index):
 
 
 def _worker(hf, sd, factors, stacks):
-    from test_core import _batch, _model
+    from tests.test_core import _batch, _model
 
     from megatron_bdlora.adapters import AdapterLinear, load_global_adapter_state
     from megatron_bdlora.inference import load_adapter_stack

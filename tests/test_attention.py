@@ -8,8 +8,8 @@ One spawn per TP size computes everything (starting ranks costs seconds).
 import pytest
 import torch
 
-from dist_utils import run_distributed
-from reference import tiny_hf
+from tests.dist_utils import run_distributed
+from tests.reference import tiny_hf
 
 from megatron_bdlora.adapters import AdapterConfig
 
@@ -172,7 +172,7 @@ def test_causal_chunk_after_cached_keys(results):
 
 
 def test_benchmark_script_smoke():
-    from test_benchmarks import _torchrun
+    from tests.test_benchmarks import _torchrun
 
     out = _torchrun("benchmark_attention.py", 2)
     r = out["results"]

@@ -13,15 +13,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from launch_utils import LAUNCHER, ROOT, alive, clean_env, descendants, make_demo_data
+from examples.run_commands import LAUNCHER, alive, clean_env, descendants, make_demo_data
 from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint, list_checkpoints
-
-sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 
 def _snapshot(*dirs) -> dict:
@@ -225,7 +222,7 @@ CONVERT_CASES = [
 
 @pytest.mark.parametrize("case", CONVERT_CASES, ids=[c[0] for c in CONVERT_CASES])
 def test_converter_bad_input(work, case, monkeypatch, capsys):
-    import convert_checkpoint
+    from tools import convert_checkpoint
 
     d, _ = work
     name, argv, needle = case
@@ -242,7 +239,7 @@ def test_converter_bad_input(work, case, monkeypatch, capsys):
 def test_export_overwrite_never_deletes_the_checkpoint_or_its_parent(work, tmp_path, capsys):
     import shutil
 
-    import convert_checkpoint
+    from tools import convert_checkpoint
 
     run = tmp_path / "runs"
     shutil.copytree(work[0] / "ckpt", run / "job1")

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from tests.dist_utils import run_distributed
 
 from megatron_bdlora.adapters import AdapterConfig
 from megatron_bdlora.parallel.distributed import free_port

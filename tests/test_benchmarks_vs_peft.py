@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dist_utils import run_distributed
+from tests.dist_utils import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

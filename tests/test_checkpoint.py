@@ -14,8 +14,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from dist_utils import run_distributed  # noqa: E402
+from tests.dist_utils import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 500  # pads to 512 in Megatron: the padding is exercised
@@ -551,8 +550,7 @@ def test_export_errors_leave_nothing(env, tmp_path):
 
 # ---- CLI ----------------------------------------------------------------------------------------
 def _cli(*argv):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import convert_checkpoint
+    from tools import convert_checkpoint
 
     return convert_checkpoint.main(list(argv))
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from tests.dist_utils import run_distributed
 
 from megatron_bdlora.adapters import AdapterConfig
 from megatron_bdlora.adapters.param_count import adapter_params, match_bd_rank

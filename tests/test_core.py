@@ -6,8 +6,8 @@ One spawn per TP size runs every strategy/layout, because starting ranks costs s
 import pytest
 import torch
 
-from dist_utils import run_distributed
-from reference import random_factors, reference_loss_and_grads, tiny_hf
+from tests.dist_utils import run_distributed
+from tests.reference import random_factors, reference_loss_and_grads, tiny_hf
 
 from megatron_bdlora.adapters import AdapterConfig
 

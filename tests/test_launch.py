@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from launch_utils import LAUNCHER, clean_env, make_demo_data
+from examples.run_commands import LAUNCHER, clean_env, make_demo_data
 from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from dist_utils import run_distributed
+from tests.dist_utils import run_distributed
 
 from megatron_bdlora.adapters import AdapterConfig
 from megatron_bdlora.adapters import layout

@@ -13,9 +13,9 @@ import os
 import pytest
 import torch
 
-from dist_utils import run_distributed
-from reference import random_factors, reference_loss_and_grads, tiny_hf
-from test_core import _layouts
+from tests.dist_utils import run_distributed
+from tests.reference import random_factors, reference_loss_and_grads, tiny_hf
+from tests.test_core import _layouts
 
 from megatron_bdlora.adapters import AdapterConfig, adapter_params, match_bd_rank
 
@@ -32,7 +32,7 @@ CONFIGS = {
 
 
 def _worker(hf, sd, factors, ckpt_root):
-    from test_core import _batch, _model, _step
+    from tests.test_core import _batch, _model, _step
 
     from megatron_bdlora.adapters import (global_adapter_state, load_global_adapter_state,
                                           merge_adapters, trainable_param_count)
@@ -102,7 +102,7 @@ def test_training_matches_dense_oracle(setup, name, tp):
     hf, sd, hf_model, factors, results, *_ = setup
     if name not in results[tp]:
         pytest.skip(f"TP={tp} does not divide N={CONFIGS[name].nblocks}")
-    from test_core import _batch
+    from tests.test_core import _batch
 
     ids, labels = _batch()
     ref_loss, _, ref_grads = reference_loss_and_grads(hf_model, sd, factors[name], CONFIGS[name],
@@ -165,7 +165,7 @@ def test_checkpoint_loads_at_other_tp(setup):
 
 def test_exports_reproduce_logits(setup, tmp_path):
     from peft import PeftModel
-    from test_core import _batch
+    from tests.test_core import _batch
     from transformers import LlamaForCausalLM
 
     from megatron_bdlora.checkpoint.export import export

@@ -15,8 +15,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from dist_utils import run_distributed  # noqa: E402
+from tests.dist_utils import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 16
@@ -229,8 +228,7 @@ def test_eval_only_loss_equals_peft(env):
 
 
 def _cli(*argv):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import convert_checkpoint
+    from tools import convert_checkpoint
 
     return convert_checkpoint.main([str(a) for a in argv])
 

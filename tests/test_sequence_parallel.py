@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from dist_utils import run_distributed
-from reference import random_factors, tiny_hf
-from test_core import CONFIGS as CORE_CONFIGS, _batch  # the non-SP core tests' adapters, batch
+from tests.dist_utils import run_distributed
+from tests.reference import random_factors, tiny_hf
+from tests.test_core import CONFIGS as CORE_CONFIGS, _batch  # the non-SP core tests' adapters, batch
 
 from megatron_bdlora.adapters import AdapterConfig
 

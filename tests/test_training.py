@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from launch_utils import descendants, make_demo_data
+from examples.run_commands import descendants, make_demo_data
 from megatron_bdlora.parallel.distributed import free_port
 from megatron_bdlora.checkpoint.adapter_checkpoint import (
     AdapterCheckpoint,

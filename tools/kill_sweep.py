@@ -23,9 +23,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from launch_utils import LAUNCHER, clean_env, descendants, make_demo_data  # noqa: E402
+from examples.run_commands import LAUNCHER, clean_env, descendants, make_demo_data  # noqa: E402
 from megatron_bdlora.checkpoint.adapter_checkpoint import (  # noqa: E402
     AdapterCheckpoint,
     list_checkpoints,
