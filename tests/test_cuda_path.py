@@ -216,3 +216,22 @@ def test_collective_failure_printed_on_rank0(rank):
         assert "Traceback" in err and len(err.splitlines()) > 3, err
     else:
         assert len(err.splitlines()) == 1 and "rank 1: a collective failed" in err, err
+
+
+def test_gpu_smoke_cpu_mode(tmp_path):
+    """tools/gpu_smoke.sh's stages in DEVICE=cpu mode against this venv (no WHEELS: nothing is
+    installed); every stage passes, TE's is skipped, and the JSON file says so."""
+    import json
+
+    env = {**os.environ, "DEVICE": "cpu", "PYTHON": sys.executable, "STEPS": "4"}
+    env.pop("WHEELS", None)
+    proc = subprocess.run([os.path.join(ROOT, "tools", "gpu_smoke.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    status = {s["stage"]: s["status"] for s in result["stages"]}
+    assert status == {**{s: "PASS" for s in ("install", "nccl", "train", "resume", "eval",
+                                            "export", "sdpa")}, "te": "SKIP"}, status
+    import re
+
+    assert re.search(r"\b[1-9]\d* adapter tensors bit-exact", (tmp_path / "resume.log").read_text())

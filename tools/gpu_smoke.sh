@@ -1,65 +1,80 @@
 #!/usr/bin/env bash
-# GPU smoke test: one command on a fresh GPU machine that has torch (CUDA) but no megatron-core.
+# The GPU acceptance run (issue 17): one command on a GPU machine that has CUDA torch, at most
+# 8 minutes on one H100/H200. One line per stage (PASS / FAIL / SKIP), one JSON file.
 #
-#   WHEELS=/path/to/wheels tools/gpu_smoke.sh          # install from the folder, then test on CUDA
-#   DEVICE=cpu tools/gpu_smoke.sh                      # the same stages on CPU (gloo), no install
+#   WHEELS=/path/to/wheels tools/gpu_smoke.sh OUTDIR   # install from the folder, then test on CUDA
+#   DEVICE=cpu tools/gpu_smoke.sh OUTDIR                # the same stages on CPU (gloo), tiny size
 #
-# WHEELS: a folder made by tools/build_wheels.sh (megatron-core, transformers, ... and optionally
-# the megatron_bdlora wheel); installed with --no-index, so no network is needed. Without a
-# megatron_bdlora wheel there, the project is installed from this checkout (--no-deps -e .).
-# Env: PYTHON (default python3), OUT (work dir, default a temp dir), PRESET (default tiny),
-# STEPS (default 6). Stages (one line each, PASS / FAIL / SKIP): install, nccl (the process group
-# and an all-reduce on the device), train (bf16, TP=1, saves at STEPS/2), resume (--load, to
-# STEPS), eval (--eval-only), export (hf-peft, bf16 tensors), te (tests/gpu/test_te_gpu.py, real
-# Transformer Engine; SKIP where TE does not import or there is no GPU). Exit status: the number
-# of failures.
+# WHEELS: a folder made by tools/build_wheels.sh; its target.txt (python / ABI / platform) is
+# checked first, in one line. The project is installed by name (--no-index --find-links), so
+# what the machine already has (CUDA torch and its dependencies) stays. Without WHEELS the
+# packages must already be importable. Env: PYTHON (default python3), PRESET (default tiny),
+# STEPS (default 6). Stages: install, nccl, train (bf16 through the torchrun line, saves at
+# STEPS/2), resume (--load to STEPS; adapters bit-exact vs an uninterrupted run), eval
+# (--eval-only), export (hf-peft, bf16), sdpa (each kernel the device has vs local), te (Transformer
+# Engine tests; SKIP without TE). OUTDIR/gpu_smoke.json: every stage's status and seconds.
+# Exit status: the number of failures.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="${1:?usage: tools/gpu_smoke.sh OUTDIR}"
+mkdir -p "$out" && out="$(cd "$out" && pwd)"
 py="${PYTHON:-python3}"
 case "$py" in */*) py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" ;; esac  # we cd below
-out="${OUT:-$(mktemp -d -t bdlora-smoke-XXXX)}"
 preset="${PRESET:-tiny}"
 steps="${STEPS:-6}"
 half=$((steps / 2))
-mkdir -p "$out"
 if [ "${DEVICE:-cuda}" = "cpu" ]; then
   export CUDA_VISIBLE_DEVICES=""  # torch sees no GPU: gloo and CPU tensors throughout
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONUNBUFFERED=1 WANDB_MODE=offline
 failures=0
 failed=""
+json="$out/gpu_smoke.json"
+records=""
 
 stage() {  # stage NAME CMD...: runs CMD, output to $out/NAME.log, prints one line
-  local name="$1"; shift
+  local name="$1" status t0; shift
+  t0=$(date +%s)
   if [ -n "$failed" ]; then
-    echo "SKIP $name (after $failed failed)"; return
-  fi
-  if "$@" > "$out/$name.log" 2>&1; then
-    echo "PASS $name"
+    status=SKIP; echo "SKIP $name (after $failed failed)"
+  elif "$@" > "$out/$name.log" 2>&1; then
+    if grep -q '^SKIP' "$out/$name.log"; then
+      status=SKIP; echo "SKIP $name ($(grep -m1 '^SKIP' "$out/$name.log" | cut -c6-))"
+    else
+      status=PASS; echo "PASS $name"
+    fi
   else
-    echo "FAIL $name (log: $out/$name.log)"; tail -n 5 "$out/$name.log" | sed 's/^/    /'
+    status=FAIL; echo "FAIL $name (log: $out/$name.log)"; tail -n 5 "$out/$name.log" | sed 's/^/    /'
     failures=$((failures + 1)); failed="$name"
   fi
+  records="$records{\"stage\": \"$name\", \"status\": \"$status\", \"seconds\": $(( $(date +%s) - t0 ))},"
 }
 
 install() {
   if [ -z "${WHEELS:-}" ]; then
     "$py" -c "import megatron.core, megatron_bdlora" && echo "already installed"; return
   fi
-  local own
-  own="$(ls "$WHEELS"/megatron_bdlora-*.whl 2>/dev/null | head -n 1)"
-  # torch stays the machine's own (CUDA) build: the folder has none and --no-index fetches none
-  "$py" -m pip install --no-index --find-links "$WHEELS" \
-    $(ls "$WHEELS"/*.whl | grep -v '/megatron_bdlora-') || return 1
-  if [ -n "$own" ]; then
-    "$py" -m pip install --no-index --no-deps "$own"
-  else
-    "$py" -m pip install --no-index --no-deps --no-build-isolation -e "$root"
-  fi
+  # the folder's target first, in one line: a wrong Python or CPU cannot import megatron-core
+  "$py" - "$WHEELS/target.txt" <<'PYEOF' || return 1
+import platform, sys
+want = dict(line.strip().split("=", 1) for line in open(sys.argv[1]) if "=" in line)
+have = {"python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+        "abi": f"cp{sys.version_info[0]}{sys.version_info[1]}",
+        "platform": platform.machine()}
+bad = [f"{k} {have[k]} (wheels: {want[k]})" for k in ("python", "abi") if want.get(k) != have[k]]
+if have["platform"] not in want.get("platform", ""):
+    bad.append(f"platform {have['platform']} (wheels: {want.get('platform')})")
+if bad:
+    sys.exit("wheel folder does not fit this machine: " + ", ".join(bad) + "; rebuild it with "
+             "TARGET_PYTHON / TARGET_PLATFORM (tools/build_wheels.sh)")
+print("target ok:", have)
+PYEOF
+  # by name: the folder resolves what is missing; satisfied packages (CUDA torch ...) stay
+  "$py" -m pip install --no-index --find-links "$WHEELS" megatron-bdlora
 }
 
 nccl() {
-  "$py" -m torch.distributed.run --standalone --nproc-per-node 1 - <<'EOF'
+  "$py" -m torch.distributed.run --standalone --nproc-per-node 1 - <<'PYEOF'
 import torch, torch.distributed as dist
 from megatron_bdlora.parallel import device, init_distributed
 init_distributed(1)
@@ -69,65 +84,116 @@ want = "nccl" if torch.cuda.is_available() else "gloo"
 assert dist.get_backend() == want and x.device.type == device().type, (dist.get_backend(), x.device)
 print("backend", dist.get_backend(), "device", x.device,
       torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
-EOF
+PYEOF
 }
 
-trainer() {  # the launch line users type: torchrun ... pretrain_scripts/finetune_llama.sh FLAGS
+trainer() {  # trainer SAVE_DIR FLAGS: the launch line users type (torchrun ... finetune_llama.sh)
+  local save="$1"; shift
   (cd "$out" && "$py" -m torch.distributed.run --standalone --nproc-per-node 1 \
     "$root/pretrain_scripts/finetune_llama.sh" --model-preset "$preset" --tokenizer data/tokenizer \
     --adapter bdlora --lora-rank 8 --bd-nblocks 2 --lora-dropout 0.1 --bf16 \
     --data-path data/train.jsonl --eval-data-path data/eval.jsonl --seq-length 64 \
     --micro-batch-size 8 --global-batch-size 16 --train-iters "$steps" --lr 1e-2 \
-    --log-interval 1 --eval-iters 1 --save ckpt --save-interval "$half" "$@")
+    --log-interval 1 --eval-iters 1 --save "$save" --save-interval "$half" "$@")
 }
 
 train() {
   "$py" "$root/examples/make_demo_data.py" --out "$out/data" --num-train 256 --num-eval 32 \
     --num-pretrain 32 || return 1
-  rm -rf "$out/ckpt"
-  trainer --exit-after-iters "$half" && [ -f "$out/ckpt/latest" ]
+  rm -rf "$out/ckpt" "$out/full"
+  trainer ckpt --exit-after-iters "$half" && [ -f "$out/ckpt/latest" ]
 }
 
-resume() {
-  trainer --load ckpt | tee "$out/resume.out" && grep -q "resumed from" "$out/resume.out" \
-    && grep -q "step_$(printf '%08d' "$steps")" "$out/ckpt/latest"
+resume() {  # to STEPS from the half-way checkpoint; its adapter equals an uninterrupted run's
+  trainer ckpt --load ckpt | tee "$out/resume.out" && grep -q "resumed from" "$out/resume.out" \
+    && trainer full || return 1
+  local name
+  name="$(cat "$out/ckpt/latest")"
+  [ "$name" = "step_$(printf '%08d' "$steps")" ] || return 1
+  "$py" - "$out/ckpt/$name/adapter.safetensors" "$out/full/$name/adapter.safetensors" <<'PYEOF'
+import sys, torch
+from safetensors.torch import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed != uninterrupted"
+print(len(a), "adapter tensors bit-exact")
+PYEOF
 }
 
 evaluate() {
-  trainer --eval-only --load ckpt | grep '"loss"'
+  trainer ckpt --eval-only --load ckpt | grep '"loss"'
 }
 
 export_peft() {
   rm -rf "$out/peft"
   "$py" "$root/tools/convert_checkpoint.py" export --load "$out/ckpt" --format hf-peft \
     --out "$out/peft" || return 1
-  "$py" - "$out/peft" <<'EOF'
+  "$py" - "$out/peft" <<'PYEOF'
 import os, sys, torch
 from safetensors.torch import load_file
 t = load_file(os.path.join(sys.argv[1], "adapter_model.safetensors"))
 assert t and {v.dtype for v in t.values()} == {torch.bfloat16}, {v.dtype for v in t.values()}
 print(len(t), "tensors, bf16")
-EOF
+PYEOF
 }
 
-te_gpu() {  # tests/gpu/test_te_gpu.py: real Transformer Engine (issue 18)
-  "$py" -m pytest -q -s -p no:cacheprovider "$root/tests/gpu/test_te_gpu.py"
+sdpa() {  # every SDPA kernel the device has, forced, against Megatron's local attention
+  "$py" -m torch.distributed.run --standalone --nproc-per-node 1 - <<'PYEOF'
+import torch
+from megatron_bdlora.data.packing import attention_mask_from_document_ids
+from megatron_bdlora.models import attention
+from megatron_bdlora.models.llama import build_model, forward_logits
+from megatron_bdlora.models.presets import get_preset
+from megatron_bdlora.parallel import device, init_distributed
+from megatron_bdlora.parallel.cpu_compat import seed_model_parallel
+init_distributed(1)
+hf, dev = get_preset("tiny"), device()
+dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+models = {}
+for backend in ("local", "sdpa"):
+    seed_model_parallel(1234)
+    models[backend] = build_model(hf, 1, dtype, attention_backend=backend).to(dev).eval()
+ids = torch.randint(0, hf["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(0)).to(dev)
+docs = (torch.arange(64) >= 30).long().expand(2, 64)
+calls = {"causal": (ids, None), "masked": (ids, attention_mask_from_document_ids(docs).to(dev))}
+ran = []
+with torch.no_grad():
+    ref = {k: forward_logits(models["local"], *a).float() for k, a in calls.items()}
+    for kernel in attention.KERNELS:
+        attention.pin_kernel(kernel)
+        for kind, a in calls.items():
+            try:
+                got = forward_logits(models["sdpa"], *a).float()
+            except RuntimeError as e:
+                print(f"{kernel} {kind}: not available ({str(e).splitlines()[0][:80]})")
+                continue
+            err = float((got - ref[kind]).abs().max())
+            tol = 5e-2 if dtype == torch.bfloat16 else 1e-4
+            print(f"{kernel} {kind}: max |sdpa - local| = {err:.2e}")
+            assert err < tol * max(1.0, float(ref[kind].abs().max())), (kernel, kind, err)
+            ran.append((kernel, kind))
+assert ("math", "masked") in ran and any(k == "flash" for k, _ in ran), ran
+PYEOF
 }
 
-te_stage() {  # SKIP, not PASS, where Transformer Engine does not import or there is no GPU
-  if ! "$py" -c "import torch, megatron_bdlora; from megatron_bdlora.te.guard import require_te
-require_te()" > "$out/te_check.log" 2>&1; then
-    echo "SKIP te ($(tail -n 1 "$out/te_check.log"))"; return
-  fi
-  stage te te_gpu
+te() {
+  # ---- Transformer Engine stage: the TE engineer adds it here (runs tests/gpu/). It prints
+  # "SKIP <why>" and returns 0 when TE is absent. ----
+  "$py" -c "import transformer_engine" 2>/dev/null || { echo "SKIP Transformer Engine not installed"; return 0; }
+  echo "SKIP TE stage not added yet"
 }
 
-echo "gpu_smoke: device ${DEVICE:-cuda}, preset $preset, work dir $out"
+echo "gpu_smoke: device ${DEVICE:-cuda}, preset $preset, out $out"
 stage install install
 stage nccl nccl
 stage train train
 stage resume resume
 stage eval evaluate
 stage export export_peft
-te_stage
+stage sdpa sdpa
+stage te te
+# not yet here (issue 17): a CPU-saved checkpoint resumed on the GPU, tokens/s + MFU vs
+# transformers + PEFT on the Llama-3.2-1B shape, peak memory vs tools/estimate_memory.py
+printf '{"device": "%s", "preset": "%s", "failures": %d, "stages": [%s]}\n' \
+  "${DEVICE:-cuda}" "$preset" "$failures" "${records%,}" > "$json"
+echo "results: $json"
 exit "$failures"
