@@ -44,6 +44,13 @@ def work(tmp_path_factory):
                         "--data-cache-dir", cache], cwd=d, env=clean_env(NPROC="1"),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    # BD-LoRA N=2 at TP=1, r=8 (resumed at TP=4; exported for vLLM at --max-lora-rank 4)
+    r = subprocess.run(["bash", LAUNCHER, "--model-preset", "tiny", "--tokenizer", "data/tokenizer",
+                        "--lora-rank", "8", "--bd-nblocks", "2", "--data-path", "data/train.jsonl",
+                        "--seq-length", "32", "--micro-batch-size", "4", "--train-iters", "1",
+                        "--save", "ckpt_n2", "--data-cache-dir", cache], cwd=d,
+                       env=clean_env(NPROC="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
     _write_bad_files(d)
     return d, cache
 
@@ -67,6 +74,14 @@ def _write_bad_files(d):
     _jsonl(d / "few.jsonl", pc[:2])
     (d / "empty.jsonl").write_text("")
     (d / "afile").write_text("not a directory")
+    (d / "bad.parquet").write_bytes(b"PAR1" + os.urandom(64))
+    os.makedirs(d / "mixed", exist_ok=True)
+    _jsonl(d / "mixed" / "a.jsonl", pc)
+    _jsonl(d / "mixed" / "b.jsonl", [{"text": r["prompt"]} for r in pc])
+    os.makedirs(d / "yarnhf", exist_ok=True)
+    (d / "yarnhf" / "config.json").write_text(json.dumps({
+        "model_type": "llama", "num_attention_heads": 4,
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
     os.makedirs(d / "brokenhf", exist_ok=True)
     (d / "brokenhf" / "config.json").write_text("{not json")
     for name, text in {"bf16str": 'bf16: "false"\n', "rankfloat": "lora-rank: 8.5\n",
@@ -138,8 +153,17 @@ LAUNCH_CASES = [
     ("data-fewer-than-a-batch", [*B, "--data-path", "few.jsonl"], 1, "fewer than one global batch of 4"),
     ("data-empty-file", [*B, "--data-path", "empty.jsonl"], 1, "empty.jsonl is empty"),
     ("load-missing", [*B, "--load", "nockpt"], 1, "nockpt does not exist"),
-    ("load-adapter-mismatch", [*B, "--lora-rank", "8", "--load", "ckpt"], 1, "adapter config mismatch"),
-    ("load-other-method", [*B, "--adapter", "lora", "--load", "ckpt"], 1, "adapter config mismatch"),
+    ("load-adapter-mismatch", [*B, "--lora-rank", "8", "--load", "ckpt"], 1,
+     "--lora-rank 8 conflicts with the checkpoint"),
+    ("load-other-method", [*B, "--adapter", "lora", "--load", "ckpt"], 1,
+     "--adapter lora conflicts with the checkpoint"),
+    ("load-bd-n2-at-tp4", [*B, "--load", "ckpt_n2", "--tensor-model-parallel-size", "4"], 4,
+     "has BD-LoRA with N=2 blocks: it runs at --tensor-model-parallel-size in [1, 2], not 4"),
+    ("data-corrupt-parquet", [*B, "--data-path", "bad.parquet"], 1,
+     "bad.parquet is not a readable parquet file"),
+    ("data-mixed-formats", [*B, "--data-path", "mixed"], 1,
+     "different record formats (prompt_completion: a.jsonl; text: b.jsonl)"),
+    ("hf-rope-yarn", [*B[2:], "--hf-checkpoint", "yarnhf"], 1, "RoPE scaling 'yarn' is not supported"),
     ("save-is-a-file", [*B, "--save", "afile"], 1, "--save afile is a file"),
 ]
 
@@ -216,6 +240,8 @@ CONVERT_CASES = [
     ("overwrite-non-export", ["export", "--load", "ckpt", "--format", "hf-peft", "--out", "data",
                               "--overwrite"], "not an export written by this tool"),
     ("inspect-missing", ["inspect", "nockpt"], "nockpt does not exist"),
+    ("vllm-rank-above-max", ["export", "--load", "ckpt_n2", "--format", "vllm", "--max-lora-rank",
+                             "4", "--out", "o"], "rank r=8 is above --max-lora-rank 4"),
     ("no-subcommand", [], "the following arguments are required"),
 ]
 

@@ -7,18 +7,20 @@ divides. Single process: no TP needed (exports never build a model).
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
 
-from tests.test_peft_import import _records, _save_base, _save_peft
+sys.path.insert(0, os.path.dirname(__file__))
+from test_peft_import import _records, _save_base, _save_peft  # noqa: E402
 
-from megatron_bdlora.adapters import AdapterConfig
-from megatron_bdlora.checkpoint.export import (
+from megatron_bdlora.adapters import AdapterConfig  # noqa: E402
+from megatron_bdlora.checkpoint.export import (  # noqa: E402
     dense_deltas, expected_global_shapes, hf_factors, pad_bd_rank, vllm_max_lora_rank,
 )
-from megatron_bdlora.errors import CheckpointError
-from megatron_bdlora.models.presets import get_preset
+from megatron_bdlora.checkpoint.hf_import import CheckpointError  # noqa: E402
+from megatron_bdlora.models.presets import get_preset  # noqa: E402
 
 ROW = ("o_proj", "down_proj")
 
@@ -69,7 +71,7 @@ def test_default_rank_and_errors():
     assert vllm_max_lora_rank(cfg(6, 2), 64) == 64
     for c, requested, needle in ((cfg(9, 3), None, "divisible by its 3 blocks"),
                                  (cfg(600), None, "rank 600 exceeds vLLM's largest --max-lora-rank 512"),
-                                 (cfg(32, 2), 16, "below the adapter rank 32"),
+                                 (cfg(32, 2), 16, "rank r=32 is above --max-lora-rank 16"),
                                  (cfg(6, 2), 12, "not one of vLLM's allowed ranks"),
                                  (cfg(128, 128), 320, "not divisible by the adapter's 128 blocks")):
         with pytest.raises(CheckpointError, match=needle):

@@ -113,12 +113,12 @@ def vllm_max_lora_rank(cfg, requested: int | None = None) -> int:
     R must split into N equal blocks (the BD build pads each block's rank r/N to R/N)."""
     r, n = cfg.rank, cfg.nblocks if cfg.method == "bdlora" else 1
     if requested is not None:
+        if requested < r:
+            raise CheckpointError(f"the adapter's rank r={r} is above --max-lora-rank {requested}; "
+                                  f"pass one of {[a for a in VLLM_MAX_LORA_RANKS if a >= r]}")
         if requested not in VLLM_MAX_LORA_RANKS:
             raise CheckpointError(f"--max-lora-rank {requested} is not one of vLLM's allowed ranks "
                                   f"{VLLM_MAX_LORA_RANKS}")
-        if requested < r:
-            raise CheckpointError(f"--max-lora-rank {requested} is below the adapter rank {r}; pass "
-                                  f"one of {[a for a in VLLM_MAX_LORA_RANKS if a >= r]}")
         if requested % n:
             raise CheckpointError(f"--max-lora-rank {requested} is not divisible by the adapter's "
                                   f"{n} blocks; pass one of "

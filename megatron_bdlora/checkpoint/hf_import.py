@@ -77,6 +77,12 @@ def read_hf_config(model_dir: str) -> dict:
         raise CheckpointError(f"{path}: model_type {cfg.get('model_type')!r} is not supported; "
                               "only Llama (LlamaForCausalLM) checkpoints load")
     cfg.setdefault("num_key_value_heads", cfg.get("num_attention_heads"))
+    from megatron_bdlora.models.llama import rope_scaling
+
+    try:  # before any rank builds the model (there: the same error once per rank)
+        rope_scaling(cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     return cfg
 
 

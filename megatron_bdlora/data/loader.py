@@ -23,7 +23,7 @@ from megatron_bdlora.errors import InputError, InputFileNotFound
 EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv",
               ".arrow": "arrow"}
 # Bump when tokenisation logic changes, so that old cache files are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: no EOS appended after a chat template's last turn
 
 
 def default_cache_dir() -> str:
@@ -132,9 +132,11 @@ def _encode(record, index, *, record_format, tokenizer, seq_length, add_eos, pro
     ids, mask = TOKENIZE[record_format](record, index, tokenizer=tokenizer,
                                         prompt_template=prompt_template)
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    # Pre-tokenized data is taken as the user built it. Elsewhere EOS teaches the model to stop;
-    # it is a target only when it ends a target span (not after a trailing user turn).
-    if add_eos and record_format != "tokens" and eos is not None and ids and ids[-1] != eos:
+    # Pre-tokenized data is taken as the user built it, and a chat template ends each turn
+    # itself (ChatML: "<|im_end|>\n"; an EOS after that would be a target no rendering has).
+    # Elsewhere EOS teaches the model to stop; it is a target only when it ends a target span.
+    if add_eos and record_format not in ("tokens", "messages") and eos is not None and ids and \
+            ids[-1] != eos:
         ids, mask = ids + [eos], mask + [mask[-1]]
     raw_len = len(ids)
     ids, mask = ids[:seq_length], mask[:seq_length]  # right truncation: keep the prompt start

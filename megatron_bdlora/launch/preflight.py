@@ -22,10 +22,51 @@ def _has_checkpoint(path: str) -> bool:
         bool(list_checkpoints(path))
 
 
+# AdapterConfig field -> the trainer flag (argparse dest) that sets it
+_ADAPTER_FLAGS = {"method": "adapter", "rank": "lora_rank", "alpha": "lora_alpha",
+                  "dropout": "lora_dropout", "rslora": "lora_rslora",
+                  "target_modules": "lora_target_modules", "layout": "lora_layout",
+                  "sharding": "lora_sharding", "nblocks": "bd_nblocks"}
+
+
+def _take_checkpoint_adapter(args, ckpt) -> None:
+    """The checkpoint's adapter for every adapter flag the user did not give; a given flag that
+    disagrees with it is refused, naming both values."""
+    from megatron_bdlora.adapters.config import normalise_targets
+    from megatron_bdlora.adapters.layout import divisors
+
+    cfg = ckpt.adapter_config
+    if cfg is None:
+        return
+    given = set(getattr(args, "given", ()))
+    tp = args.tensor_model_parallel_size
+    if cfg.method == "bdlora" and cfg.nblocks % tp:
+        raise InputError(f"the checkpoint {ckpt.dir} has BD-LoRA with N={cfg.nblocks} blocks: it "
+                         f"runs at --tensor-model-parallel-size in {divisors(cfg.nblocks)}, not {tp}")
+    for field, dest in _ADAPTER_FLAGS.items():
+        if (field == "nblocks" and cfg.method != "bdlora") or (field == "sharding" and
+                                                               cfg.method == "bdlora") or \
+                (field == "rank" and "match_lora_rank_params" in given):
+            continue  # a field the adapter does not use, or one the user derives otherwise
+        value = getattr(cfg, field)
+        if dest not in given:
+            setattr(args, dest, list(value) if field == "target_modules" else value)
+            continue
+        mine = getattr(args, dest)
+        if field == "target_modules":
+            mine, value = normalise_targets(mine), normalise_targets(value)
+        if mine != value:
+            flag = "--" + dest.replace("_", "-")
+            raise InputError(f"{flag} {mine} conflicts with the checkpoint {ckpt.dir}, trained "
+                             f"with {value}; drop {flag} (the checkpoint's value is used)")
+
+
 def resolve_checkpoint_flags(args, say=None) -> None:
     """Megatron-LM habits: `--load X --save X` with nothing in X yet starts fresh (`say` gets the
-    notice); `--eval-only --load CKPT` without a model takes the checkpoint's base and tokenizer."""
+    notice); `--load CKPT` takes the checkpoint's adapter for the adapter flags not given;
+    `--eval-only --load CKPT` without a model takes the checkpoint's base and tokenizer."""
     from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint
+    from megatron_bdlora.training.arguments import adapter_flag_defaults
 
     if args.load and not args.eval_only and args.save and \
             os.path.realpath(args.load) == os.path.realpath(args.save) and \
@@ -33,9 +74,12 @@ def resolve_checkpoint_flags(args, say=None) -> None:
         if say:
             say(f"note: no checkpoint in {args.load} yet: starting fresh (later runs resume from it)")
         args.load = None
+        adapter_flag_defaults(args)  # validate left them to here
     if not args.load:
         return
     ckpt = AdapterCheckpoint(args.load)  # one-line CheckpointError when missing or incomplete
+    _take_checkpoint_adapter(args, ckpt)
+    adapter_flag_defaults(args)
     if args.eval_only and not (args.hf_checkpoint or args.model_preset):
         base, run = ckpt.config.get("base_model", {}), ckpt.config.get("run_config", {})
         if base.get("name_or_path"):
@@ -74,9 +118,9 @@ def _check_adapter(args, hf: dict) -> None:
                          args.tensor_model_parallel_size)
 
 
-def _scan_json_records(path: str, vocab_size: int) -> None:
+def _scan_json_records(path: str, vocab_size: int) -> str | None:
     """Every record of a JSON / JSON-lines file parses and has its fields with the right types
-    (one line naming the file and the 1-based line or record number)."""
+    (one line naming the file and the 1-based line or record number); the file's record format."""
     from megatron_bdlora.data.formats import check_record, detect_format
 
     with open(path, encoding="utf-8", errors="strict") as f:
@@ -109,6 +153,25 @@ def _scan_json_records(path: str, vocab_size: int) -> None:
             check_record(record, fmt, number, vocab_size)
         except InputError as e:
             raise InputError(f"{path} {str(e).replace('record', unit, 1)}") from None
+    return fmt
+
+
+def _parquet_format(path: str) -> str:
+    """The record format of a parquet file from its schema (a corrupt file: one line)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from megatron_bdlora.data.formats import detect_format
+
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{path} is not a readable parquet file ({str(e).splitlines()[0]}); "
+                         "re-write or remove it") from None
+    try:
+        return detect_format(names)
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
 
 
 def _check_data(path: str, args, tokenizer, vocab_size: int) -> None:
@@ -118,9 +181,20 @@ def _check_data(path: str, args, tokenizer, vocab_size: int) -> None:
     from megatron_bdlora.data.loader import _local_files, _looks_local
 
     if _looks_local(path):
+        formats = {}  # file -> record format
         for f in _local_files(path):
             if f.endswith(JSON_LINES):
-                _scan_json_records(f, vocab_size)
+                formats[f] = _scan_json_records(f, vocab_size)
+            elif f.endswith(".parquet"):
+                formats[f] = _parquet_format(f)
+        kinds = {}
+        for f, fmt in formats.items():
+            kinds.setdefault(fmt, []).append(os.path.basename(f))
+        kinds.pop(None, None)  # an empty file has no format
+        if len(kinds) > 1:
+            raise InputError(f"{path}: its files hold different record formats ("
+                             + "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(kinds.items()))
+                             + "); one dataset needs one format: split the directory")
     # Tokenise now, into the cache the ranks read (same arguments as the trainer).
     rows = build_dataset(path, tokenizer, args.seq_length, pack_sequences=args.pack_sequences,
                          prompt_template=args.prompt_template, cache_dir=args.data_cache_dir)

@@ -31,7 +31,8 @@ def rope_scaling(hf: dict) -> dict | None:
     if not scaling or scaling.get("rope_type", scaling.get("type")) in (None, "default"):
         return None
     if scaling.get("rope_type", scaling.get("type")) != "llama3":
-        raise ValueError(f"unsupported rope scaling {scaling!r}; only llama3 scaling is implemented")
+        raise ValueError(f"RoPE scaling {scaling.get('rope_type', scaling.get('type'))!r} is not "
+                         "supported; only llama3 scaling (or none) is implemented")
     return scaling
 
 

@@ -219,6 +219,12 @@ def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:
     pre, _ = parser.parse_known_args(argv)
     yaml_argv = _yaml_argv(pre.config, parser) if pre.config else []
     args = parser.parse_args(yaml_argv + argv)
+    # The flags given (command line or YAML), as opposed to defaults: a --load checkpoint's
+    # adapter fills every adapter flag not given (launch/preflight.resolve_checkpoint_flags).
+    unset = object()
+    probe = parser.parse_args(yaml_argv + argv, argparse.Namespace(
+        **{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS}))
+    args.given = sorted(k for k, v in vars(probe).items() if v is not unset)
     validate(args, int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size)
     return args
 
@@ -274,16 +280,24 @@ def validate(args, world: int) -> None:
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise InputError(f"--global-batch-size {args.global_batch_size} is not divisible by "
                          f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
-    if args.bd_nblocks is None:
-        args.bd_nblocks = tp
-    if args.adapter == "bdlora":  # the model-shape checks follow in adapters.flags.adapter_config
-        check_tp_blocks(args.bd_nblocks, tp)
-        if not args.match_lora_rank_params:
-            check_rank_blocks(args.lora_rank, args.bd_nblocks)
+    if not args.load:  # else resolve_checkpoint_flags does it, with the checkpoint's adapter
+        adapter_flag_defaults(args)
     if args.save_interval is None:
         args.save_interval = args.train_iters
 
 
+def adapter_flag_defaults(args) -> None:
+    """--bd-nblocks defaults to the TP size; BD flags against each other (the model-shape checks
+    follow in adapters.flags.adapter_config)."""
+    tp = args.tensor_model_parallel_size
+    if args.bd_nblocks is None:
+        args.bd_nblocks = tp
+    if args.adapter == "bdlora":
+        check_tp_blocks(args.bd_nblocks, tp)
+        if not args.match_lora_rank_params:
+            check_rank_blocks(args.lora_rank, args.bd_nblocks)
+
+
 def run_config(args) -> dict:
     """The resolved config stored with checkpoints and sent to wandb (no secrets: it has none)."""
-    return {k: v for k, v in vars(args).items() if k not in ("config",)}
+    return {k: v for k, v in vars(args).items() if k not in ("config", "given")}
