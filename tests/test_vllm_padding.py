@@ -7,20 +7,18 @@ divides. Single process: no TP needed (exports never build a model).
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_peft_import import _records, _save_base, _save_peft  # noqa: E402
+from tests.test_peft_import import _records, _save_base, _save_peft
 
-from megatron_bdlora.adapters import AdapterConfig  # noqa: E402
-from megatron_bdlora.checkpoint.export import (  # noqa: E402
+from megatron_bdlora.adapters import AdapterConfig
+from megatron_bdlora.checkpoint.export import (
     dense_deltas, expected_global_shapes, hf_factors, pad_bd_rank, vllm_max_lora_rank,
 )
-from megatron_bdlora.checkpoint.hf_import import CheckpointError  # noqa: E402
-from megatron_bdlora.models.presets import get_preset  # noqa: E402
+from megatron_bdlora.errors import CheckpointError
+from megatron_bdlora.models.presets import get_preset
 
 ROW = ("o_proj", "down_proj")
 
