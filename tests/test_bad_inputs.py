@@ -203,6 +203,23 @@ def test_launcher_bad_input(work, case, monkeypatch, capsys):
         print(f"\n[bad input] finetune_llama.sh {name}: {line}")
 
 
+def test_load_takes_the_checkpoint_adapter_for_flags_not_given(work, monkeypatch):
+    """--load of a BD-LoRA r=8 N=2 checkpoint with no adapter flag: the checkpoint's adapter
+    (not the default N = TP) is what the run builds, at TP=2 as at TP=1; a given flag that agrees
+    with it is kept."""
+    from megatron_bdlora.launch.preflight import preflight
+    from megatron_bdlora.training.arguments import parse_args
+
+    d, cache = work
+    monkeypatch.chdir(d)
+    argv = [*B[:-2], "--lora-alpha", "16", "--load", "ckpt_n2", "--data-cache-dir", cache]
+    for tp in (1, 2):
+        args = parse_args([*argv, "--tensor-model-parallel-size", str(tp)], world_size=tp)
+        preflight(args, check_lock=False)
+        assert (args.adapter, args.lora_rank, args.bd_nblocks) == ("bdlora", 8, 2), vars(args)
+        assert "lora_rank" not in args.given and "lora_alpha" in args.given
+
+
 def test_yaml_values_typed_like_the_cli(work, tmp_path):
     """A valid YAML: booleans, a one-value list flag, numbers; the command line wins."""
     from megatron_bdlora.training.arguments import parse_args
