@@ -6,7 +6,6 @@ transformers does (llama3 scaling constants from the config, never defaults), an
 `forward_logits` / `lm_loss` run it with the padded vocabulary masked out.
 """
 
-import importlib.util
 import math
 
 import torch
@@ -14,7 +13,6 @@ import torch.nn.functional as F
 
 from megatron_bdlora.adapters.layout import check_tp, head_dim, kv_heads, padded_vocab_size
 from megatron_bdlora.parallel.cpu_compat import apply as _cpu_compat
-from megatron_bdlora.parallel.cpu_compat import transformer_config as _cpu_config
 from megatron_bdlora.parallel.sequence_parallel import NEEDS_TP
 
 
@@ -79,13 +77,17 @@ def transformer_config(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32
         hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, params_dtype=dtype, bf16=dtype == torch.bfloat16,
         sequence_parallel=sequence_parallel, perform_initialization=init,
-        # RoPE fusion, gradient-accumulation fusion and the persistent norm need Transformer
-        # Engine or apex: off. Megatron-Core's own (jit) fusions are on, except on CPU; the
-        # fused softmax (local attention only) when its compiled kernel is installed.
+        # Every fusion off on both devices, so a GPU runs the path the CPU tests run: RoPE,
+        # gradient-accumulation and persistent-norm fusion need TE or apex; Megatron-Core's jit
+        # fusions (swiglu, bias-dropout-add) are torch.compile (Inductor/Triton on the first GPU
+        # forward); the fused causal softmax (apex) ignores the mask (packed documents).
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        **{**extra, **_cpu_config(dict(
-            bias_activation_fusion=True, bias_dropout_fusion=True,
-            masked_softmax_fusion=importlib.util.find_spec("scaled_masked_softmax_cuda") is not None))},
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        # Full weights drawn from one seeded generator and sliced per TP rank, on GPU too: a random
+        # base is then the same at every TP size (GPU init draws each shard from its own RNG).
+        use_cpu_initialization=True,
+        cuda_graph_scope=[],  # no CUDA graphs; the default "full" is deprecated (warns)
+        **extra,
     )
 
 

@@ -29,7 +29,8 @@ class RMSNorm(torch.nn.RMSNorm):
     """torch's RMSNorm behind Megatron's norm signature, usable under SP."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_):
-        super().__init__(hidden_size, eps=eps)
+        # params dtype: an fp32 weight on bf16 input would take torch's slow composite path
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         # Megatron's marker: replicated over TP, gradient summed over TP under SP.
         self.weight.sequence_parallel = config.sequence_parallel
 

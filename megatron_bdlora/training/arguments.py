@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-backend", choices=["sdpa", "local"], default="sdpa",
                    help="sdpa: torch scaled_dot_product_attention (flash on GPU, no mask when "
                         "unpacked); local: Megatron-Core's DotProductAttention")
+    g.add_argument("--sdpa-backend", choices=["auto", "flash", "efficient", "cudnn", "math"],
+                   default="auto", help="pin the kernel of --attention-backend sdpa (auto: torch "
+                                        "chooses; the one that runs is logged once)")
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
                    help="Megatron-LM's flag: local: Megatron-Core's local layers; transformer_engine: "
                         "TE linears with the fused input RMSNorm (a CUDA GPU and the [gpu] extra)")
@@ -141,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-nonfinite", action="store_true",
                    help="skip a step whose loss or gradient is not finite (counted in metrics) "
                         "instead of stopping the run")
+    g.add_argument("--distributed-timeout-minutes", type=POSITIVE, default=10,
+                   help="Megatron-LM's flag: collective timeout (raise it for long checkpoint loads)")
     g.add_argument("--seed", type=NONNEG, default=1234, help="adapter init, dropout and data order")
     g = p.add_argument_group("checkpointing, eval, logging")
     g.add_argument("--save", metavar="DIR", help="checkpoint directory (one job at a time)")
@@ -260,6 +265,9 @@ def validate(args, world: int) -> None:
         raise InputError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
     if args.prompt_template is not None and "{prompt}" not in args.prompt_template:
         raise InputError(f"--prompt-template {args.prompt_template!r} has no {{prompt}} placeholder")
+    if args.adapter == "none" and args.bf16:
+        raise InputError("--adapter none --bf16 would train bf16 weights with no fp32 master copy; "
+                         "drop --bf16 for full fine-tuning or train an adapter")
     if args.transformer_impl == "transformer_engine":
         from megatron_bdlora.te.guard import require_te
 

@@ -30,6 +30,9 @@ def build(args):
     from megatron_bdlora.models.llama import build_model
     from megatron_bdlora.models.presets import get_preset
 
+    from megatron_bdlora.models.attention import pin_kernel
+
+    pin_kernel(args.sdpa_backend)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     if args.hf_checkpoint:
         model = load_hf_llama(args.hf_checkpoint, dtype=dtype, recompute=args.recompute_activations,
