@@ -88,13 +88,14 @@ class AdapterLinear(nn.Module):
         # Under sequence parallelism the adapter owns the layer's one SP collective: the column
         # layer's all-gather (the base's own turned off) and the row layer's reduce-scatter.
         self.sequence_parallel = bool(getattr(base, "sequence_parallel", False))
-        te = take_over(base, spec.kind, name)  # a TE layer: its own TP communication off
-        if spec.kind == "column" and not te:
+        if take_over(base, spec.kind, name):  # a TE layer: its own TP communication now off
+            pass
+        elif spec.kind == "column":
             # The LoRA branch and the base share one input-gradient all-reduce (ours).
             base.disable_grad_reduce = True
             base.allreduce_dgrad = False
             base.sequence_parallel = False
-        elif not te:
+        else:
             # The base returns its partial sum; we add ours and reduce once.
             if not base.skip_bias_add and base.bias is not None:
                 raise ValueError(f"{name}: row-parallel layer with a fused bias is not supported")
