@@ -4,6 +4,14 @@ from megatron_bdlora.adapters.config import AdapterConfig
 from megatron_bdlora.adapters.layout import check
 from megatron_bdlora.adapters.param_count import adapter_params, match_bd_rank
 
+# AdapterConfig field -> the trainer flag (argparse dest) that sets it; pre-flight's --load
+# resolution reads the same table
+FLAG_OF = {"method": "adapter", "rank": "lora_rank", "alpha": "lora_alpha",
+           "dropout": "lora_dropout", "rslora": "lora_rslora",
+           "target_modules": "lora_target_modules", "layout": "lora_layout",
+           "sharding": "lora_sharding", "nblocks": "bd_nblocks"}
+_COMMON = ("alpha", "dropout", "rslora", "target_modules", "layout")  # LoRA and its BD match alike
+
 
 def adapter_config(args, hf: dict, say=None) -> AdapterConfig | None:
     """The adapter of flags `args` on base model `hf` (None for --adapter none), checked against
@@ -13,9 +21,8 @@ def adapter_config(args, hf: dict, say=None) -> AdapterConfig | None:
         check(hf, None, tp)
         return None
     rank = args.lora_rank
-    common = dict(alpha=args.lora_alpha, dropout=args.lora_dropout, rslora=args.lora_rslora,
-                  target_modules=tuple(args.lora_target_modules), layout=args.lora_layout,
-                  seed=args.seed)
+    common = {field: getattr(args, FLAG_OF[field]) for field in _COMMON}
+    common.update(target_modules=tuple(common["target_modules"]), seed=args.seed)
     if args.adapter == "bdlora" and args.match_lora_rank_params:
         lora = AdapterConfig(method="lora", rank=args.match_lora_rank_params, **common)
         rank = match_bd_rank(hf, lora, args.bd_nblocks)

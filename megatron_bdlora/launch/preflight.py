@@ -22,17 +22,11 @@ def _has_checkpoint(path: str) -> bool:
         bool(list_checkpoints(path))
 
 
-# AdapterConfig field -> the trainer flag (argparse dest) that sets it
-_ADAPTER_FLAGS = {"method": "adapter", "rank": "lora_rank", "alpha": "lora_alpha",
-                  "dropout": "lora_dropout", "rslora": "lora_rslora",
-                  "target_modules": "lora_target_modules", "layout": "lora_layout",
-                  "sharding": "lora_sharding", "nblocks": "bd_nblocks"}
-
-
 def _take_checkpoint_adapter(args, ckpt) -> None:
     """The checkpoint's adapter for every adapter flag the user did not give; a given flag that
     disagrees with it is refused, naming both values."""
     from megatron_bdlora.adapters.config import normalise_targets
+    from megatron_bdlora.adapters.flags import FLAG_OF
     from megatron_bdlora.adapters.layout import divisors
 
     cfg = ckpt.adapter_config
@@ -43,7 +37,7 @@ def _take_checkpoint_adapter(args, ckpt) -> None:
     if cfg.method == "bdlora" and cfg.nblocks % tp:
         raise InputError(f"the checkpoint {ckpt.dir} has BD-LoRA with N={cfg.nblocks} blocks: it "
                          f"runs at --tensor-model-parallel-size in {divisors(cfg.nblocks)}, not {tp}")
-    for field, dest in _ADAPTER_FLAGS.items():
+    for field, dest in FLAG_OF.items():
         if (field == "nblocks" and cfg.method != "bdlora") or (field == "sharding" and
                                                                cfg.method == "bdlora") or \
                 (field == "rank" and "match_lora_rank_params" in given):
