@@ -87,3 +87,36 @@ def test_summary_reads_lora_curve_at_bd_parameter_count():
     assert pair["param_ratio"] == 0.5 and pair["test_loss"] == pytest.approx([0.1, 0.4])
     assert pair["test_loss_lora_at_bd_params"] == pytest.approx(0.45)  # between 0.8 and 0.1
     assert pair["exact_match_lora_at_bd_params"] == pytest.approx(0.55)
+
+
+def test_real_model_chat_task_holds_out_its_values(tmp_path):
+    """--base smollm2's task: the rules are right, and no validation/test value is in training."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location(
+        "chat_task", os.path.join(ROOT, "examples", "param_efficiency", "chat_task.py"))
+    task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task)
+    assert [task.number_words(n) for n in (21, 40, 115, 300, 347, 999)] == [
+        "twenty-one", "forty", "one hundred fifteen", "three hundred", "three hundred forty-seven",
+        "nine hundred ninety-nine"]
+    assert [task.ordinal(d) for d in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd"]
+    paths = task.write_chat_task(str(tmp_path), num_train=200, num_eval=40, seed=0)
+    answers = {}
+    for split in ("train", "val", "test"):
+        records = [json.loads(line)["messages"] for line in open(paths[split])]
+        assert len(records) == (200 if split == "train" else 40)
+        answers[split] = {m[-1]["content"] for m in records}
+        dates = [a for a in answers[split] if re.fullmatch(r"\d{4}-\d\d-\d\d", a)]
+        assert 0.3 < len(dates) / len(answers[split]) < 0.7  # both skills in every split
+        for m in records:  # the question names the answer's value
+            q, a = m[1]["content"], m[-1]["content"]
+            if a in dates:
+                year, month, day = map(int, a.split("-"))
+                assert str(year) in q and task.MONTHS[month - 1] in q and str(day) in q
+            else:
+                assert task.number_words(int(re.search(r"\d+", q).group())) == a
+    assert not answers["train"] & (answers["val"] | answers["test"])
+    assert not answers["val"] & answers["test"]

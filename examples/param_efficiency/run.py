@@ -1,5 +1,6 @@
-"""The paper's quality experiment at small scale: LoRA vs BD-LoRA at matched parameter counts.
+"""The paper's quality experiment: LoRA vs BD-LoRA at matched parameter counts, on two bases.
 
+--base tiny (default):
 1. Synthetic data: a pre-training corpus (letter runs, copying) and a held-out downstream task the
    base never saw, a mixture of --ciphers letter-substitution ciphers ("cipher3: c f b =>" ->
    " h a j"), hard enough that small adapters cannot hold it all.
@@ -14,13 +15,19 @@
    match on test, per run; mean and spread over seeds; each LoRA rank beside its parameter-matched
    BD-LoRA.
 
+--base smollm2: the real pretrained SmolLM2-135M-Instruct (tools/prepare_smollm2.py, cached), a
+chat task it does not solve (chat_task.py: dates to ISO 8601, numbers to words; test values never
+seen in training), LoRA r=2/4/8/16 vs BD-LoRA N=3 (its TP=3 layout), all seven projections,
+canonical layout; steps 3-4 as above.
+
 Writes results.json, results.md (tables) and param_efficiency.png (test loss and exact match vs
 trainable parameters) under --out. Every run happens at TP=1 with N blocks: the adapter math is
 identical at any TP dividing N (tests/test_core.py checks TP=1/2/4 agree), and one process per
 run lets two runs share the 2 cores.
 
-    python examples/param_efficiency/run.py              # ~20 min on 2 CPU cores
-    python examples/param_efficiency/run.py --smoke      # ~1.5 min: the pipeline, not the result
+    python examples/param_efficiency/run.py                  # ~20 min on 2 CPU cores
+    python examples/param_efficiency/run.py --base smollm2   # ~1 h on 2 CPU cores
+    python examples/param_efficiency/run.py --smoke          # ~1.5 min: the pipeline, not the result
 """
 
 import argparse
@@ -35,29 +42,51 @@ from megatron_bdlora.checkpoint.adapter_checkpoint import read_config, resolve_c
 
 # examples/run_commands.py, the examples' subprocess helpers, one folder up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from run_commands import ROOT, finetune, last_json, run_parallel, torchrun  # noqa: E402
+from run_commands import ROOT, finetune, last_json, run, run_parallel, torchrun  # noqa: E402
 
 EVAL_ACCURACY = os.path.join(ROOT, "tools", "eval_accuracy.py")
 
 
+# Per base: the defaults that differ (sizes, blocks, learning rates); flags override them.
+BASES = {
+    "tiny": dict(lora_ranks=[2, 4, 8, 16, 32], nblocks=4, seeds=[0, 1, 2], lrs=[2e-3, 4e-3],
+                 num_train=4000, num_eval=384, train_iters=800, micro_batch_size=32,
+                 seq_length=32),
+    # SmolLM2's 3 KV heads: BD-LoRA serves at TP in {1, 3}, so N=3. 56 tokens at most per record.
+    "smollm2": dict(lora_ranks=[2, 4, 8, 16], nblocks=3, seeds=[0, 1], lrs=[1e-3, 3e-3],
+                    num_train=512, num_eval=64, train_iters=64, micro_batch_size=8,
+                    seq_length=64),
+}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "runs", "param_efficiency"))
-    p.add_argument("--lora-ranks", type=int, nargs="+", default=[2, 4, 8, 16, 32])
-    p.add_argument("--nblocks", type=int, default=4, help="BD-LoRA blocks N")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                   help="the first one also picks each config's learning rate")
-    p.add_argument("--lrs", type=float, nargs="+", default=[2e-3, 4e-3],
+    p.add_argument("--base", choices=sorted(BASES), default="tiny",
+                   help="tiny: a self-pretrained tiny Llama on a cipher task; smollm2: "
+                        "SmolLM2-135M-Instruct on a chat task (other defaults follow, see BASES)")
+    p.add_argument("--out", help="default: runs/param_efficiency[_smollm2]")
+    p.add_argument("--model", help="--base smollm2: the prepared model dir (made if absent)")
+    p.add_argument("--lora-ranks", type=int, nargs="+")
+    p.add_argument("--nblocks", type=int, help="BD-LoRA blocks N")
+    p.add_argument("--seeds", type=int, nargs="+", help="the first one also picks each config's "
+                   "learning rate")
+    p.add_argument("--lrs", type=float, nargs="+",
                    help="learning rates tried per config (on the first seed, by validation loss)")
-    p.add_argument("--ciphers", type=int, default=8, help="ciphers in the downstream task (1-16)")
-    p.add_argument("--num-train", type=int, default=4000)
-    p.add_argument("--num-eval", type=int, default=384, help="validation and test examples, each")
-    p.add_argument("--pretrain-iters", type=int, default=400)
-    p.add_argument("--train-iters", type=int, default=800)
-    p.add_argument("--micro-batch-size", type=int, default=32)
+    p.add_argument("--ciphers", type=int, default=8, help="--base tiny: ciphers in the task (1-16)")
+    p.add_argument("--num-train", type=int)
+    p.add_argument("--num-eval", type=int, help="validation and test examples, each")
+    p.add_argument("--pretrain-iters", type=int, default=400, help="--base tiny")
+    p.add_argument("--train-iters", type=int)
+    p.add_argument("--micro-batch-size", type=int)
+    p.add_argument("--seq-length", type=int)
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one core each)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the pipeline only")
     args = p.parse_args(argv)
+    for key, value in BASES[args.base].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.out = args.out or os.path.join(
+        ROOT, "runs", "param_efficiency" + ("" if args.base == "tiny" else f"_{args.base}"))
     if args.smoke:
         args.lora_ranks, args.seeds, args.ciphers = [8], [0, 1], 2
         args.num_train, args.num_eval, args.micro_batch_size = 128, 32, 16
@@ -87,9 +116,17 @@ def adapter_configs(args, hf: dict) -> list:
     return configs
 
 
-def prepare(args, out):
-    """Data (held-out prompts split into validation, for picking learning rates, and test, for
-    the results) and the pre-trained base (reused when already there)."""
+def prepare(args, out) -> tuple[dict, str]:
+    """Data (train, and held-out prompts in a validation split, for picking learning rates, and a
+    test split, for the results) and the base's HF checkpoint: pre-trained here for tiny (reused
+    when already there), converted once and cached for smollm2."""
+    if args.base == "smollm2":
+        from chat_task import write_chat_task  # this folder
+        from megatron_bdlora.checkpoint.gguf_convert import default_smollm2_dir
+
+        model = args.model or default_smollm2_dir()
+        run([sys.executable, os.path.join(ROOT, "tools", "prepare_smollm2.py"), "--out", model])
+        return write_chat_task(os.path.join(out, "data"), args.num_train, args.num_eval), model
     from megatron_bdlora.data import write_demo_data
 
     tasks = [f"cipher{k}" for k in range(args.ciphers)]
@@ -134,7 +171,7 @@ class Experiment:
             finetune(["--hf-checkpoint", self.base_hf, "--adapter", method, *rank_flags,
                       "--lora-alpha", 2 * rank, "--bd-nblocks", a.nblocks,
                       "--data-path", self.paths["train"], "--eval-data-path", self.paths["val"],
-                      "--micro-batch-size", a.micro_batch_size, "--seq-length", 32,
+                      "--micro-batch-size", a.micro_batch_size, "--seq-length", a.seq_length,
                       "--train-iters", a.train_iters, "--lr", lr,
                       "--lr-warmup-iters", min(20, a.train_iters // 10),
                       "--eval-interval", self.eval_interval, "--eval-iters", self.eval_iters,
@@ -162,7 +199,7 @@ class Experiment:
                 return json.load(f)
         test = last_json(finetune(["--hf-checkpoint", self.base_hf, "--eval-only", "--load", save,
                                    "--data-path", self.paths["test"], "--micro-batch-size",
-                                   a.micro_batch_size, "--seq-length", 32, "--eval-iters",
+                                   a.micro_batch_size, "--seq-length", a.seq_length, "--eval-iters",
                                    self.eval_iters], env=env, log=os.path.join(save, "test.log")))
         acc = last_json(torchrun(1, EVAL_ACCURACY, "--hf-checkpoint", self.base_hf, "--load", save,
                                  "--data-path", self.paths["test"], "--limit", a.num_eval,
@@ -282,8 +319,10 @@ def plot(result: dict, path: str) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"tiny Llama, {c['ciphers']}-cipher task, {c['train_iters']} steps, "
-                 f"mean and min-max over {len(c['seeds'])} seeds", fontsize=10)
+    task = (f"tiny Llama, {c['ciphers']}-cipher task" if c["model"] == "tiny" else
+            "SmolLM2-135M-Instruct, dates and numbers chat task")
+    fig.suptitle(f"{task}, {c['train_iters']} steps, mean and min-max over {len(c['seeds'])} "
+                 "seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -294,10 +333,9 @@ def main(argv=None):
     t0 = time.time()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    from megatron_bdlora.models.presets import get_preset
-
-    configs = adapter_configs(args, get_preset("tiny"))
     exp = Experiment(args, out)
+    with open(os.path.join(exp.base_hf, "config.json")) as f:
+        configs = adapter_configs(args, json.load(f))
     tune_seed, *other_seeds = args.seeds
     print(f"{len(configs)} adapter configs; learning rates {args.lrs} on seed {tune_seed}, then "
           f"seeds {other_seeds} at each config's best; {args.jobs} runs at a time", flush=True)
@@ -319,7 +357,7 @@ def main(argv=None):
     results, pairs = summarise(runs)
     config = {k: v for k, v in vars(args).items() if k != "out"}
     config.update(base_val_loss=runs[0]["val_curve"][0][1], base_exact_match=base_acc["exact_match"],
-                  model="tiny", tp=1, wall_clock_s=round(time.time() - t0))
+                  model=args.base, tp=1, wall_clock_s=round(time.time() - t0))
     result = {"config": config, "results": results, "pairs": pairs, "lr_search": lr_search,
               "runs": runs}
     with open(os.path.join(out, "results.json"), "w") as f:
