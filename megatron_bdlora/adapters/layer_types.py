@@ -4,7 +4,7 @@ linear with the table and shapes of `layout.py`, read from its TransformerConfig
 
 from megatron_bdlora.adapters.layout import TargetSpec, module_spec
 
-__all__ = ["TargetSpec", "parallel_kind", "target_spec"]
+__all__ = ["TargetSpec", "adds_bias_before_return", "parallel_kind", "target_spec"]
 
 
 def parallel_kind(module) -> str:
@@ -21,6 +21,16 @@ def parallel_kind(module) -> str:
         return kind
     raise TypeError(f"cannot put an adapter on {type(module).__name__}: not a Megatron-Core "
                     "column/row parallel linear (local or Transformer Engine)")
+
+
+def adds_bias_before_return(module) -> bool:
+    """Does the layer add its own bias to its output (local: not skip_bias_add; TE: without
+    te_return_bias), rather than return it separately?"""
+    from megatron_bdlora.te.guard import te_parallel_kind
+
+    if te_parallel_kind(module) is not None:
+        return bool(module.use_bias and not module.te_return_bias)
+    return not module.skip_bias_add and module.bias is not None
 
 
 def target_spec(leaf: str, module, config) -> TargetSpec:

@@ -37,6 +37,7 @@ import torch.nn as nn
 from megatron_bdlora.adapters import comm
 from megatron_bdlora.adapters import layout
 from megatron_bdlora.adapters.config import AdapterConfig
+from megatron_bdlora.adapters.layer_types import adds_bias_before_return
 from megatron_bdlora.adapters.layout import TargetSpec
 from megatron_bdlora.adapters.lowrank import Geometry, Slot, add_lowrank
 from megatron_bdlora.te.adapter import base_forward, take_over
@@ -88,6 +89,8 @@ class AdapterLinear(nn.Module):
         # Under sequence parallelism the adapter owns the layer's one SP collective: the column
         # layer's all-gather (the base's own turned off) and the row layer's reduce-scatter.
         self.sequence_parallel = bool(getattr(base, "sequence_parallel", False))
+        if spec.kind == "row" and adds_bias_before_return(base):  # we reduce after: tp x bias
+            raise ValueError(f"{name}: row-parallel layer with a fused bias is not supported")
         if take_over(base, spec.kind, name):  # a TE layer: its own TP communication now off
             pass
         elif spec.kind == "column":
@@ -97,8 +100,6 @@ class AdapterLinear(nn.Module):
             base.sequence_parallel = False
         else:
             # The base returns its partial sum; we add ours and reduce once.
-            if not base.skip_bias_add and base.bias is not None:
-                raise ValueError(f"{name}: row-parallel layer with a fused bias is not supported")
             base.explicit_expert_comm = True
             base.skip_bias_add = True
         for p in base.parameters():

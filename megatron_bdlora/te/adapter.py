@@ -24,8 +24,6 @@ def take_over(base, kind: str, name: str) -> bool:
         raise InputError(f"{name}: tp_comm_overlap (TE userbuffer overlap of the TP collectives) is "
                          "not supported with adapters, which issue each layer's one collective "
                          "themselves; turn --tp-comm-overlap off")
-    if kind == "row" and base.use_bias and not base.te_return_bias:
-        raise ValueError(f"{name}: row-parallel layer with a fused bias is not supported")
     base.parallel_mode = None
     base.sequence_parallel = False
     if getattr(base, "layer_norm_weight", None) is not None:
@@ -44,8 +42,9 @@ def base_forward(base, x, *args, **kwargs):
             (out, ln_out), bias = base(x, *args, **kwargs)
     else:
         (out, bias), ln_out = base(x, *args, **kwargs), x
-    if te_parallel_kind(base) is not None and out._is_view():
+    if out._is_view():
         # TE returns its output as a view made inside its autograd Function, which autograd
         # forbids modifying in place; the LoRA delta is accumulated in place (add_lowrank).
+        # Local layers' outputs are not views: no copy.
         out = out.clone()
     return out, bias, ln_out
