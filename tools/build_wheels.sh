@@ -2,36 +2,65 @@
 # Build the wheel folder tools/gpu_smoke.sh installs from, on a machine with network:
 #
 #   tools/build_wheels.sh DIR [PYTHON]
+#   TARGET_HAS=tools/gpu_image.txt tools/build_wheels.sh wheels/gpu      # the GPU machine (default target)
+#   TARGET_PYTHON=3.11 tools/build_wheels.sh wheels/cpu                  # this machine, a fresh venv
 #
-# DIR gets megatron_bdlora's own wheel and one wheel per dependency at the versions installed in
-# PYTHON's environment (default: this checkout's .venv), downloaded for the GPU machine's target
-# (TARGET_PYTHON, default 3.12; TARGET_PLATFORM, default manylinux2014_x86_64: megatron-core has
-# a compiled module), binary wheels only. Left out: torch and its own dependencies (sympy,
-# networkx, jinja2, fsspec, numpy, ...: the GPU machine's CUDA torch brings its own; installing
-# ours over them could break it). DIR/target.txt records python / ABI / platform for the check
-# gpu_smoke.sh makes first. At most 64 MiB can travel to a GPU machine: the total is printed.
+# DIR gets megatron_bdlora's own wheel and one binary wheel per package of its dependency closure
+# (install_requires, no extras, markers evaluated for the target), at the versions installed in
+# PYTHON's environment (default: this checkout's .venv), downloaded for the target: TARGET_PYTHON
+# (default 3.12), x86_64 manylinux (megatron-core has a compiled module). Left out: torch and its
+# own dependency closure (sympy, networkx, jinja2, fsspec, ...: the target's torch brings its
+# own; ours over them could break a CUDA torch), and the packages named in TARGET_HAS (a file,
+# one name a line: what the target image already has; the install keeps a satisfied one).
+# DIR/target.txt records python / ABI / arch for the check gpu_smoke.sh makes first. At most
+# 64 MiB travel to a GPU machine with the working tree: the total is printed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:?usage: tools/build_wheels.sh DIR [PYTHON]}"
 py="${2:-$root/.venv/bin/python}"
 target_py="${TARGET_PYTHON:-3.12}"
-platform="${TARGET_PLATFORM:-manylinux2014_x86_64}"
 abi="cp${target_py/./}"
 mkdir -p "$out"
+rm -f "$out"/*.whl "$out/target.txt"
 reqs="$(mktemp)"
 trap 'rm -f "$reqs"' EXIT
-# torch's own requirements as the installed torch declares them (names only), and theirs / the CUDA
-# build's (numpy, markupsafe, mpmath, triton, nvidia-*)
-torch_deps="$("$py" -c 'import importlib.metadata as m, re
-print("|".join(re.split(r"[ ;<>=!~\[]", r)[0].lower().replace("_", "-")
-               for r in m.requires("torch") or []))')"
-"$py" -m pip freeze --all --exclude-editable \
-  | grep -viE "^(pip|setuptools|wheel|torch|triton|nvidia-[a-z0-9_-]+|numpy|markupsafe|mpmath|megatron-bdlora|${torch_deps})(==| @)" \
-  | sed 's/+cpu$//' > "$reqs"
-"$py" -m pip download --no-deps --only-binary=:all: --python-version "$target_py" \
-  --implementation cp --abi "$abi" --abi none --abi abi3 --platform "$platform" \
-  --platform any -r "$reqs" -d "$out"
-"$py" -m pip wheel --no-deps --no-build-isolation "$root" -w "$out"
-printf 'python=%s\nabi=%s\nplatform=%s\n' "$target_py" "$abi" "$platform" > "$out/target.txt"
-echo "$(ls "$out"/*.whl | wc -l) wheels, $(du -sm "$out" | cut -f1) MiB in $out (limit 64);" \
-  "then, on the GPU machine: WHEELS=$out tools/gpu_smoke.sh OUTDIR"
+"$py" - "$target_py" "${TARGET_HAS:-}" > "$reqs" <<'PYEOF'
+import importlib.metadata as md, sys
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name as canon
+
+target, has_file = sys.argv[1], sys.argv[2]
+env = {"python_version": target, "python_full_version": target + ".0", "sys_platform": "linux",
+       "platform_machine": "x86_64", "platform_system": "Linux", "os_name": "posix"}
+
+def closure(name, skip=frozenset()):
+    """{canonical name: installed version} of `name`'s requirements, recursively."""
+    seen, todo = {}, [(name, ())]
+    while todo:
+        dist, extras = todo.pop()
+        for line in md.requires(dist) or []:
+            r = Requirement(line)
+            if r.marker and not any(r.marker.evaluate({**env, "extra": e}) for e in ("", *extras)):
+                continue
+            n = canon(r.name)
+            if n in skip or (n in seen and not r.extras):
+                continue
+            seen[n] = md.version(r.name)
+            todo.append((r.name, tuple(r.extras)))
+    return seen
+
+has = {canon(l.split("#")[0].strip()) for l in open(has_file) if l.split("#")[0].strip()} if has_file else set()
+torch_side = {"torch", *closure("torch")}
+for n, v in sorted(closure("megatron-bdlora", skip=torch_side | has).items()):
+    print(f"{n}=={v.removesuffix('+cpu')}")
+PYEOF
+# pip matches manylinux tags exactly: name every glibc level a wheel may carry (2.17 ... 2.39)
+platforms=(--platform any --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+for n in $(seq 17 39); do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
+"$py" -m pip download -q --no-deps --only-binary=:all: --python-version "$target_py" \
+  --implementation cp --abi "$abi" --abi none --abi abi3 "${platforms[@]}" -r "$reqs" -d "$out"
+"$py" -m pip wheel -q --no-deps --no-build-isolation "$root" -w "$out"
+printf 'python=%s\nabi=%s\narch=x86_64\n' "$target_py" "$abi" > "$out/target.txt"
+echo "$(ls "$out"/*.whl | wc -l) wheels, $(du -sm "$out" | cut -f1) MiB in $out" \
+  "(with the working tree at most 64 MiB travel to a GPU machine);" \
+  "install: pip install --no-index --find-links $out megatron-bdlora"

@@ -23,7 +23,8 @@ case "$py" in */*) py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" ;; esa
 preset="${PRESET:-tiny}"
 steps="${STEPS:-6}"
 half=$((steps / 2))
-if [ "${DEVICE:-cuda}" = "cpu" ]; then
+dev="${DEVICE:-cuda}"
+if [ "$dev" = "cpu" ]; then
   export CUDA_VISIBLE_DEVICES=""  # torch sees no GPU: gloo and CPU tensors throughout
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONUNBUFFERED=1 WANDB_MODE=offline
@@ -32,22 +33,27 @@ failed=""
 json="$out/gpu_smoke.json"
 records=""
 
-stage() {  # stage NAME CMD...: runs CMD, output to $out/NAME.log, prints one line
-  local name="$1" status t0; shift
+stage() {  # stage NAME CMD...: runs CMD, output to $out/NAME.log, prints one line. A stage's log
+  # line "SKIP why" makes it a SKIP, "SUMMARY text" goes on its line; $out/NAME.json (an object it
+  # may write) goes into its record as "result".
+  local name="$1" status t0 summary result=""; shift
   t0=$(date +%s)
+  rm -f "$out/$name.json"
   if [ -n "$failed" ]; then
     status=SKIP; echo "SKIP $name (after $failed failed)"
   elif "$@" > "$out/$name.log" 2>&1; then
+    summary="$(grep -m1 '^SUMMARY ' "$out/$name.log" | cut -c9-)"
     if grep -q '^SKIP' "$out/$name.log"; then
       status=SKIP; echo "SKIP $name ($(grep -m1 '^SKIP' "$out/$name.log" | cut -c6-))"
     else
-      status=PASS; echo "PASS $name"
+      status=PASS; echo "PASS $name${summary:+: $summary}"
     fi
   else
     status=FAIL; echo "FAIL $name (log: $out/$name.log)"; tail -n 5 "$out/$name.log" | sed 's/^/    /'
     failures=$((failures + 1)); failed="$name"
   fi
-  records="$records{\"stage\": \"$name\", \"status\": \"$status\", \"seconds\": $(( $(date +%s) - t0 ))},"
+  [ -s "$out/$name.json" ] && result=", \"result\": $(cat "$out/$name.json")"
+  records="$records{\"stage\": \"$name\", \"status\": \"$status\", \"seconds\": $(( $(date +%s) - t0 ))$result},"
 }
 
 install() {
@@ -182,7 +188,104 @@ te() {
   echo "SKIP TE stage not added yet"
 }
 
-echo "gpu_smoke: device ${DEVICE:-cuda}, preset $preset, out $out"
+cpu_ckpt() {  # a checkpoint saved on CPU, resumed on the device: the RNG tracker is reseeded there
+  local src=ckpt log="$out/resume.out"  # on CPU, the resume stage's is one
+  if [ "$dev" != cpu ]; then
+    rm -rf "$out/cpu_saved"
+    CUDA_VISIBLE_DEVICES="" trainer cpu_saved --exit-after-iters "$half" || return 1
+    src=cpu_saved log="$out/cpu_resumed.out"
+    trainer cpu_saved --load cpu_saved > "$log" || return 1
+  fi
+  "$py" - "$out/$src/step_$(printf '%08d' "$half")/trainer_state.json" "$log" <<'PYEOF'
+import json, sys
+from megatron_bdlora.training.rng_state import device_kind
+saved = json.load(open(sys.argv[1]))["rng"]["device"]
+lines = [l for l in open(sys.argv[2]) if "RNG: checkpoint saved" in l or "resumed from" in l]
+print("".join(lines), end="")
+assert saved == "cpu", f"saved on {saved}, not cpu"
+reseeded = [l for l in lines if "RNG: checkpoint saved on cpu" in l]
+if device_kind() != "cpu":  # kinds differ: the tracker is reseeded, in one line
+    assert len(reseeded) == 1 and f"resuming on {device_kind()}" in reseeded[0], lines
+else:  # CPU -> CPU: the tracker is restored, not reseeded
+    assert not reseeded, lines
+assert any("resumed from" in l for l in lines), lines
+print(f"SUMMARY saved on cpu, resumed on {device_kind()}, tracker "
+      f"{'reseeded' if reseeded else 'restored'}")
+PYEOF
+}
+
+# the Llama-3.2-1B shape at seq 2048 in bf16 on a GPU; tiny on CPU. vs_peft's BD-LoRA (r=32, N=4)
+# is the config whose memory is measured.
+if [ "$dev" = cpu ]; then
+  perf=(--smoke --reps 1) mem=(tiny 2 64)
+else
+  perf=(--preset llama3.2-1b --layers 16 --seq-len 2048 --batch 4 --dtype bf16 --device cuda
+        --steps 2 --reps 3 --warmup 1) mem=(llama3.2-1b 4 2048)
+fi
+
+vs_peft() {  # tokens/s and MFU of the trainer's step vs transformers + PEFT, side by side
+  (cd "$out" && OMP_NUM_THREADS="$(nproc)" "$py" "$root/tools/benchmark_vs_peft.py" "${perf[@]}" \
+    --json vs_peft_report.json --png vs_peft.png) || return 1
+  "$py" - "$out/vs_peft_report.json" "$out/vs_peft.json" <<'PYEOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+out, parts = {}, []
+for kind, v in r["results"].items():
+    out[kind] = {who: {k: v[who].get(k) for k in ("tokens_per_s", "mfu", "step_ms_median")}
+                 for who in ("ours", "peft")} | {"ours_over_peft": v["speedup_vs_peft"]["median"]}
+    ours, peft = (f"{v[w]['tokens_per_s']:.0f} tok/s" + (f" MFU {v[w]['mfu']:.3f}" if "mfu" in v[w] else "")
+                  for w in ("ours", "peft"))
+    parts.append(f"{kind} ours {ours}, PEFT {peft} (x{out[kind]['ours_over_peft']:.2f})")
+c = r["config"]
+out["config"] = {k: c[k] for k in ("preset", "layers", "batch", "seq_len", "dtype", "device")}
+json.dump(out, open(sys.argv[2], "w"))
+print("SUMMARY " + "; ".join(parts))
+PYEOF
+}
+
+memory() {  # peak allocated memory per training step vs tools/estimate_memory.py, same config
+  "$py" "$root/tools/estimate_memory.py" --model-preset "${mem[0]}" --micro-batch-size "${mem[1]}" \
+    --seq-length "${mem[2]}" --adapter bdlora --lora-rank 32 --bd-nblocks 4 --overhead-gb 0 \
+    --json > "$out/estimate.json" || return 1
+  MEM="${mem[*]}" OMP_NUM_THREADS="$(nproc)" "$py" -m torch.distributed.run --standalone \
+    --nproc-per-node 1 - "$out/estimate.json" "$out/memory.json" <<'PYEOF'
+import json, os, sys
+import torch
+est = json.load(open(sys.argv[1]))
+predicted = est["train_total"]  # the allocator's part: --overhead-gb 0 (no CUDA context, NCCL)
+if not torch.cuda.is_available():
+    json.dump({"predicted_bytes": predicted, "measured": "skipped on cpu"}, open(sys.argv[2], "w"))
+    print(f"SKIP on cpu: no CUDA allocator to measure; predicted {predicted / 2**30:.3f} GiB")
+    sys.exit()
+from megatron_bdlora.benchmarks.timing import adapter_configs, build_models
+from megatron_bdlora.benchmarks.training import TrainerStep
+from megatron_bdlora.models.presets import get_preset
+from megatron_bdlora.parallel import device, init_distributed
+preset, batch, seq = os.environ["MEM"].split()
+init_distributed(1)
+hf = get_preset(preset)
+cfg = adapter_configs(hf, 16, 32, 4)["bd"]
+trainer = TrainerStep(build_models(hf, {"bd": cfg}, dtype=torch.bfloat16)["bd"], 1e-4)
+ids = torch.randint(2, hf["vocab_size"], (int(batch), int(seq)), device=device())
+labels = ids.roll(-1, 1)
+peaks = []
+for _ in range(3):  # the first step also allocates AdamW's states
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    trainer.step(ids, labels)
+    torch.cuda.synchronize()
+    peaks.append(torch.cuda.max_memory_allocated())
+ratio = max(peaks) / predicted
+json.dump({"peak_bytes_per_step": peaks, "predicted_bytes": predicted, "ratio": ratio,
+           "config": {"preset": preset, "micro_batch": int(batch), "seq": int(seq), "adapter": cfg.to_dict()}},
+          open(sys.argv[2], "w"))
+print(f"SUMMARY peak {max(peaks) / 2**30:.2f} GiB per step, predicted {predicted / 2**30:.2f} "
+      f"(x{ratio:.2f})")
+assert 0.7 < ratio < 1.3, f"measured / predicted = {ratio:.2f}: the memory model is off by over 30%"
+PYEOF
+}
+
+echo "gpu_smoke: device $dev, preset $preset, out $out"
 stage install install
 stage nccl nccl
 stage train train
@@ -191,9 +294,10 @@ stage eval evaluate
 stage export export_peft
 stage sdpa sdpa
 stage te te
-# not yet here (issue 17): a CPU-saved checkpoint resumed on the GPU, tokens/s + MFU vs
-# transformers + PEFT on the Llama-3.2-1B shape, peak memory vs tools/estimate_memory.py
+stage cpu_ckpt cpu_ckpt
+stage vs_peft vs_peft
+stage memory memory
 printf '{"device": "%s", "preset": "%s", "failures": %d, "stages": [%s]}\n' \
-  "${DEVICE:-cuda}" "$preset" "$failures" "${records%,}" > "$json"
+  "$dev" "$preset" "$failures" "${records%,}" > "$json"
 echo "results: $json"
 exit "$failures"
