@@ -19,6 +19,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:?usage: tools/gpu_smoke.sh OUTDIR}"
 mkdir -p "$out" && out="$(cd "$out" && pwd)"
 py="${PYTHON:-python3}"
+[ -z "${WHEELS:-}" ] || WHEELS="$(cd "$WHEELS" && pwd)"
 case "$py" in */*) py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" ;; esac  # we cd below
 preset="${PRESET:-tiny}"
 steps="${STEPS:-6}"
@@ -61,22 +62,22 @@ install() {
     "$py" -c "import megatron.core, megatron_bdlora" && echo "already installed"; return
   fi
   # the folder's target first, in one line: a wrong Python or CPU cannot import megatron-core
-  "$py" - "$WHEELS/target.txt" <<'PYEOF' || return 1
+  local target
+  target="$("$py" - "$WHEELS/target.txt" <<'PYEOF'
 import platform, sys
 want = dict(line.strip().split("=", 1) for line in open(sys.argv[1]) if "=" in line)
 have = {"python": f"{sys.version_info[0]}.{sys.version_info[1]}",
-        "abi": f"cp{sys.version_info[0]}{sys.version_info[1]}",
-        "platform": platform.machine()}
-bad = [f"{k} {have[k]} (wheels: {want[k]})" for k in ("python", "abi") if want.get(k) != have[k]]
-if have["platform"] not in want.get("platform", ""):
-    bad.append(f"platform {have['platform']} (wheels: {want.get('platform')})")
+        "abi": f"cp{sys.version_info[0]}{sys.version_info[1]}", "arch": platform.machine()}
+bad = [f"{k} {have[k]} (wheels: {want.get(k)})" for k in have if want.get(k) != have[k]]
 if bad:
     sys.exit("wheel folder does not fit this machine: " + ", ".join(bad) + "; rebuild it with "
-             "TARGET_PYTHON / TARGET_PLATFORM (tools/build_wheels.sh)")
-print("target ok:", have)
+             f"TARGET_PYTHON={have['python']} tools/build_wheels.sh on a machine with network")
+print(f"python {have['python']} {have['abi']} {have['arch']}")
 PYEOF
+)" || return 1
   # by name: the folder resolves what is missing; satisfied packages (CUDA torch ...) stay
-  "$py" -m pip install --no-index --find-links "$WHEELS" megatron-bdlora
+  "$py" -m pip install --no-index --find-links "$WHEELS" megatron-bdlora | tee "$out/pip.out" || return 1
+  echo "SUMMARY wheels fit $target; $(grep -m1 '^Successfully' "$out/pip.out" || echo 'all satisfied')"
 }
 
 nccl() {
