@@ -89,15 +89,18 @@ def _rank(tmp):
                  "clipped": float(torch.cat([p.grad.reshape(-1) for p in params]).norm())}
 
     # ---- fixed eval data ----
-    from megatron_bdlora.data import DataIterator, DistributedBatchSampler
+    import datasets
+
+    from megatron_bdlora.data import DataIterator, DistributedBatchSampler, build_dataset
 
     g = torch.Generator().manual_seed(3)
-    rows = []
-    for i in range(24):
-        ids = torch.randint(0, model.hf_config["vocab_size"], (SEQ,), generator=g)
-        labels = ids.roll(-1)
-        labels[: i % SEQ] = -100
-        rows.append({"input_ids": ids, "labels": labels, "document_ids": torch.zeros(SEQ, dtype=torch.long)})
+    records = {"input_ids": [torch.randint(0, model.hf_config["vocab_size"], (SEQ,), generator=g).tolist()
+                             for _ in range(24)],
+               # 1 to SEQ - 1 targets per record (uneven masks)
+               "loss_mask": [[0] * (i % (SEQ - 1) + 1) + [1] * (SEQ - 1 - i % (SEQ - 1)) for i in range(24)]}
+    rows = build_dataset(datasets.Dataset.from_dict(records), None, SEQ,
+                         cache_dir=os.path.join(tmp, f"cache-{dp_rank}"))
+    assert len(rows) == 24
     sampler = DistributedBatchSampler(len(rows), MICRO, dp_rank=dp_rank, dp_size=2,
                                       global_batch_size=8, seed=5)
     it = DataIterator(rows, sampler)
@@ -111,7 +114,7 @@ def _rank(tmp):
         s, n = lm_loss(model, ids, labels, reduction="sum")
     whole = trainer.evaluate(model, it, 100)  # more than the set holds: each record once
     out["eval"] = {"first": first, "second": second, "ref_loss": float(s / n), "ref_tokens": int(n),
-                   "whole": whole["tokens"], "all_tokens": sum(int((r["labels"] != -100).sum()) for r in rows)}
+                   "whole": whole["tokens"], "all_tokens": sum(int((rows[i]["labels"] != -100).sum()) for i in range(len(rows)))}
 
     # ---- recompute with adapters vs plain ----
     res = {}

@@ -8,7 +8,7 @@ slice into micro-batches (more than one per rank means gradient accumulation).
 
 import torch
 
-from megatron_bdlora.data.packing import collate
+from megatron_bdlora.data.packing import RowDataset
 from megatron_bdlora.errors import InputError
 
 
@@ -110,17 +110,14 @@ class DataIterator:
     """Endless iterator of collated micro-batches (dicts of [b, s] tensors) over epochs, built in
     the calling process so that `state_dict()` reflects exactly the batches returned so far."""
 
-    def __init__(self, dataset, sampler: DistributedBatchSampler):
+    def __init__(self, dataset: RowDataset, sampler: DistributedBatchSampler):
         self.dataset, self.sampler = dataset, sampler
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        indices = self.sampler.next_indices()
-        if hasattr(self.dataset, "batch"):
-            return self.dataset.batch(indices)
-        return collate([self.dataset[i] for i in indices])
+        return self.dataset.batch(self.sampler.next_indices())
 
     @property
     def epoch(self) -> int:
