@@ -117,7 +117,28 @@ def build_model(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32,
     )
     model.rotary_pos_emb.inv_freq = rope_inv_freq(hf).to(model.rotary_pos_emb.inv_freq.device)
     model.hf_config = dict(hf)
+    if not init:
+        _mark_tensor_parallel(model)
     return model
+
+
+def _mark_tensor_parallel(model) -> None:
+    """Megatron-Core marks a parallel layer's weight `tensor_model_parallel` (with its partition
+    dim and stride) inside its init functions only, which init=False skips: unmarked, each TP
+    shard reads as a TP duplicate (the global grad norm counted it 1/TP times). Marked here as
+    init would (the stride: SwiGLU's fc1 holds interleaved [gate, up] rows, core/transformer/mlp.py)."""
+    from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                               VocabParallelEmbedding)
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    dims = ((ColumnParallelLinear, 0), (RowParallelLinear, 1), (VocabParallelEmbedding, 0))
+    for name, module in model.named_modules():
+        dim = next((d for cls, d in dims if isinstance(module, cls)), None)
+        weight = getattr(module, "weight", None)  # a tied output layer holds none
+        if dim is None or weight is None or hasattr(weight, "tensor_model_parallel"):
+            continue
+        stride = 2 if name.endswith("linear_fc1") and module.config.gated_linear_unit else 1
+        set_tensor_model_parallel_attributes(weight, True, dim, stride)
 
 
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
