@@ -9,8 +9,9 @@
    with N=--nblocks at the largest rank whose parameter count does not pass each LoRA rank's
    (`--match-lora-rank-params`), every config for every --seeds (adapter init + data order), same
    data and steps for all.
-   Each config's learning rate is picked from --lrs on the first seed by validation loss; the
-   other seeds then run at that rate.
+   Each config's learning rate is picked from --lrs on the first seed by validation loss (or, with
+   --tune-lora-rank R, each method's, on LoRA rank R and its matched BD-LoRA); the other seeds
+   then run at that rate.
 4. Test loss (completion tokens, the whole test split, disjoint from validation) and greedy exact
    match on test, per run; mean and spread over seeds; each LoRA rank beside its parameter-matched
    BD-LoRA.
@@ -51,11 +52,13 @@ EVAL_ACCURACY = os.path.join(ROOT, "tools", "eval_accuracy.py")
 BASES = {
     "tiny": dict(lora_ranks=[2, 4, 8, 16, 32], nblocks=4, seeds=[0, 1, 2], lrs=[2e-3, 4e-3],
                  num_train=4000, num_eval=384, train_iters=800, micro_batch_size=32,
-                 seq_length=32),
+                 seq_length=32, evals=4, tune_lora_rank=None),
     # SmolLM2's 3 KV heads: BD-LoRA serves at TP in {1, 3}, so N=3. 56 tokens at most per record.
+    # A step costs ~100x the tiny model's: fewer steps, evals, and one learning-rate search per
+    # method.
     "smollm2": dict(lora_ranks=[2, 4, 8, 16], nblocks=3, seeds=[0, 1], lrs=[1e-3, 3e-3],
-                    num_train=512, num_eval=64, train_iters=64, micro_batch_size=8,
-                    seq_length=64),
+                    num_train=384, num_eval=64, train_iters=48, micro_batch_size=8,
+                    seq_length=64, evals=2, tune_lora_rank=8),
 }
 
 
@@ -79,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--train-iters", type=int)
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--seq-length", type=int)
+    p.add_argument("--evals", type=int, help="validation evaluations per run, after step 0")
+    p.add_argument("--tune-lora-rank", type=int, help="pick each method's learning rate on this "
+                   "LoRA rank and its matched BD-LoRA only (default: every config's own)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one core each)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the pipeline only")
     args = p.parse_args(argv)
@@ -153,8 +159,8 @@ class Experiment:
         self.args, self.out = args, out
         self.paths, self.base_hf = prepare(args, out)
         self.eval_iters = math.ceil(args.num_eval / args.micro_batch_size)  # a whole split
-        # 4 or more evals per run, the last one at the last step
-        self.eval_interval = max(d for d in range(1, max(args.train_iters // 4, 1) + 1)
+        # --evals or more evals per run, the last one at the last step
+        self.eval_interval = max(d for d in range(1, max(args.train_iters // args.evals, 1) + 1)
                                  if args.train_iters % d == 0)
 
     def run_dir(self, cfg, seed, lr) -> str:
@@ -337,13 +343,21 @@ def main(argv=None):
     with open(os.path.join(exp.base_hf, "config.json")) as f:
         configs = adapter_configs(args, json.load(f))
     tune_seed, *other_seeds = args.seeds
-    print(f"{len(configs)} adapter configs; learning rates {args.lrs} on seed {tune_seed}, then "
-          f"seeds {other_seeds} at each config's best; {args.jobs} runs at a time", flush=True)
-    tuning = [(cfg, tune_seed, lr) for cfg in configs for lr in args.lrs]
+    print(f"{len(configs)} adapter configs; learning rates {args.lrs} on seed {tune_seed} "
+          f"({'each config' if args.tune_lora_rank is None else f'each method at LoRA rank {args.tune_lora_rank}'}),"
+          f" then seeds {other_seeds} at the best; {args.jobs} runs at a time", flush=True)
+    searched = [c for c in configs
+                if args.tune_lora_rank in (None, c[1] if c[0] == "lora" else c[2])]
+    tuning = [(cfg, tune_seed, lr) for cfg in searched for lr in args.lrs]
     tuned = dict(zip(tuning, run_parallel(tuning, exp.train, args.jobs)))
-    best_lr = {cfg: min(args.lrs, key=lambda lr: tuned[(cfg, tune_seed, lr)]["val_loss"])
-               for cfg in configs}
-    final = [(cfg, seed, best_lr[cfg]) for cfg in configs for seed in other_seeds]
+
+    def lr_for(cfg):  # the best of its own search, or of its method's
+        src = cfg if cfg in searched else next(c for c in searched if c[0] == cfg[0])
+        return min(args.lrs, key=lambda lr: tuned[(src, tune_seed, lr)]["val_loss"])
+
+    best_lr = {cfg: lr_for(cfg) for cfg in configs}
+    final = [(cfg, seed, best_lr[cfg]) for cfg in configs for seed in args.seeds
+             if (cfg, seed, best_lr[cfg]) not in tuned]
     trained = {**tuned, **dict(zip(final, run_parallel(final, exp.train, args.jobs)))}
     chosen = [(cfg, seed, best_lr[cfg]) for cfg in configs for seed in args.seeds]
     scores = run_parallel(chosen, exp.score, args.jobs)
