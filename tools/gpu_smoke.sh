@@ -5,14 +5,29 @@
 #   WHEELS=/path/to/wheels tools/gpu_smoke.sh OUTDIR   # install from the folder, then test on CUDA
 #   DEVICE=cpu tools/gpu_smoke.sh OUTDIR                # the same stages on CPU (gloo), tiny size
 #
-# WHEELS: a folder made by tools/build_wheels.sh; its target.txt (python / ABI / platform) is
+# Through the device tool (docs/gpu_check.md): first, here, with network,
+#   TARGET_HAS=tools/gpu_image.txt tools/build_wheels.sh wheels/gpu    # ~27 MiB, gitignored
+# then run(carry=["wheels/gpu"], timeout_s=480, command=
+#   "WHEELS=wheels/gpu tools/gpu_smoke.sh /tmp/smoke; rc=$?; cd /tmp/smoke;
+#    cp gpu_smoke.json vs_peft.png $OUT/; tar czf $OUT/smoke_logs.tgz *.log *.out *.json; exit $rc")
+#
+# WHEELS: a folder made by tools/build_wheels.sh; its target.txt (python / ABI / arch) is
 # checked first, in one line. The project is installed by name (--no-index --find-links), so
 # what the machine already has (CUDA torch and its dependencies) stays. Without WHEELS the
 # packages must already be importable. Env: PYTHON (default python3), PRESET (default tiny),
 # STEPS (default 6). Stages: install, nccl, train (bf16 through the torchrun line, saves at
 # STEPS/2), resume (--load to STEPS; adapters bit-exact vs an uninterrupted run), eval
 # (--eval-only), export (hf-peft, bf16), sdpa (each kernel the device has vs local), te (Transformer
-# Engine tests; SKIP without TE). OUTDIR/gpu_smoke.json: every stage's status and seconds.
+# Engine tests; SKIP without TE), cpu_ckpt (a run saved on the CPU resumed on the device: the RNG
+# tracker reseeded in one line when the kinds differ, restored when not), vs_peft (tokens/s and
+# MFU of the trainer's step vs transformers + PEFT LoRA and BD-LoRA, tools/benchmark_vs_peft.py on
+# the Llama-3.2-1B shape, seq 2048, batch 4, bf16; tiny on CPU), memory (peak allocated bytes per
+# step of vs_peft's BD-LoRA config vs tools/estimate_memory.py, within 30%; SKIP on CPU after the
+# estimate). OUTDIR/gpu_smoke.json: every stage's status, seconds and result.
+# Time on an H200 (estimated, never run yet): machine start and transfer 1-2 min; install ~30 s;
+# eight tiny-preset launches (train, 2x resume, eval, 2x cpu_ckpt, sdpa, nccl) at ~15-25 s each
+# (imports + CUDA init dominate) ~3 min; export ~10 s; vs_peft ~1 min (three 1.2B models drawn
+# on the CPU, 45 steps of ~0.1-0.3 s); memory ~30 s: ~5 min of stages, ~7 min with start-up.
 # Exit status: the number of failures.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -77,7 +92,9 @@ PYEOF
 )" || return 1
   # by name: the folder resolves what is missing; satisfied packages (CUDA torch ...) stay
   "$py" -m pip install --no-index --find-links "$WHEELS" megatron-bdlora | tee "$out/pip.out" || return 1
-  echo "SUMMARY wheels fit $target; $(grep -m1 '^Successfully' "$out/pip.out" || echo 'all satisfied')"
+  local n
+  n=$(grep -m1 '^Successfully installed' "$out/pip.out" | wc -w)
+  echo "SUMMARY wheels fit $target; $((n > 2 ? n - 2 : 0)) packages installed, the rest satisfied"
 }
 
 nccl() {
@@ -126,67 +143,10 @@ print(len(a), "adapter tensors bit-exact")
 PYEOF
 }
 
-evaluate() {
-  trainer ckpt --eval-only --load ckpt | grep '"loss"'
-}
-
-export_peft() {
-  rm -rf "$out/peft"
-  "$py" "$root/tools/convert_checkpoint.py" export --load "$out/ckpt" --format hf-peft \
-    --out "$out/peft" || return 1
-  "$py" - "$out/peft" <<'PYEOF'
-import os, sys, torch
-from safetensors.torch import load_file
-t = load_file(os.path.join(sys.argv[1], "adapter_model.safetensors"))
-assert t and {v.dtype for v in t.values()} == {torch.bfloat16}, {v.dtype for v in t.values()}
-print(len(t), "tensors, bf16")
-PYEOF
-}
-
-sdpa() {  # every SDPA kernel the device has, forced, against Megatron's local attention
-  "$py" -m torch.distributed.run --standalone --nproc-per-node 1 - <<'PYEOF'
-import torch
-from megatron_bdlora.data.packing import attention_mask_from_document_ids
-from megatron_bdlora.models import attention
-from megatron_bdlora.models.llama import build_model, forward_logits
-from megatron_bdlora.models.presets import get_preset
-from megatron_bdlora.parallel import device, init_distributed
-from megatron_bdlora.parallel.cpu_compat import seed_model_parallel
-init_distributed(1)
-hf, dev = get_preset("tiny"), device()
-dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-models = {}
-for backend in ("local", "sdpa"):
-    seed_model_parallel(1234)
-    models[backend] = build_model(hf, 1, dtype, attention_backend=backend).to(dev).eval()
-ids = torch.randint(0, hf["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(0)).to(dev)
-docs = (torch.arange(64) >= 30).long().expand(2, 64)
-calls = {"causal": (ids, None), "masked": (ids, attention_mask_from_document_ids(docs).to(dev))}
-ran = []
-with torch.no_grad():
-    ref = {k: forward_logits(models["local"], *a).float() for k, a in calls.items()}
-    for kernel in attention.KERNELS:
-        attention.pin_kernel(kernel)
-        for kind, a in calls.items():
-            try:
-                got = forward_logits(models["sdpa"], *a).float()
-            except RuntimeError as e:
-                print(f"{kernel} {kind}: not available ({str(e).splitlines()[0][:80]})")
-                continue
-            err = float((got - ref[kind]).abs().max())
-            tol = 5e-2 if dtype == torch.bfloat16 else 1e-4
-            print(f"{kernel} {kind}: max |sdpa - local| = {err:.2e}")
-            assert err < tol * max(1.0, float(ref[kind].abs().max())), (kernel, kind, err)
-            ran.append((kernel, kind))
-assert ("math", "masked") in ran and any(k == "flash" for k, _ in ran), ran
-PYEOF
-}
-
-te() {
-  # ---- Transformer Engine stage: the TE engineer adds it here (runs tests/gpu/). It prints
-  # "SKIP <why>" and returns 0 when TE is absent. ----
+evaluate() {  # tests/gpu/test_te_gpu.py; SKIP without TE (the GPU image has none) or without a GPU
   "$py" -c "import transformer_engine" 2>/dev/null || { echo "SKIP Transformer Engine not installed"; return 0; }
-  echo "SKIP TE stage not added yet"
+  [ "$dev" != cpu ] || { echo "SKIP Transformer Engine needs a GPU"; return 0; }
+  (cd "$root" && "$py" -m pytest -x -q -s -p no:cacheprovider tests/gpu/test_te_gpu.py)
 }
 
 cpu_ckpt() {  # a checkpoint saved on CPU, resumed on the device: the RNG tracker is reseeded there
@@ -215,13 +175,13 @@ print(f"SUMMARY saved on cpu, resumed on {device_kind()}, tracker "
 PYEOF
 }
 
-# the Llama-3.2-1B shape at seq 2048 in bf16 on a GPU; tiny on CPU. vs_peft's BD-LoRA (r=32, N=4)
-# is the config whose memory is measured.
+# the Llama-3.2-1B shape at seq 2048 in bf16 on a GPU, tiny on CPU; the memory stage measures
+# vs_peft's BD-LoRA config (its report's config)
 if [ "$dev" = cpu ]; then
-  perf=(--smoke --reps 1) mem=(tiny 2 64)
+  perf=(--preset tiny --layers 2 --batch 2 --seq-len 64 --steps 1 --reps 1 --warmup 0)
 else
-  perf=(--preset llama3.2-1b --layers 16 --seq-len 2048 --batch 4 --dtype bf16 --device cuda
-        --steps 2 --reps 3 --warmup 1) mem=(llama3.2-1b 4 2048)
+  perf=(--preset llama3.2-1b --layers 16 --batch 4 --seq-len 2048 --dtype bf16 --device cuda
+        --steps 2 --reps 3 --warmup 1)
 fi
 
 vs_peft() {  # tokens/s and MFU of the trainer's step vs transformers + PEFT, side by side
@@ -232,8 +192,8 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 out, parts = {}, []
 for kind, v in r["results"].items():
-    out[kind] = {who: {k: v[who].get(k) for k in ("tokens_per_s", "mfu", "step_ms_median")}
-                 for who in ("ours", "peft")} | {"ours_over_peft": v["speedup_vs_peft"]["median"]}
+    out[kind] = {w: {k: v[w].get(k) for k in ("tokens_per_s", "mfu", "step_ms_median")}
+                 for w in ("ours", "peft")} | {"ours_over_peft": v["speedup_vs_peft"]["median"]}
     ours, peft = (f"{v[w]['tokens_per_s']:.0f} tok/s" + (f" MFU {v[w]['mfu']:.3f}" if "mfu" in v[w] else "")
                   for w in ("ours", "peft"))
     parts.append(f"{kind} ours {ours}, PEFT {peft} (x{out[kind]['ours_over_peft']:.2f})")
@@ -244,31 +204,36 @@ print("SUMMARY " + "; ".join(parts))
 PYEOF
 }
 
-memory() {  # peak allocated memory per training step vs tools/estimate_memory.py, same config
-  "$py" "$root/tools/estimate_memory.py" --model-preset "${mem[0]}" --micro-batch-size "${mem[1]}" \
-    --seq-length "${mem[2]}" --adapter bdlora --lora-rank 32 --bd-nblocks 4 --overhead-gb 0 \
-    --json > "$out/estimate.json" || return 1
-  MEM="${mem[*]}" OMP_NUM_THREADS="$(nproc)" "$py" -m torch.distributed.run --standalone \
-    --nproc-per-node 1 - "$out/estimate.json" "$out/memory.json" <<'PYEOF'
-import json, os, sys
+memory() {  # peak allocated memory per training step vs tools/estimate_memory.py, vs_peft's config
+  OMP_NUM_THREADS="$(nproc)" "$py" -m torch.distributed.run --standalone --nproc-per-node 1 - \
+    "$root/tools/estimate_memory.py" "$out/vs_peft_report.json" "$out/memory.json" <<'PYEOF'
+import dataclasses, json, subprocess, sys
 import torch
-est = json.load(open(sys.argv[1]))
-predicted = est["train_total"]  # the allocator's part: --overhead-gb 0 (no CUDA context, NCCL)
+from megatron_bdlora.benchmarks.vs_peft import DTYPES, VsPeftConfig
+from megatron_bdlora.models.presets import get_preset
+estimator, report, result = sys.argv[1:]
+c = json.load(open(report))["config"]
+cfg = VsPeftConfig(**{f.name: c[f.name] for f in dataclasses.fields(VsPeftConfig)})
+hf = cfg.hf()
+assert hf == get_preset(cfg.preset), "the estimator takes a preset's own layer count"
+flags = ["--model-preset", cfg.preset, "--micro-batch-size", cfg.batch, "--seq-length", cfg.seq_len,
+         "--adapter", "bdlora", "--lora-rank", cfg.bd_rank, "--bd-nblocks", cfg.bd_nblocks,
+         "--overhead-gb", 0, "--json"]  # overhead 0: the allocator's part (no CUDA context, NCCL)
+est = json.loads(subprocess.check_output([sys.executable, estimator, *map(str, flags)]))
+predicted = est["train_total"]
+record = {"predicted_bytes": predicted, "config": {k: c[k] for k in ("preset", "batch", "seq_len",
+          "dtype", "bd_rank", "bd_nblocks")}, "estimate_memory": flags}
 if not torch.cuda.is_available():
-    json.dump({"predicted_bytes": predicted, "measured": "skipped on cpu"}, open(sys.argv[2], "w"))
+    json.dump({**record, "measured": "skipped on cpu"}, open(result, "w"))
     print(f"SKIP on cpu: no CUDA allocator to measure; predicted {predicted / 2**30:.3f} GiB")
     sys.exit()
 from megatron_bdlora.benchmarks.timing import adapter_configs, build_models
-from megatron_bdlora.benchmarks.training import TrainerStep
-from megatron_bdlora.models.presets import get_preset
+from megatron_bdlora.benchmarks.training import TrainerStep, random_batch
 from megatron_bdlora.parallel import device, init_distributed
-preset, batch, seq = os.environ["MEM"].split()
 init_distributed(1)
-hf = get_preset(preset)
-cfg = adapter_configs(hf, 16, 32, 4)["bd"]
-trainer = TrainerStep(build_models(hf, {"bd": cfg}, dtype=torch.bfloat16)["bd"], 1e-4)
-ids = torch.randint(2, hf["vocab_size"], (int(batch), int(seq)), device=device())
-labels = ids.roll(-1, 1)
+acfg = adapter_configs(hf, cfg.lora_rank, cfg.bd_rank, cfg.bd_nblocks)["bd"]
+trainer = TrainerStep(build_models(hf, {"bd": acfg}, cfg.seed, dtype=DTYPES[cfg.dtype])["bd"], cfg.lr)
+ids, labels = (t.to(device()) for t in random_batch(cfg, 0))
 peaks = []
 for _ in range(3):  # the first step also allocates AdamW's states
     torch.cuda.synchronize()
@@ -277,9 +242,7 @@ for _ in range(3):  # the first step also allocates AdamW's states
     torch.cuda.synchronize()
     peaks.append(torch.cuda.max_memory_allocated())
 ratio = max(peaks) / predicted
-json.dump({"peak_bytes_per_step": peaks, "predicted_bytes": predicted, "ratio": ratio,
-           "config": {"preset": preset, "micro_batch": int(batch), "seq": int(seq), "adapter": cfg.to_dict()}},
-          open(sys.argv[2], "w"))
+json.dump({**record, "peak_bytes_per_step": peaks, "ratio": ratio}, open(result, "w"))
 print(f"SUMMARY peak {max(peaks) / 2**30:.2f} GiB per step, predicted {predicted / 2**30:.2f} "
       f"(x{ratio:.2f})")
 assert 0.7 < ratio < 1.3, f"measured / predicted = {ratio:.2f}: the memory model is off by over 30%"
