@@ -24,21 +24,22 @@ mkdir -p "$out"
 rm -f "$out"/*.whl "$out/target.txt"
 reqs="$(mktemp)"
 trap 'rm -f "$reqs"' EXIT
-"$py" - "$target_py" "${TARGET_HAS:-}" > "$reqs" <<'PYEOF'
-import importlib.metadata as md, sys
+"$py" -m pip wheel -q --no-deps --no-build-isolation "$root" -w "$out"
+"$py" - "$target_py" "${TARGET_HAS:-}" "$out"/megatron_bdlora-*.whl > "$reqs" <<'PYEOF'
+import email, importlib.metadata as md, sys, zipfile
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name as canon
 
-target, has_file = sys.argv[1], sys.argv[2]
+target, has_file, ours = sys.argv[1:]
 env = {"python_version": target, "python_full_version": target + ".0", "sys_platform": "linux",
        "platform_machine": "x86_64", "platform_system": "Linux", "os_name": "posix"}
 
-def closure(name, skip=frozenset()):
-    """{canonical name: installed version} of `name`'s requirements, recursively."""
-    seen, todo = {}, [(name, ())]
+def closure(requires, skip=frozenset()):
+    """{canonical name: installed version} of the requirements `requires`, recursively."""
+    seen, todo = {}, [(requires, ())]
     while todo:
-        dist, extras = todo.pop()
-        for line in md.requires(dist) or []:
+        lines, extras = todo.pop()
+        for line in lines:
             r = Requirement(line)
             if r.marker and not any(r.marker.evaluate({**env, "extra": e}) for e in ("", *extras)):
                 continue
@@ -46,12 +47,14 @@ def closure(name, skip=frozenset()):
             if n in skip or (n in seen and not r.extras):
                 continue
             seen[n] = md.version(r.name)
-            todo.append((r.name, tuple(r.extras)))
+            todo.append((md.requires(r.name) or [], tuple(r.extras)))
     return seen
 
 has = {canon(l.split("#")[0].strip()) for l in open(has_file) if l.split("#")[0].strip()} if has_file else set()
-torch_side = {"torch", *closure("torch")}
-for n, v in sorted(closure("megatron-bdlora", skip=torch_side | has).items()):
+with zipfile.ZipFile(ours) as z:  # the requirements of the wheel just built, not of a stale install
+    meta = email.message_from_bytes(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))))
+torch_side = {"torch", *closure(md.requires("torch") or [])}
+for n, v in sorted(closure(meta.get_all("Requires-Dist") or [], skip=torch_side | has).items()):
     print(f"{n}=={v.removesuffix('+cpu')}")
 PYEOF
 # pip matches manylinux tags exactly: name every glibc level a wheel may carry (2.17 ... 2.39)
@@ -59,7 +62,6 @@ platforms=(--platform any --platform manylinux2014_x86_64 --platform manylinux1_
 for n in $(seq 17 39); do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
 "$py" -m pip download -q --no-deps --only-binary=:all: --python-version "$target_py" \
   --implementation cp --abi "$abi" --abi none --abi abi3 "${platforms[@]}" -r "$reqs" -d "$out"
-"$py" -m pip wheel -q --no-deps --no-build-isolation "$root" -w "$out"
 printf 'python=%s\nabi=%s\narch=x86_64\n' "$target_py" "$abi" > "$out/target.txt"
 echo "$(ls "$out"/*.whl | wc -l) wheels, $(du -sm "$out" | cut -f1) MiB in $out" \
   "(with the working tree at most 64 MiB travel to a GPU machine);" \
