@@ -1,7 +1,18 @@
-"""Run a function on N gloo ranks (spawned processes) with Megatron-Core parallel state set up."""
+"""Run a function on N gloo ranks (spawned processes) with Megatron-Core parallel state set up.
 
+The ranks of each world size start once per test session and serve every later call: starting a
+rank (importing torch, Megatron-Core, transformers) costs seconds on 2 cores, more than most
+checks. Each call sets up its TP x DP groups and seeds as a fresh process would. Ranks are not
+reused after a call that failed, tore the process group down (the trainer's train() does) or
+installed the TE stand-in.
+"""
+
+import atexit
+import gc
 import os
 import pickle
+import queue
+import threading
 import traceback
 
 import torch.multiprocessing as mp
@@ -9,45 +20,109 @@ import torch.multiprocessing as mp
 from megatron_bdlora.parallel.distributed import free_port
 
 
-def _worker(rank, world, tp, port, fn, args, queue):
+def _serve(rank, world, port, tasks, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
+    import torch.distributed as dist
 
     torch.set_num_threads(1)
     from megatron_bdlora.parallel import destroy_distributed, init_distributed
+    from megatron_bdlora.te import guard
 
-    try:
-        init_distributed(tp, seed=1234)
-        # Plain pickle bytes: torch's queue pickler would share tensors through file descriptors
-        # that vanish when this process exits before the parent has read them.
-        result = pickle.dumps(fn(*args))
-        queue.put((rank, "ok", result))
-    except BaseException:
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        destroy_distributed()
+    parent = os.getppid()
+    while True:
+        try:
+            task = tasks.get(timeout=5)
+        except queue.Empty:
+            if os.getppid() != parent:  # the test session died without closing its ranks
+                break
+            continue
+        if task is None:
+            break
+        fn, tp, args = pickle.loads(task)
+        try:
+            init_distributed(tp, seed=1234)
+            # Plain pickle bytes: torch's queue pickler would share tensors through file
+            # descriptors that vanish when this process exits before the parent has read them.
+            status, value = "ok", pickle.dumps(fn(*args))
+        except BaseException:
+            status, value = "error", traceback.format_exc()
+        reusable = status == "ok" and dist.is_initialized() and not guard._injected
+        results.put((rank, status, value, reusable))
+        del fn, args
+        gc.collect()
+        if not reusable:
+            break
+    destroy_distributed()
+
+
+class _Ranks:
+    """`world` spawned ranks in one gloo process group, each serving calls from its own queue."""
+
+    def __init__(self, world: int):
+        ctx = mp.get_context("spawn")
+        self.world, self.results = world, ctx.Queue()
+        self.tasks = [ctx.Queue() for _ in range(world)]
+        port = free_port()
+        # daemonic: an interpreter that exits without close_all (a crash) still ends them
+        self.procs = [ctx.Process(target=_serve, args=(r, world, port, self.tasks[r], self.results),
+                                  daemon=True) for r in range(world)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn, tp: int, args, timeout: float) -> tuple[list, bool]:
+        """fn(*args)'s per-rank results (rank order) and whether every rank can serve again."""
+        task = pickle.dumps((fn, tp, args))
+        for q in self.tasks:
+            q.put(task)
+        results, reusable = {}, True
+        for _ in range(self.world):
+            rank, status, value, ok = self.results.get(timeout=timeout)
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            results[rank] = pickle.loads(value)
+            reusable &= ok
+        return [results[r] for r in range(self.world)], reusable
+
+    def close(self, wait: float = 30):
+        for q in self.tasks:
+            q.put(None)
+        for p in self.procs:
+            p.join(timeout=wait)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+_IDLE: dict = {}  # world size -> _Ranks waiting for the next call
+_LOCK = threading.Lock()
 
 
 def run_distributed(fn, world_size: int, tp: int | None = None, *args, timeout: float = 600):
     """Run fn(*args) on every rank; return the list of per-rank results (rank order)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, tp or world_size, port, fn, args, queue))
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results = {}
+    with _LOCK:  # taken out while in use: a concurrent call of the same size starts its own
+        ranks = _IDLE.pop(world_size, None)
+    ranks = ranks or _Ranks(world_size)
+    reusable = False
     try:
-        for _ in range(world_size):
-            rank, status, value = queue.get(timeout=timeout)
-            if status == "error":
-                raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = pickle.loads(value)
+        out, reusable = ranks.run(fn, tp or world_size, args, timeout)
+        return out
     finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world_size)]
+        with _LOCK:
+            spare = ranks if not reusable or world_size in _IDLE else None
+            if spare is None:
+                _IDLE[world_size] = ranks
+        if spare is not None:
+            # after a failure some ranks may wait in a collective for a peer that is gone
+            spare.close(wait=30 if reusable else 5)
+
+
+@atexit.register
+def close_all():
+    """Stop every idle rank (at the test session's end)."""
+    with _LOCK:
+        pools = list(_IDLE.values())
+        _IDLE.clear()
+    for ranks in pools:
+        ranks.close()
