@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.dist_utils import run_distributed
-from tests.reference import random_factors, tiny_hf
-from tests.test_core import _layouts
+from tests.helpers import batch, layouts, megatron_model
+from tests.reference import random_factors
 
 from megatron_bdlora.adapters import AdapterConfig
 
@@ -143,16 +143,14 @@ def _run_multi(model, ids, hf, index):
 
 
 def _worker(hf, sd, factors, stacks):
-    from tests.test_core import _batch, _model
-
     from megatron_bdlora.adapters import AdapterLinear, load_global_adapter_state
     from megatron_bdlora.inference import load_adapter_stack
 
-    ids, labels = _batch()
+    ids, labels = batch()
     new_forward = AdapterLinear.forward
     out = {}
     for name, cfg in CONFIGS.items():
-        model = _model(hf, sd, cfg)
+        model = megatron_model(hf, sd, cfg)
         load_global_adapter_state(model, factors[name])
         load_adapter_stack(model, stacks[name])
         for path, fwd in (("new", new_forward), ("old", _old_forward)):
@@ -172,12 +170,12 @@ def _close(a, b):
 
 
 @pytest.fixture(scope="module")
-def results():
-    hf, sd, _ = tiny_hf()
-    (layouts,) = run_distributed(_layouts, 1, 1, hf, sd, CONFIGS)
-    factors = {n: random_factors(lay, seed=i) for i, (n, lay) in enumerate(layouts.items())}
+def results(tiny_llama):
+    hf, sd, _ = tiny_llama
+    shapes = layouts(hf, CONFIGS)
+    factors = {n: random_factors(lay, seed=i) for i, (n, lay) in enumerate(shapes.items())}
     stacks = {n: [random_factors(lay, seed=100 + 10 * i + k) for k in range(3)]
-              for i, (n, lay) in enumerate(layouts.items())}
+              for i, (n, lay) in enumerate(shapes.items())}
     return {tp: run_distributed(_worker, tp, tp, hf, sd, factors, stacks)[0] for tp in (1, 2)}
 
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
-from tests.reference import tiny_hf
 
 from megatron_bdlora.adapters import AdapterConfig
 
@@ -101,8 +100,8 @@ def _worker(hf, sd):
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
-def results(request):
-    hf, sd, hf_model = tiny_hf()
+def results(request, tiny_llama):
+    hf, sd, hf_model = tiny_llama
     assert hf["num_key_value_heads"] < hf["num_attention_heads"]  # GQA on every TP rank
     docs, unpacked, _ = _rows(torch.Generator().manual_seed(5), hf["vocab_size"])
     with torch.no_grad():
@@ -171,10 +170,8 @@ def test_causal_chunk_after_cached_keys(results):
         assert _close(r["chunk"]["sdpa"], r["chunk"]["local"])
 
 
-def test_benchmark_script_smoke():
-    from tests.test_benchmarks import _torchrun
-
-    out = _torchrun("benchmark_attention.py", 2)
+def test_benchmark_script_smoke(torchrun_tool):
+    out = torchrun_tool("benchmark_attention.py", 2)
     r = out["results"]
     assert set(r) == {"sdpa", "local", "sdpa+sp", "local+sp"}
     losses = [v["first_step_loss"] for v in r.values()]

@@ -4,20 +4,12 @@ request alone, BD-LoRA decode collectives == base, and smoke runs of the two ben
 One TP=2 spawn computes everything the in-process tests check (starting ranks costs seconds).
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from tests.dist_utils import run_distributed
 
 from megatron_bdlora.adapters import AdapterConfig
-from megatron_bdlora.parallel.distributed import free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STRATEGIES = {
     "bd": AdapterConfig(method="bdlora", rank=8, alpha=16, nblocks=2),
@@ -148,23 +140,8 @@ def test_decode_collectives(results):
     assert slora["all_reduce"]["calls"] - base["decode"]["all_reduce"]["calls"] == 2 * layers
 
 
-def _torchrun(script, nproc, *args, timeout=120):
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), os.path.join(ROOT, "tools", script), "--smoke",
-               "--json", os.path.join(d, "out.json"), "--png", os.path.join(d, "out.png"), *args]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=d, env=env)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert os.path.getsize(os.path.join(d, "out.png")) > 0
-        with open(os.path.join(d, "out.json")) as f:
-            return json.load(f)
-
-
-def test_serving_script_smoke():
-    out = _torchrun("benchmark_serving.py", 2)
+def test_serving_script_smoke(torchrun_tool):
+    out = torchrun_tool("benchmark_serving.py", 2)
     assert set(out) == {"config", "results"}
     assert out["config"]["tp"] == 2
     assert set(out["results"]) == {"base", "replicated", "slora", "bd"}
@@ -179,8 +156,8 @@ def test_serving_script_smoke():
     assert bd["collectives_per_decode_step"] == out["results"]["base"]["collectives_per_decode_step"]
 
 
-def test_training_script_smoke_tp2_dp2():
-    out = _torchrun("benchmark_training.py", 4, "--tensor-model-parallel-size", "2")
+def test_training_script_smoke_tp2_dp2(torchrun_tool):
+    out = torchrun_tool("benchmark_training.py", 4, "--tensor-model-parallel-size", "2")
     assert set(out) == {"config", "results"}
     assert (out["config"]["tp"], out["config"]["dp"]) == (2, 2)
     assert set(out["results"]) == {"base", "replicated", "slora", "bd"}

@@ -7,83 +7,39 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
-from tests.reference import random_factors, reference_loss_and_grads, tiny_hf
-
-from megatron_bdlora.adapters import AdapterConfig
-
-CONFIGS = {
-    "bd-canonical": AdapterConfig(method="bdlora", rank=8, alpha=16, nblocks=4, layout="canonical"),
-    "bd-fused": AdapterConfig(method="bdlora", rank=8, alpha=16, nblocks=4, layout="fused"),
-    "slora-canonical": AdapterConfig(method="lora", rank=4, alpha=8, sharding="slora"),
-    "slora-fused": AdapterConfig(method="lora", rank=4, alpha=8, sharding="slora", layout="fused"),
-    "replicated-canonical": AdapterConfig(method="lora", rank=4, alpha=8, sharding="replicated"),
-    "replicated-fused": AdapterConfig(method="lora", rank=4, alpha=8, sharding="replicated",
-                                      layout="fused"),
-}
-
-
-def _batch():
-    gen = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, 512, (2, 12), generator=gen)
-    labels = torch.roll(ids, -1, dims=1)
-    labels[:, -1] = -100
-    labels[0, :3] = -100
-    return ids, labels
-
-
-def _model(hf, sd, cfg=None):
-    from megatron_bdlora.adapters import apply_adapters
-    from megatron_bdlora.checkpoint.hf_mapping import load_base_weights, tensor_reader
-    from megatron_bdlora.models.llama import build_model
-    from megatron_bdlora.parallel import tp_rank_size
-
-    model = build_model(hf, tp=tp_rank_size()[1], init=False)
-    load_base_weights(model, tensor_reader(sd), hf)
-    if cfg is not None:
-        apply_adapters(model, cfg)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(False)
-    return model
-
-
-def _step(model, ids, labels, counts):
-    from megatron_bdlora.models.llama import lm_loss
-
-    with counts.phase("forward"):
-        loss, _ = lm_loss(model, ids, labels)
-    with counts.phase("backward"):
-        if loss.requires_grad:
-            loss.backward()
-    return loss
+from tests.helpers import CONFIGS, batch, layouts, megatron_model, step
+from tests.reference import random_factors, reference_loss_and_grads
 
 
 def _worker_all(hf, sd, factors_by_cfg):
-    """Every config at this TP: loss, logits, global grads, collectives; plus the base alone."""
+    """Every config at this TP: the seeded init, loss, logits, global grads, collectives; plus
+    the base alone."""
     from megatron_bdlora.adapters import (global_adapter_state, load_global_adapter_state,
                                           trainable_param_count)
     from megatron_bdlora.models.llama import forward_logits, gather_logits
     from megatron_bdlora.parallel import count_collectives
 
-    ids, labels = _batch()
+    ids, labels = batch()
     out = {}
-    base = _model(hf, sd)
+    base = megatron_model(hf, sd)
     # Base: make the embedding output require grad so the backward runs the base's collectives.
     base.embedding.word_embeddings.weight.requires_grad_(True)
     with count_collectives() as c:
-        _step(base, ids, labels, c)
+        step(base, ids, labels, c)
     out["base"] = {"counts": c.as_dict(),
                    "logits": gather_logits(forward_logits(base, ids), hf["vocab_size"]).detach()}
     for name, cfg in CONFIGS.items():
-        model = _model(hf, sd, cfg)
+        model = megatron_model(hf, sd, cfg)
+        init = global_adapter_state(model)
         fresh = gather_logits(forward_logits(model, ids), hf["vocab_size"]).detach()
         load_global_adapter_state(model, factors_by_cfg[name])
         model.embedding.word_embeddings.weight.requires_grad_(True)
         with count_collectives() as c:
-            loss = _step(model, ids, labels, c)
+            loss = step(model, ids, labels, c)
         base_grads = [n for n, p in model.named_parameters()
                       if p.grad is not None and ".lora_" not in n and "word_embeddings" not in n]
         out[name] = {
+            "init": init,
             "loss": loss.item(),
             "fresh_logits": fresh,
             "grads": global_adapter_state(model, lambda p: p.grad),
@@ -94,18 +50,10 @@ def _worker_all(hf, sd, factors_by_cfg):
     return out
 
 
-def _layouts(hf, sd, configs=CONFIGS):
-    """Global factor shapes per config, from a TP=1 build (the layout is TP-independent)."""
-    from megatron_bdlora.adapters import global_adapter_layout
-
-    return {name: global_adapter_layout(_model(hf, sd, cfg)) for name, cfg in configs.items()}
-
-
 @pytest.fixture(scope="module")
-def setup():
-    hf, sd, hf_model = tiny_hf()
-    (layouts,) = run_distributed(_layouts, 1, 1, hf, sd)
-    factors = {name: random_factors(layout, seed=i) for i, (name, layout) in enumerate(layouts.items())}
+def setup(tiny_llama):
+    hf, sd, hf_model = tiny_llama
+    factors = {name: random_factors(layout, seed=i) for i, (name, layout) in enumerate(layouts(hf).items())}
     results = {tp: run_distributed(_worker_all, tp, tp, hf, sd, factors) for tp in (1, 2, 4)}
     return hf, sd, hf_model, factors, results
 
@@ -118,7 +66,7 @@ def _close(a, b, rtol=1e-5, atol=1e-6):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_loss_and_grads_match_dense_reference(setup, name, tp):
     hf, sd, hf_model, factors, results = setup
-    ids, labels = _batch()
+    ids, labels = batch()
     ref_loss, _, ref_grads = reference_loss_and_grads(hf_model, sd, factors[name], CONFIGS[name],
                                                       ids, labels)
     for rank_result in results[tp]:  # every rank holds the same global view
@@ -150,22 +98,17 @@ def test_fresh_adapter_is_identity_and_base_frozen(setup, name):
         assert r[name]["base_grads"] == []
 
 
-def test_init_is_tp_invariant():
+def test_init_is_tp_invariant(setup):
     """The default (seeded) initialisation gives the same global adapter at TP=1, 2 and 4."""
-    hf, sd, _ = tiny_hf()
-    states = {tp: run_distributed(_init_state, tp, tp, hf, sd)[0] for tp in (1, 2, 4)}
+    *_, results = setup
     for tp in (2, 4):
         for name in CONFIGS:
-            for k, v in states[1][name].items():
-                assert torch.equal(states[tp][name][k], v), (tp, name, k)
-    a = states[1]["bd-canonical"]["decoder.layers.0.self_attention.linear_qkv.lora_A"]
+            init = results[tp][0][name]["init"]
+            assert init.keys() == results[1][0][name]["init"].keys()
+            for k, v in results[1][0][name]["init"].items():
+                assert torch.equal(init[k], v), (tp, name, k)
+    a = results[1][0]["bd-canonical"]["init"]["decoder.layers.0.self_attention.linear_qkv.lora_A"]
     assert a.abs().max() > 0 and a.abs().max() <= 1 / 64**0.5  # kaiming bound over fan-in 64
-
-
-def _init_state(hf, sd):
-    from megatron_bdlora.adapters import global_adapter_state
-
-    return {name: global_adapter_state(_model(hf, sd, cfg)) for name, cfg in CONFIGS.items()}
 
 
 def _op_calls(counts, phase):

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
+from tests.helpers import batch, layouts, megatron_model, step
 from tests.reference import random_factors, reference_loss_and_grads, tiny_hf
-from tests.test_core import _layouts
 
 from megatron_bdlora.adapters import AdapterConfig, adapter_params, match_bd_rank
 
@@ -32,8 +32,6 @@ CONFIGS = {
 
 
 def _worker(hf, sd, factors, ckpt_root):
-    from tests.test_core import _batch, _model, _step
-
     from megatron_bdlora.adapters import (global_adapter_state, load_global_adapter_state,
                                           merge_adapters, trainable_param_count)
     from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint, save_checkpoint
@@ -45,27 +43,27 @@ def _worker(hf, sd, factors, ckpt_root):
         with torch.no_grad():
             return gather_logits(forward_logits(model, ids), hf["vocab_size"])
 
-    ids, labels = _batch()
+    ids, labels = batch()
     tp = tp_rank_size()[1]
-    base = _model(hf, sd)
+    base = megatron_model(hf, sd)
     base.embedding.word_embeddings.weight.requires_grad_(True)
     with count_collectives() as c:
-        _step(base, ids, labels, c)
+        step(base, ids, labels, c)
     out = {"base_counts": c.as_dict()}
     for name, cfg in CONFIGS.items():
         if cfg.strategy == "bd" and cfg.nblocks % tp:
             continue
-        model = _model(hf, sd, cfg)
+        model = megatron_model(hf, sd, cfg)
         load_global_adapter_state(model, factors[name])
         model.embedding.word_embeddings.weight.requires_grad_(True)
         with count_collectives() as c:
-            loss = _step(model, ids, labels, c)
+            loss = step(model, ids, labels, c)
         r = {"loss": loss.item(), "counts": c.as_dict(),
              "grads": global_adapter_state(model, lambda p: p.grad),
              "trainable": trainable_param_count(model) - model.embedding.word_embeddings.weight.numel()}
         saved = os.path.join(ckpt_root, name)
         if tp != 2 and os.path.isdir(saved):  # the TP=2 checkpoint, loaded at this TP
-            fresh = _model(hf, sd)
+            fresh = megatron_model(hf, sd)
             load_checkpoint(saved, fresh)
             r["loaded_logits"] = logits(fresh, ids)
         if tp == 2:
@@ -84,13 +82,12 @@ def _worker(hf, sd, factors, ckpt_root):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    hf, sd, hf_model = tiny_hf()
+def setup(tmp_path_factory, tiny_llama):
+    hf, sd, hf_model = tiny_llama
     root = tmp_path_factory.mktemp("partial")
     base_dir = str(root / "base")
     hf_model.save_pretrained(base_dir)
-    (layouts,) = run_distributed(_layouts, 1, 1, hf, sd, CONFIGS)
-    factors = {n: random_factors(lay, seed=i) for i, (n, lay) in enumerate(layouts.items())}
+    factors = {n: random_factors(lay, seed=i) for i, (n, lay) in enumerate(layouts(hf, CONFIGS).items())}
     results = {tp: run_distributed(_worker, tp, tp, hf, sd, factors, str(root / "ckpt"))[0]
                for tp in (2, 1, 4)}  # TP=2 first: it saves the checkpoints the others load
     return hf, sd, hf_model, factors, results, base_dir, str(root / "ckpt")
@@ -102,9 +99,7 @@ def test_training_matches_dense_oracle(setup, name, tp):
     hf, sd, hf_model, factors, results, *_ = setup
     if name not in results[tp]:
         pytest.skip(f"TP={tp} does not divide N={CONFIGS[name].nblocks}")
-    from tests.test_core import _batch
-
-    ids, labels = _batch()
+    ids, labels = batch()
     ref_loss, _, ref_grads = reference_loss_and_grads(hf_model, sd, factors[name], CONFIGS[name],
                                                       ids, labels)
     r = results[tp][name]
@@ -165,13 +160,12 @@ def test_checkpoint_loads_at_other_tp(setup):
 
 def test_exports_reproduce_logits(setup, tmp_path):
     from peft import PeftModel
-    from tests.test_core import _batch
     from transformers import LlamaForCausalLM
 
     from megatron_bdlora.checkpoint.export import export
 
     *_, results, base_dir, ckpt_root = setup
-    ids, _ = _batch()
+    ids, _ = batch()
     for name in ("bd", "slora"):
         cfg, ours = CONFIGS[name], results[2][name]["logits"]
         formats = ("hf-peft", "hf-merged", "vllm") + (("hf-peft-bd",) if cfg.strategy == "bd" else ())

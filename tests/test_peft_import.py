@@ -9,20 +9,17 @@ One spawned run per TP size covers all adapters; PEFT and the import run in this
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests.dist_utils import run_distributed
+from tests.helpers import BD_SIDES, PEFT_SEQ as SEQ, PEFT_VOCAB, peft_records, save_peft
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEQ = 16
+from megatron_bdlora.adapters.layout import HF_TARGETS
+
 RTOL = 1e-5
-ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BD_SIDES = dict(target_modules_bd_a=["o_proj", "down_proj"],
-                target_modules_bd_b=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])
+ALL7 = list(HF_TARGETS)
 # name -> LoraConfig kwargs (nblocks: PEFT's use_bdlora)
 ADAPTERS = {
     "dense": dict(r=8, lora_alpha=16, target_modules=ALL7),
@@ -33,40 +30,19 @@ ADAPTERS = {
 }
 
 
-def _lora_config(kw):
-    from peft import BdLoraConfig, LoraConfig
-
-    kw = dict(kw)
-    n = kw.pop("nblocks", None)
-    bd = {"use_bdlora": BdLoraConfig(nblocks=n, **BD_SIDES)} if n else {}
-    return LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **kw, **bd)
-
-
-def _records():
-    """Pre-tokenized eval records (format `tokens`): full rows, no padding, no EOS appended."""
-    gen = torch.Generator().manual_seed(3)
-    return torch.randint(0, 500, (4, SEQ), generator=gen)
-
-
-def _peft_loss(model, ids):
-    logits = model(ids).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             ids[:, 1:].reshape(-1)).item()
-
-
 # ---- spawned ranks ------------------------------------------------------------------------------
 def _run(base, ckpts, names, train):
     from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint
     from megatron_bdlora.checkpoint.hf_import import load_hf_llama
     from megatron_bdlora.models.llama import forward_logits, gather_logits, lm_loss
 
-    ids = _records()
+    ids = peft_records()
     out = {"logits": {}}
     for name in names:
         model = load_hf_llama(base)
         load_checkpoint(os.path.join(ckpts, name), model)
         with torch.no_grad():
-            out["logits"][name] = gather_logits(forward_logits(model.eval(), ids), 500).clone()
+            out["logits"][name] = gather_logits(forward_logits(model.eval(), ids), PEFT_VOCAB).clone()
     if train:  # continued training from an imported checkpoint: its first loss is PEFT's
         model = load_hf_llama(base)
         load_checkpoint(os.path.join(ckpts, train), model)
@@ -85,46 +61,15 @@ def _run(base, ckpts, names, train):
 
 
 # ---- fixtures -----------------------------------------------------------------------------------
-def _save_base(path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from megatron_bdlora.data.tokenizer import build_tiny_tokenizer
-    from megatron_bdlora.models.presets import get_preset
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**get_preset("tiny"), "vocab_size": 500})).float()
-    model.save_pretrained(path)
-    build_tiny_tokenizer(path, ["a tiny corpus for a tiny tokenizer"] * 4)
-
-
-def _save_peft(base, out, kw, seed):
-    """PEFT writes the adapter; every factor random and non-zero. Returns (logits, loss)."""
-    from peft import get_peft_model
-    from transformers import LlamaForCausalLM
-
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(base, dtype=torch.float32),
-                           _lora_config(kw)).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-        ids = _records()
-        logits, loss = model(ids).logits.clone(), _peft_loss(model, ids)
-    model.save_pretrained(out)
-    return logits, loss
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_base):
     from megatron_bdlora.checkpoint.peft_import import import_peft
 
     d = tmp_path_factory.mktemp("peft_import")
-    base, ckpts = str(d / "base"), str(d / "ckpts")
-    _save_base(base)
+    base, ckpts = tiny_base, str(d / "ckpts")
     refs, msgs = {}, {}
     for i, (name, kw) in enumerate(ADAPTERS.items()):
-        refs[name] = _save_peft(base, str(d / "peft" / name), kw, seed=10 + i)
+        refs[name] = save_peft(base, str(d / "peft" / name), kw, seed=10 + i)
         msgs[name] = import_peft(str(d / "peft" / name), base, os.path.join(ckpts, name))
     names = list(ADAPTERS)
     runs = {1: run_distributed(_run, 1, 1, base, ckpts, names, None)[0],
@@ -196,29 +141,13 @@ def test_continued_training_starts_at_peft_loss(env):
     assert losses[-1] < losses[0], losses
 
 
-def _env(nproc):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(NPROC=str(nproc), MASTER_PORT=str(port), OMP_NUM_THREADS="1", CI="true",
-               PYTHON=sys.executable)
-    return env
-
-
-def test_eval_only_loss_equals_peft(env):
+def test_eval_only_loss_equals_peft(env, launch):
     data = env["dir"] / "eval.jsonl"
-    data.write_text("".join(json.dumps({"input_ids": row.tolist()}) + "\n" for row in _records()))
-    r = subprocess.run(["bash", os.path.join(ROOT, "pretrain_scripts", "finetune_llama.sh"),
-                        "--tensor-model-parallel-size", "2", "--eval-only",
-                        "--load", os.path.join(env["ckpts"], "bd2"), "--hf-checkpoint", env["base"],
-                        "--eval-data-path", str(data), "--seq-length", str(SEQ),
-                        "--micro-batch-size", "2", "--eval-iters", "2",
-                        "--data-cache-dir", str(env["dir"] / "cache")],
-                       cwd=env["dir"], env=_env(2), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    data.write_text("".join(json.dumps({"input_ids": row.tolist()}) + "\n" for row in peft_records()))
+    r = launch(["--tensor-model-parallel-size", 2, "--eval-only",
+                "--load", os.path.join(env["ckpts"], "bd2"), "--hf-checkpoint", env["base"],
+                "--eval-data-path", data, "--seq-length", SEQ, "--micro-batch-size", 2,
+                "--eval-iters", 2, "--data-cache-dir", env["dir"] / "cache"], env["dir"], nproc=2)
     (line,) = [x for x in r.stdout.splitlines() if x.startswith("{")]
     result = json.loads(line)
     assert result["tokens"] == 4 * (SEQ - 1)
@@ -273,7 +202,7 @@ def _refusals(d, good, bd):
     case("alpha_pattern", good, "alpha_pattern", cfg_edit=lambda c: c.update(alpha_pattern={"o_proj": 1}))
     case("lm_head", good, "lm_head.lora_A.weight is not a LoRA factor of a Llama projection",
          tensor_edit=lambda t: t.update({"base_model.model.lm_head.lora_A.weight": torch.ones(8, 64),
-                                         "base_model.model.lm_head.lora_B.weight": torch.ones(500, 8)}))
+                                         "base_model.model.lm_head.lora_B.weight": torch.ones(PEFT_VOCAB, 8)}))
     case("bd_sides", bd, "use_bdlora makes A of q_proj block-diagonal",
          cfg_edit=lambda c: c["use_bdlora"].update(target_modules_bd_a=BD_SIDES["target_modules_bd_b"],
                                                    target_modules_bd_b=BD_SIDES["target_modules_bd_a"]))

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
-from tests.reference import random_factors, tiny_hf
-from tests.test_core import CONFIGS as CORE_CONFIGS, _batch  # the non-SP core tests' adapters, batch
+from tests.helpers import CONFIGS as CORE_CONFIGS, batch, layouts  # the core tests' adapters
+from tests.reference import random_factors
 
 from megatron_bdlora.adapters import AdapterConfig
 
@@ -47,7 +47,7 @@ def _worker(path, factors_by_cfg, sp):
     from megatron_bdlora.parallel import count_collectives
     from megatron_bdlora.parallel.sequence_parallel import allreduce_sequence_parallel_grads
 
-    ids, labels = _batch()
+    ids, labels = batch()
     out = {"base": {"counts": step_collectives(_model(path, None, sp), ids, labels)[1]}}
     for name, cfg in CONFIGS.items():
         model = _model(path, cfg, sp)
@@ -76,19 +76,13 @@ def _worker(path, factors_by_cfg, sp):
     return out
 
 
-def _layouts(path):
-    from megatron_bdlora.adapters import global_adapter_layout
-
-    return {name: global_adapter_layout(_model(path, cfg, False)) for name, cfg in CONFIGS.items()}
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    hf, _, hf_model = tiny_hf()
+def setup(tmp_path_factory, tiny_llama):
+    hf, _, hf_model = tiny_llama
     path = str(tmp_path_factory.mktemp("tiny_llama"))
     hf_model.save_pretrained(path)  # built through load_hf_llama(..., sequence_parallel=...)
-    (layouts,) = run_distributed(_layouts, 1, 1, path)
-    factors = {name: random_factors(layout, seed=i) for i, (name, layout) in enumerate(layouts.items())}
+    factors = {name: random_factors(layout, seed=i)
+               for i, (name, layout) in enumerate(layouts(hf, CONFIGS).items())}
     results = {1: run_distributed(_worker, 1, 1, path, factors, False)}
     for tp in TP_SIZES:
         results[tp] = run_distributed(_worker, tp, tp, path, factors, True)

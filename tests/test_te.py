@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
-from tests.reference import random_factors, tiny_hf
-from tests.test_core import CONFIGS as CORE_CONFIGS, _batch
+from tests.helpers import CONFIGS as CORE_CONFIGS, batch, layouts
+from tests.reference import random_factors
 
 from megatron_bdlora.adapters import AdapterConfig
 
@@ -99,7 +99,7 @@ def _worker(hf, sd, factors, ckpt_dir):
 
     standin.install()
     tp = tp_rank_size()[1]
-    ids, labels = _batch()
+    ids, labels = batch()
     vocab = hf["vocab_size"]
     out = {}
     for sp in SP_RUNS[tp]:
@@ -186,22 +186,11 @@ def _cross_load(hf, sd, factors, ckpt_dir, ids):
     return out
 
 
-def _layouts(hf, sd):
-    from megatron_bdlora.adapters import apply_adapters, global_adapter_layout
-
-    out = {}
-    for name, cfg in CONFIGS.items():
-        model = _model(hf, sd, "local", False)
-        apply_adapters(model, cfg)
-        out[name] = global_adapter_layout(model)
-    return out
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    hf, sd, _ = tiny_hf()
-    (layouts,) = run_distributed(_layouts, 1, 1, hf, sd)
-    factors = {name: random_factors(layout, seed=i) for i, (name, layout) in enumerate(layouts.items())}
+def setup(tmp_path_factory, tiny_llama):
+    hf, sd, _ = tiny_llama
+    factors = {name: random_factors(layout, seed=i)
+               for i, (name, layout) in enumerate(layouts(hf, CONFIGS).items())}
     from megatron_bdlora.data.synthetic import write_demo_data
 
     ckpt = str(tmp_path_factory.mktemp("te_ckpt"))

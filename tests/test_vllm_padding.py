@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from tests.test_peft_import import _records, _save_base, _save_peft
+from tests.helpers import peft_records, save_peft
 
 from megatron_bdlora.adapters import AdapterConfig
 from megatron_bdlora.checkpoint.export import (
@@ -76,7 +76,7 @@ def test_default_rank_and_errors():
             vllm_max_lora_rank(c, requested)
 
 
-def test_vllm_export_padded_bd_serves_like_the_original(tmp_path):
+def test_vllm_export_padded_bd_serves_like_the_original(tmp_path, tiny_base):
     """A PEFT BD adapter at r=6, N=2 -> import -> vllm export: bd/ is r=8 (default) or 16, and
     PEFT computes the same logits from it as from the original adapter."""
     from peft import PeftModel
@@ -85,9 +85,8 @@ def test_vllm_export_padded_bd_serves_like_the_original(tmp_path):
     from megatron_bdlora.checkpoint.export import export
     from megatron_bdlora.checkpoint.peft_import import import_peft
 
-    base, orig, ck = str(tmp_path / "base"), str(tmp_path / "peft"), str(tmp_path / "ck")
-    _save_base(base)
-    ref, _ = _save_peft(base, orig, dict(r=6, lora_alpha=5, use_rslora=True, nblocks=2,
+    base, orig, ck = tiny_base, str(tmp_path / "peft"), str(tmp_path / "ck")
+    ref, _ = save_peft(base, orig, dict(r=6, lora_alpha=5, use_rslora=True, nblocks=2,
                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                          "gate_proj", "up_proj", "down_proj"]), seed=7)
     import_peft(orig, base, ck)
@@ -104,7 +103,7 @@ def test_vllm_export_padded_bd_serves_like_the_original(tmp_path):
         model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base, dtype=torch.float32),
                                           os.path.join(out, "bd")).eval()
         with torch.no_grad():
-            got = model(_records()).logits
+            got = model(peft_records()).logits
         d = (got - ref).abs().max().item()
         assert d <= 1e-5 * max(1.0, ref.abs().max().item()), (rank, d)
         print(f"[vllm padding] r=6 -> R={rank}: max |PEFT(bd/) - PEFT(original)| = {d:.2e}")
