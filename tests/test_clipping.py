@@ -2,7 +2,8 @@
 (with and without SP) equal TP=1's, for every parameter class: adapter factors sharded or
 replicated over TP, the vocab-parallel embedding and output layer, the column / row base weights
 and the norms (summed over TP under SP). Models built with init=False, as load_hf_llama builds
-them (Megatron-Core marks its weights `tensor_model_parallel` only when it initialises them).
+them (Megatron-Core marks its weights `tensor_model_parallel` only when it initialises them;
+models/llama.py marks them otherwise). The same marker makes the --adapter none export gather.
 """
 
 import pytest
@@ -23,6 +24,17 @@ MAX_NORM = 0.5  # the norms are 3 to 7: every run clips
 VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
+def _base(hf, sd, sp=False):
+    """This rank's GPTModel shard built with init=False and the HF weights loaded."""
+    from megatron_bdlora.checkpoint.hf_mapping import load_base_weights, tensor_reader
+    from megatron_bdlora.models.llama import build_model
+    from megatron_bdlora.parallel import tp_rank_size
+
+    model = build_model(hf, tp=tp_rank_size()[1], init=False, sequence_parallel=sp)
+    load_base_weights(model, tensor_reader(sd), hf)
+    return model
+
+
 def _run(hf, sd, factors, sp):
     """{strategy: (grad norm, {name: clipped gradient in TP-independent form})} after one step."""
     import torch.distributed as dist
@@ -30,8 +42,6 @@ def _run(hf, sd, factors, sp):
 
     from megatron_bdlora.adapters import apply_adapters, global_adapter_state, load_global_adapter_state
     from megatron_bdlora.benchmarks.training import TrainerStep
-    from megatron_bdlora.checkpoint.hf_mapping import load_base_weights, tensor_reader
-    from megatron_bdlora.models.llama import build_model
 
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(0, hf["vocab_size"], (2, 12), generator=gen)
@@ -40,8 +50,7 @@ def _run(hf, sd, factors, sp):
     tp = ps.get_tensor_model_parallel_world_size()
     out = {}
     for name, cfg in STRATEGIES.items():
-        model = build_model(hf, tp=tp, init=False, sequence_parallel=sp)
-        load_base_weights(model, tensor_reader(sd), hf)
+        model = _base(hf, sd, sp)
         if cfg is not None:
             apply_adapters(model, cfg)
             load_global_adapter_state(model, factors[name])
@@ -61,7 +70,10 @@ def _run(hf, sd, factors, sp):
 
 
 def _worker(hf, sd, factors, sps):
-    return {sp: _run(hf, sd, factors, sp) for sp in sps}
+    """Per SP setting, _run's results; and the base exported back to HF (gathered by marker)."""
+    from megatron_bdlora.checkpoint.hf_mapping import hf_state_from_model
+
+    return {sp: _run(hf, sd, factors, sp) for sp in sps}, hf_state_from_model(_base(hf, sd), hf)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +83,9 @@ def results():
     hf, sd, _ = tiny_hf()
     factors = {name: random_factors(expected_global_shapes(hf, cfg), seed=i)
                for i, (name, cfg) in enumerate(STRATEGIES.items()) if cfg is not None}
-    (tp1,) = run_distributed(_worker, 1, 1, hf, sd, factors, (False,))
-    return tp1[False], run_distributed(_worker, 2, 2, hf, sd, factors, (False, True))
+    ((tp1, _),) = run_distributed(_worker, 1, 1, hf, sd, factors, (False,))
+    tp2 = run_distributed(_worker, 2, 2, hf, sd, factors, (False, True))
+    return tp1[False], [r for r, _ in tp2], sd, [export for _, export in tp2]
 
 
 @pytest.mark.parametrize("sp", (False, True))
@@ -90,3 +103,12 @@ def test_clipped_grads_match_tp1(results, name, sp):
         for k, g in ref.items():
             assert g.abs().max() > 0, k
             assert (grads[k] - g).abs().max() <= 1e-5 * g.abs().max(), k
+
+
+def test_base_export_gathers_every_shard(results):
+    """The --adapter none save at TP=2 (hf_state_from_model gathers what is marked sharded)."""
+    _, _, sd, exports = results
+    for export in exports:
+        assert export.keys() == sd.keys()
+        for k, v in sd.items():
+            assert torch.equal(export[k], v), k

@@ -133,10 +133,7 @@ def hf_state_from_model(model, hf: dict) -> dict:
 
     out = {}
     for name, p in base_param_names(model).items():
-        # A vocab-parallel weight built with init=False (load_hf_llama) lacks Megatron's marker.
-        vocab_parallel = name in ("embedding.word_embeddings.weight", "output_layer.weight")
-        sharded = vocab_parallel or getattr(p, "tensor_model_parallel", False)
-        parts = shards(p) if sharded else [p.detach().float()]
+        parts = shards(p) if getattr(p, "tensor_model_parallel", False) else [p.detach().float()]
         if name == "embedding.word_embeddings.weight":
             out["model.embed_tokens.weight"] = torch.cat(parts)[: hf["vocab_size"]]
         elif name == "output_layer.weight":
