@@ -11,21 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from tests.dist_utils import run_distributed
-from tests.helpers import batch, layouts, megatron_model
+from tests.helpers import CONFIGS as CORE_CONFIGS, batch, layouts, megatron_model
 from tests.reference import random_factors
 
 from megatron_bdlora.adapters import AdapterConfig
 
-CONFIGS = {
-    "bd2": AdapterConfig(method="bdlora", rank=8, alpha=16, nblocks=2),
-    "bd4": AdapterConfig(method="bdlora", rank=8, alpha=16, nblocks=4),
-    "bd4-fused": AdapterConfig(method="bdlora", rank=8, alpha=16, nblocks=4, layout="fused"),
-    "slora": AdapterConfig(method="lora", rank=4, alpha=8, sharding="slora"),
-    "slora-fused": AdapterConfig(method="lora", rank=4, alpha=8, sharding="slora", layout="fused"),
-    "replicated": AdapterConfig(method="lora", rank=4, alpha=8, sharding="replicated"),
-    "replicated-fused": AdapterConfig(method="lora", rank=4, alpha=8, sharding="replicated",
-                                      layout="fused"),
-}
+# the core tests' adapters (BD with N=4) and BD with N=2
+CONFIGS = {**CORE_CONFIGS, "bd2": AdapterConfig(method="bdlora", rank=8, alpha=16, nblocks=2)}
 MULTI_INDICES = {"distinct+repeated": [2, 0, 2, 1], "identity": [0, 1, 2]}
 
 
