@@ -42,11 +42,10 @@ def step_collectives(model, ids, labels) -> tuple:
     """(loss, {phase: {op: {"calls", "bytes"}}}) of one step of the trainer's own train_step
     (benchmarks/training.TrainerStep) on (ids, labels) as one micro-batch; phases as the step
     names them (tokens, forward, backward, sp_grads, grad_sync, clip, optimizer), those that
-    issue nothing left out. --clip-grad 0: the norm and its all-reduce run, the gradients are
-    left as computed, for callers that compare them."""
+    issue nothing left out."""
     from megatron_bdlora.benchmarks.training import TrainerStep
 
-    step = TrainerStep(model, lr=1e-4, flags=["--clip-grad", "0"])
+    step = TrainerStep(model, lr=1e-4)
     with count_collectives() as counts:
         result = step.step(ids, labels, counts)
     return result.loss_sum / result.tokens.clamp(min=1), counts.as_dict()
