@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
+from tests.helpers import batch
 from tests.reference import random_factors, tiny_hf
 
 from megatron_bdlora.adapters import AdapterConfig
@@ -43,10 +44,7 @@ def _run(hf, sd, factors, sp):
     from megatron_bdlora.adapters import apply_adapters, global_adapter_state, load_global_adapter_state
     from megatron_bdlora.benchmarks.training import TrainerStep
 
-    gen = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, hf["vocab_size"], (2, 12), generator=gen)
-    labels = torch.roll(ids, -1, dims=1)
-    labels[:, -1] = -100
+    ids, labels = batch()
     tp = ps.get_tensor_model_parallel_world_size()
     out = {}
     for name, cfg in STRATEGIES.items():
