@@ -95,8 +95,9 @@ class _Ranks:
                 p.join()
 
 
-_IDLE: dict = {}  # world size -> _Ranks waiting for the next call
+_IDLE: dict = {}  # world size -> _Ranks waiting for the next call, least recently used first
 _LOCK = threading.Lock()
+MAX_IDLE_RANKS = 7  # worlds 1, 2 and 4; an idle rank holds ~0.4 GB
 
 
 def run_distributed(fn, world_size: int, tp: int | None = None, *args, timeout: float = 600):
@@ -109,13 +110,17 @@ def run_distributed(fn, world_size: int, tp: int | None = None, *args, timeout: 
         out, reusable = ranks.run(fn, tp or world_size, args, timeout)
         return out
     finally:
+        spare = []
         with _LOCK:
-            spare = ranks if not reusable or world_size in _IDLE else None
-            if spare is None:
+            if not reusable or world_size in _IDLE:
+                spare.append(ranks)
+            else:
                 _IDLE[world_size] = ranks
-        if spare is not None:
+            while sum(_IDLE) > MAX_IDLE_RANKS:
+                spare.append(_IDLE.pop(next(iter(_IDLE))))
+        for r in spare:
             # after a failure some ranks may wait in a collective for a peer that is gone
-            spare.close(wait=30 if reusable else 5)
+            r.close(wait=5 if r is ranks and not reusable else 30)
 
 
 @atexit.register
