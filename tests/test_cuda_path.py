@@ -228,7 +228,7 @@ def test_gpu_smoke_cpu_mode(tmp_path):
     env = {**os.environ, "DEVICE": "cpu", "PYTHON": sys.executable, "STEPS": "4"}
     env.pop("WHEELS", None)
     proc = subprocess.run([os.path.join(ROOT, "tools", "gpu_smoke.sh"), str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "gpu_smoke.json").read_text())
     stages = {s["stage"]: s for s in result["stages"]}

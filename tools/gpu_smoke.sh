@@ -143,7 +143,63 @@ print(len(a), "adapter tensors bit-exact")
 PYEOF
 }
 
-evaluate() {  # tests/gpu/test_te_gpu.py; SKIP without TE (the GPU image has none) or without a GPU
+evaluate() {
+  trainer ckpt --eval-only --load ckpt | grep '"loss"'
+}
+
+export_peft() {
+  rm -rf "$out/peft"
+  "$py" "$root/tools/convert_checkpoint.py" export --load "$out/ckpt" --format hf-peft \
+    --out "$out/peft" || return 1
+  "$py" - "$out/peft" <<'PYEOF'
+import os, sys, torch
+from safetensors.torch import load_file
+t = load_file(os.path.join(sys.argv[1], "adapter_model.safetensors"))
+assert t and {v.dtype for v in t.values()} == {torch.bfloat16}, {v.dtype for v in t.values()}
+print(len(t), "tensors, bf16")
+PYEOF
+}
+
+sdpa() {  # every SDPA kernel the device has, forced, against Megatron's local attention
+  "$py" -m torch.distributed.run --standalone --nproc-per-node 1 - <<'PYEOF'
+import torch
+from megatron_bdlora.data.packing import attention_mask_from_document_ids
+from megatron_bdlora.models import attention
+from megatron_bdlora.models.llama import build_model, forward_logits
+from megatron_bdlora.models.presets import get_preset
+from megatron_bdlora.parallel import device, init_distributed
+from megatron_bdlora.parallel.cpu_compat import seed_model_parallel
+init_distributed(1)
+hf, dev = get_preset("tiny"), device()
+dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+models = {}
+for backend in ("local", "sdpa"):
+    seed_model_parallel(1234)
+    models[backend] = build_model(hf, 1, dtype, attention_backend=backend).to(dev).eval()
+ids = torch.randint(0, hf["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(0)).to(dev)
+docs = (torch.arange(64) >= 30).long().expand(2, 64)
+calls = {"causal": (ids, None), "masked": (ids, attention_mask_from_document_ids(docs).to(dev))}
+ran = []
+with torch.no_grad():
+    ref = {k: forward_logits(models["local"], *a).float() for k, a in calls.items()}
+    for kernel in attention.KERNELS:
+        attention.pin_kernel(kernel)
+        for kind, a in calls.items():
+            try:
+                got = forward_logits(models["sdpa"], *a).float()
+            except RuntimeError as e:
+                print(f"{kernel} {kind}: not available ({str(e).splitlines()[0][:80]})")
+                continue
+            err = float((got - ref[kind]).abs().max())
+            tol = 5e-2 if dtype == torch.bfloat16 else 1e-4
+            print(f"{kernel} {kind}: max |sdpa - local| = {err:.2e}")
+            assert err < tol * max(1.0, float(ref[kind].abs().max())), (kernel, kind, err)
+            ran.append((kernel, kind))
+assert ("math", "masked") in ran and any(k == "flash" for k, _ in ran), ran
+PYEOF
+}
+
+te() {  # tests/gpu/test_te_gpu.py; SKIP without TE (the GPU image has none) or without a GPU
   "$py" -c "import transformer_engine" 2>/dev/null || { echo "SKIP Transformer Engine not installed"; return 0; }
   [ "$dev" != cpu ] || { echo "SKIP Transformer Engine needs a GPU"; return 0; }
   (cd "$root" && "$py" -m pytest -x -q -s -p no:cacheprovider tests/gpu/test_te_gpu.py)
@@ -205,28 +261,29 @@ PYEOF
 }
 
 memory() {  # peak allocated memory per training step vs tools/estimate_memory.py, vs_peft's config
-  OMP_NUM_THREADS="$(nproc)" "$py" -m torch.distributed.run --standalone --nproc-per-node 1 - \
-    "$root/tools/estimate_memory.py" "$out/vs_peft_report.json" "$out/memory.json" <<'PYEOF'
+  # one process, no torchrun: init_distributed makes a world of one
+  OMP_NUM_THREADS="$(nproc)" "$py" - "$root/tools/estimate_memory.py" "$out/vs_peft_report.json" \
+    "$out/memory.json" <<'PYEOF'
 import dataclasses, json, subprocess, sys
-import torch
-from megatron_bdlora.benchmarks.vs_peft import DTYPES, VsPeftConfig
-from megatron_bdlora.models.presets import get_preset
 estimator, report, result = sys.argv[1:]
 c = json.load(open(report))["config"]
-cfg = VsPeftConfig(**{f.name: c[f.name] for f in dataclasses.fields(VsPeftConfig)})
-hf = cfg.hf()
-assert hf == get_preset(cfg.preset), "the estimator takes a preset's own layer count"
-flags = ["--model-preset", cfg.preset, "--micro-batch-size", cfg.batch, "--seq-length", cfg.seq_len,
-         "--adapter", "bdlora", "--lora-rank", cfg.bd_rank, "--bd-nblocks", cfg.bd_nblocks,
+flags = ["--model-preset", c["preset"], "--micro-batch-size", c["batch"], "--seq-length", c["seq_len"],
+         "--adapter", "bdlora", "--lora-rank", c["bd_rank"], "--bd-nblocks", c["bd_nblocks"],
          "--overhead-gb", 0, "--json"]  # overhead 0: the allocator's part (no CUDA context, NCCL)
 est = json.loads(subprocess.check_output([sys.executable, estimator, *map(str, flags)]))
 predicted = est["train_total"]
 record = {"predicted_bytes": predicted, "config": {k: c[k] for k in ("preset", "batch", "seq_len",
           "dtype", "bd_rank", "bd_nblocks")}, "estimate_memory": flags}
-if not torch.cuda.is_available():
+if c["device"] != "cuda":  # vs_peft ran where this runs
     json.dump({**record, "measured": "skipped on cpu"}, open(result, "w"))
     print(f"SKIP on cpu: no CUDA allocator to measure; predicted {predicted / 2**30:.3f} GiB")
     sys.exit()
+import torch
+from megatron_bdlora.benchmarks.vs_peft import DTYPES, VsPeftConfig
+from megatron_bdlora.models.presets import get_preset
+cfg = VsPeftConfig(**{f.name: c[f.name] for f in dataclasses.fields(VsPeftConfig)})
+hf = cfg.hf()
+assert hf == get_preset(cfg.preset), "the estimator takes a preset's own layer count"
 from megatron_bdlora.benchmarks.timing import adapter_configs, build_models
 from megatron_bdlora.benchmarks.training import TrainerStep, random_batch
 from megatron_bdlora.parallel import device, init_distributed
