@@ -4,20 +4,29 @@ The ranks of each world size start once per test session and serve every later c
 rank (importing torch, Megatron-Core, transformers) costs seconds on 2 cores, more than most
 checks. Each call sets up its TP x DP groups and seeds as a fresh process would. Ranks are not
 reused after a call that failed, tore the process group down (the trainer's train() does) or
-installed the TE stand-in.
+rebound a global of the package (the TE stand-in, a monkeypatch it did not undo).
 """
 
 import atexit
 import gc
+import importlib
 import os
 import pickle
+import pkgutil
 import queue
+import sys
 import threading
 import traceback
 
 import torch.multiprocessing as mp
 
 from megatron_bdlora.parallel.distributed import free_port
+
+
+def _package_globals() -> dict:
+    """Every global of the imported megatron_bdlora modules (the objects, compared by identity)."""
+    return {(name, k): v for name, m in list(sys.modules.items())
+            if name.split(".")[0] == "megatron_bdlora" and m is not None for k, v in vars(m).items()}
 
 
 def _serve(rank, world, port, tasks, results):
@@ -27,9 +36,12 @@ def _serve(rank, world, port, tasks, results):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    import megatron_bdlora
     from megatron_bdlora.parallel import destroy_distributed, init_distributed
-    from megatron_bdlora.te import guard
 
+    # every module imported up front, so that _package_globals sees each one before any call
+    for m in pkgutil.walk_packages(megatron_bdlora.__path__, "megatron_bdlora."):
+        importlib.import_module(m.name)
     parent = os.getppid()
     while True:
         try:
@@ -41,16 +53,20 @@ def _serve(rank, world, port, tasks, results):
         if task is None:
             break
         fn, tp, args = pickle.loads(task)
+        before = {}
         try:
             init_distributed(tp, seed=1234)
+            before = _package_globals()
             # Plain pickle bytes: torch's queue pickler would share tensors through file
             # descriptors that vanish when this process exits before the parent has read them.
             status, value = "ok", pickle.dumps(fn(*args))
         except BaseException:
             status, value = "error", traceback.format_exc()
-        reusable = status == "ok" and dist.is_initialized() and not guard._injected
+        after = _package_globals()
+        reusable = status == "ok" and dist.is_initialized() and \
+            all(after.get(k) is v for k, v in before.items())
         results.put((rank, status, value, reusable))
-        del fn, args
+        del fn, args, before, after
         gc.collect()
         if not reusable:
             break
