@@ -6,7 +6,6 @@ Tiny model, a few steps: 4 ranks share 2 cores.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,14 +13,9 @@ import pytest
 
 from examples.run_commands import LAUNCHER, clean_env, make_demo_data
 from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint
+from megatron_bdlora.parallel.distributed import free_port
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +40,7 @@ def _run(cmd, cwd, env=None, timeout=300):
 
 def test_torchrun_runs_the_script_as_typed(work):
     # exactly the documented line: torchrun executes the .sh file with its own Python
-    _run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(_port()), LAUNCHER,
+    _run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()), LAUNCHER,
           *flags(work, "--tensor-model-parallel-size", 2, "--train-iters", 2, "--save", "tr2")], work)
     ck = AdapterCheckpoint(str(work / "tr2"))
     assert ck.step == 2 and ck.config["saved_at_tp"] == 2 and ck.adapter_config.nblocks == 2
@@ -58,7 +52,7 @@ def test_torchrun_runs_the_script_as_typed(work):
     # even with no python on PATH
     env = clean_env(PATH="/usr/bin:/bin")
     del env["PYTHON"]
-    _run([*TORCHRUN, "--nproc-per-node", "1", "--master-port", str(_port()), "--no-python",
+    _run([*TORCHRUN, "--nproc-per-node", "1", "--master-port", str(free_port()), "--no-python",
           LAUNCHER, *flags(work, "--train-iters", 1, "--save", "np1")], work, env=env)
     assert AdapterCheckpoint(str(work / "np1")).step == 1
     # --eval-only --load takes the base model and tokenizer recorded in the checkpoint
@@ -73,7 +67,7 @@ def test_two_nodes_tp2_dp2_train_and_resume(work):
     """Two launchers as node 0 and node 1 (--nnodes 2, master 127.0.0.1): TP=2 in each node,
     DP=2 across them; save at step 2, then resume both nodes to step 3 (the same command)."""
     def both_nodes(*extra):
-        port = str(_port())
+        port = str(free_port())
         procs = [subprocess.Popen(
             ["bash", LAUNCHER, "--nproc-per-node", "2", "--nnodes", "2", "--node-rank", str(node),
              "--master-addr", "127.0.0.1", "--master-port", port,
@@ -113,7 +107,7 @@ run_rank(main)
 def test_input_error_on_a_nonzero_rank_ends_every_rank_promptly(tmp_path):
     script = tmp_path / "rank_error.py"
     script.write_text(RANK_ERROR)
-    r = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(_port()),
+    r = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()),
                         str(script), "1"], env=clean_env(), capture_output=True,
                        text=True, timeout=120)  # not the 600 s collective timeout
     ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
