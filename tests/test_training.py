@@ -10,39 +10,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from examples.run_commands import descendants, make_demo_data
-from megatron_bdlora.parallel.distributed import free_port
+from examples.run_commands import LAUNCHER, clean_env, descendants, make_demo_data
 from megatron_bdlora.checkpoint.adapter_checkpoint import (
     AdapterCheckpoint,
     list_checkpoints,
     resolve_checkpoint_dir,
 )
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER = os.path.join(ROOT, "pretrain_scripts", "finetune_llama.sh")
-
-
-def _env(nproc: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and
-           k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
-    env.update(NPROC=str(nproc), MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
-               WANDB_SILENT="true", CI="true", PYTHONUNBUFFERED="1")
-    env.setdefault("PYTHON", sys.executable)
-    return env
-
-
-def launch(args, cwd, nproc=1, check=True, timeout=300):
-    r = subprocess.run(["bash", LAUNCHER, *map(str, args)], cwd=cwd, env=_env(nproc),
-                       capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"launcher failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
-    return r
 
 
 def metrics(save_dir):
@@ -51,7 +29,7 @@ def metrics(save_dir):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(tmp_path_factory, launch):
     d = tmp_path_factory.mktemp("train")
     make_demo_data(d)
     launch(["--model-preset", "tiny", "--tokenizer", "data/tokenizer", "--adapter", "none",
@@ -73,7 +51,7 @@ def _tensors(path):
 
 
 # ---- end to end -------------------------------------------------------------------------------
-def test_tp2_dp2_end_to_end(work):
+def test_tp2_dp2_end_to_end(work, launch):
     # world 4 = TP 2 x DP 2; global 16 = 2 micro-steps x micro 4 x DP 2.
     r = launch(["--tensor-model-parallel-size", 2, "--hf-checkpoint", "base_run/hf",
                 "--adapter", "bdlora", "--lora-rank", 8, "--bd-nblocks", 2,
@@ -98,19 +76,21 @@ def test_tp2_dp2_end_to_end(work):
 
 # ---- resume -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def resume_runs(work):
-    """Uninterrupted and stopped-at-4 TP=2 runs, with dropout (RNG) and without (cross-TP)."""
-    out = {}
-    for tag, extra in (("drop", ["--lora-dropout", 0.1]), ("nodrop", [])):
-        launch(["--tensor-model-parallel-size", 2, *FT, *extra, "--save", f"full_{tag}"], work, 2)
-        launch(["--tensor-model-parallel-size", 2, *FT, *extra, "--save", f"part_{tag}",
-                "--exit-after-iters", 4], work, 2)
-        assert AdapterCheckpoint(str(work / f"part_{tag}")).step == 4
-        out[tag] = extra
-    return out
+def resume_runs(work, launch):
+    """Uninterrupted TP=2 runs with dropout (RNG) and without (cross-TP; it also saves step 4,
+    where the cross-TP resume starts), and the dropout run stopped at 4 (--exit-after-iters)."""
+    drop = ["--lora-dropout", 0.1]
+    launch(["--tensor-model-parallel-size", 2, *FT, *drop, "--save", "full_drop"], work, 2)
+    launch(["--tensor-model-parallel-size", 2, *FT, *drop, "--save", "part_drop",
+            "--exit-after-iters", 4], work, 2)
+    assert AdapterCheckpoint(str(work / "part_drop")).step == 4
+    launch(["--tensor-model-parallel-size", 2, *FT, "--save", "full_nodrop", "--save-interval", 4],
+           work, 2)
+    assert AdapterCheckpoint(str(work / "full_nodrop" / "step_00000004")).step == 4
+    return {"drop": drop}
 
 
-def test_resume_same_tp_bit_exact(work, resume_runs):
+def test_resume_same_tp_bit_exact(work, resume_runs, launch):
     extra = resume_runs["drop"]
     launch(["--tensor-model-parallel-size", 2, *FT, *extra, "--save", "resumed_drop",
             "--load", "part_drop"], work, 2)
@@ -126,8 +106,8 @@ def test_resume_same_tp_bit_exact(work, resume_runs):
     assert all(res[s] == full[s] for s in res)
 
 
-def test_resume_at_other_tp_close(work, resume_runs):
-    launch([*FT, "--save", "resumed_tp1", "--load", "part_nodrop"], work, 1)
+def test_resume_at_other_tp_close(work, resume_runs, launch):
+    launch([*FT, "--save", "resumed_tp1", "--load", "full_nodrop/step_00000004"], work, 1)
     a, b = _tensors(str(work / "full_nodrop")), _tensors(str(work / "resumed_tp1"))
     assert a.keys() == b.keys()
     for k in a:
@@ -135,7 +115,7 @@ def test_resume_at_other_tp_close(work, resume_runs):
         assert rel < 1e-5, (k, rel)
 
 
-def test_eval_only(work, resume_runs):
+def test_eval_only(work, resume_runs, launch):
     r = launch(["--eval-only", "--load", "full_nodrop", "--hf-checkpoint", "base_run/hf",
                 "--eval-data-path", "data/eval.jsonl", "--seq-length", 32,
                 "--micro-batch-size", 4, "--eval-iters", 2], work, 1)
@@ -146,7 +126,7 @@ def test_eval_only(work, resume_runs):
 
 
 # ---- config + wandb ---------------------------------------------------------------------------
-def test_yaml_config_cli_override_and_wandb_offline(work):
+def test_yaml_config_cli_override_and_wandb_offline(work, launch):
     cfg = work / "run.yaml"
     cfg.write_text("train-iters: 3\nlr: 0.05\nlora_rank: 4\nbd-nblocks: 2\n"
                    "data-path: data/train.jsonl\nseq-length: 32\nmicro-batch-size: 4\n")
@@ -169,7 +149,7 @@ def test_yaml_config_cli_override_and_wandb_offline(work):
 
 
 # ---- bad input --------------------------------------------------------------------------------
-def _bad(work, args, nproc=1):
+def _bad(launch, work, args, nproc=1):
     r = launch(args, work, nproc, check=False, timeout=120)
     assert r.returncode != 0
     return r
@@ -185,33 +165,33 @@ def _one_line_error(r, needle):
 BASE = ["--hf-checkpoint", "base_run/hf", "--seq-length", 32, "--train-iters", 2]
 
 
-def test_error_missing_data_file(work):
-    r = _bad(work, [*BASE, "--data-path", "data/nope.jsonl"], 2)
+def test_error_missing_data_file(work, launch):
+    r = _bad(launch, work, [*BASE, "--data-path", "data/nope.jsonl"], 2)
     _one_line_error(r, "data/nope.jsonl does not exist")
     assert r.stderr.count("does not exist") == 1
 
 
-def test_error_batch_not_divisible(work):
-    r = _bad(work, [*BASE, "--data-path", "data/train.jsonl", "--micro-batch-size", 4,
+def test_error_batch_not_divisible(work, launch):
+    r = _bad(launch, work, [*BASE, "--data-path", "data/train.jsonl", "--micro-batch-size", 4,
                     "--global-batch-size", 12], 2)
     _one_line_error(r, "--global-batch-size 12 is not divisible")
 
 
-def test_error_tp_does_not_divide_world(work):
-    r = _bad(work, [*BASE, "--data-path", "data/train.jsonl", "--tensor-model-parallel-size", 2], 3)
+def test_error_tp_does_not_divide_world(work, launch):
+    r = _bad(launch, work, [*BASE, "--data-path", "data/train.jsonl", "--tensor-model-parallel-size", 2], 3)
     _one_line_error(r, "does not divide the world size 3")
 
 
-def test_error_unknown_flag(work):
-    r = _bad(work, [*BASE, "--data-path", "data/train.jsonl", "--no-such-flag", 1])
+def test_error_unknown_flag(work, launch):
+    r = _bad(launch, work, [*BASE, "--data-path", "data/train.jsonl", "--no-such-flag", 1])
     _one_line_error(r, "--no-such-flag")
 
 
-def test_error_no_target_tokens(work):
+def test_error_no_target_tokens(work, launch):
     path = work / "empty_completions.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"copy: {c} =>", "completion": ""}) + "\n"
                             for c in "abcdefgh"))
-    r = _bad(work, [*BASE, "--data-path", path, "--save", "never"])
+    r = _bad(launch, work, [*BASE, "--data-path", path, "--save", "never"])
     lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "target" in lines[0], r.stderr[-3000:]
     # the trainer reports it in one line; no Python traceback from the trainer's ranks
@@ -220,11 +200,11 @@ def test_error_no_target_tokens(work):
 
 
 # ---- crash during save ------------------------------------------------------------------------
-def test_kill_during_save_leaves_loadable_checkpoint(work):
+def test_kill_during_save_leaves_loadable_checkpoint(work, launch):
     save = work / "killed"
     args = [*FT[:-4], "--train-iters", 10000, "--save", save, "--save-interval", 1,
             "--keep-last", 2]
-    env = _env(1)
+    env = clean_env(NPROC=1)
     for attempt in range(3):
         p = subprocess.Popen(["bash", LAUNCHER, *map(str, args)], cwd=work, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
