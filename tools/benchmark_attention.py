@@ -10,9 +10,6 @@ Logic and how memory is measured: megatron_bdlora/benchmarks/attention.py.
 
 import argparse
 import os
-import warnings
-
-warnings.filterwarnings("ignore")
 
 
 def main():

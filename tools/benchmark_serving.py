@@ -10,9 +10,6 @@ Logic: megatron_bdlora/benchmarks/serving.py.
 
 import argparse
 import os
-import warnings
-
-warnings.filterwarnings("ignore")
 
 
 def main():

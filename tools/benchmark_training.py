@@ -11,9 +11,6 @@ phase, paired ratios to base and bd. Logic: megatron_bdlora/benchmarks/training.
 
 import argparse
 import os
-import warnings
-
-warnings.filterwarnings("ignore")
 
 
 def main():

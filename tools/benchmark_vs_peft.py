@@ -12,9 +12,6 @@ Logic: megatron_bdlora/benchmarks/vs_peft.py.
 
 import argparse
 import sys
-import warnings
-
-warnings.filterwarnings("ignore")
 
 
 def main():

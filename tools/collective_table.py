@@ -10,9 +10,6 @@ one that issues nothing has no row (sp_grads under frozen norms, grad_sync at DP
 import argparse
 import json
 import os
-import warnings
-
-warnings.filterwarnings("ignore")
 
 
 def main():

@@ -9,9 +9,6 @@ rendered with the tokenizer's chat template) (torchrun). --json also gets every 
 import argparse
 import json
 import os
-import warnings
-
-warnings.filterwarnings("ignore")
 
 
 def main():
