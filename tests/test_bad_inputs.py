@@ -34,23 +34,16 @@ def _snapshot(*dirs) -> dict:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(tmp_path_factory, launch):
     d = tmp_path_factory.mktemp("bad")
     make_demo_data(d, num_train=48, num_eval=16, num_pretrain=16)
     cache = str(tmp_path_factory.mktemp("cache"))
-    r = subprocess.run(["bash", LAUNCHER, "--model-preset", "tiny", "--tokenizer", "data/tokenizer",
-                        "--lora-rank", "4", "--data-path", "data/train.jsonl", "--seq-length", "32",
-                        "--micro-batch-size", "4", "--train-iters", "1", "--save", "ckpt",
-                        "--data-cache-dir", cache], cwd=d, env=clean_env(NPROC="1"),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    one_step = ["--model-preset", "tiny", "--tokenizer", "data/tokenizer", "--data-path",
+                "data/train.jsonl", "--seq-length", 32, "--micro-batch-size", 4, "--train-iters", 1,
+                "--data-cache-dir", cache]
+    launch([*one_step, "--lora-rank", 4, "--save", "ckpt"], d)
     # BD-LoRA N=2 at TP=1, r=8 (resumed at TP=4; exported for vLLM at --max-lora-rank 4)
-    r = subprocess.run(["bash", LAUNCHER, "--model-preset", "tiny", "--tokenizer", "data/tokenizer",
-                        "--lora-rank", "8", "--bd-nblocks", "2", "--data-path", "data/train.jsonl",
-                        "--seq-length", "32", "--micro-batch-size", "4", "--train-iters", "1",
-                        "--save", "ckpt_n2", "--data-cache-dir", cache], cwd=d,
-                       env=clean_env(NPROC="1"), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    launch([*one_step, "--lora-rank", 8, "--bd-nblocks", 2, "--save", "ckpt_n2"], d)
     _write_bad_files(d)
     return d, cache
 
@@ -235,13 +228,12 @@ def test_yaml_values_typed_like_the_cli(work, tmp_path):
     assert args.lora_rank == 16 and args.prompt_template == "-> {prompt}"
 
 
-def test_launcher_script_bad_inputs_one_line(work):
+def test_launcher_script_bad_inputs_one_line(work, launch):
     """The literal shell command: one line on stderr, status 2, for a flag and a data error."""
     d, cache = work
     for argv, needle in (([*B, "--keep-last", "0"], "--keep-last: must be >= 1"),
                          ([*B, "--data-path", "maskstr.jsonl"], "'loss_mask' must be a list")):
-        r = subprocess.run(["bash", LAUNCHER, *argv, "--data-cache-dir", cache], cwd=d,
-                           env=clean_env(NPROC="2"), capture_output=True, text=True, timeout=120)
+        r = launch([*argv, "--data-cache-dir", cache], d, nproc=2, check=False, timeout=120)
         _assert_one_error_line(r.returncode, r.stderr, needle)
 
 
@@ -304,7 +296,7 @@ def test_export_overwrite_never_deletes_the_checkpoint_or_its_parent(work, tmp_p
 
 
 # ---- data loss 2: orphaned ranks, a second writer ----------------------------------------------
-def test_ranks_die_with_launcher_and_a_second_writer_is_refused(work, monkeypatch, capsys):
+def test_ranks_die_with_launcher_and_a_second_writer_is_refused(work, monkeypatch, capsys, launch):
     d, cache = work
     monkeypatch.chdir(d)
     save = d / "shared_save"
@@ -339,9 +331,7 @@ def test_ranks_die_with_launcher_and_a_second_writer_is_refused(work, monkeypatc
     assert not any(alive(r) for r in ranks), "ranks outlived their launcher"
     # the dead job's lock is stale: a new run takes it over and resumes
     step = AdapterCheckpoint(str(save)).step
-    r = subprocess.run(["bash", LAUNCHER, *job(step + 1, "--load", str(save))], cwd=d,
-                       env=clean_env(NPROC="1"), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    launch(job(step + 1, "--load", str(save)), d)
     assert AdapterCheckpoint(str(save)).step == step + 1 and not (save / ".lock").exists()
     steps = [json.loads(line)["step"] for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)), "metrics.jsonl repeats steps after the resume"
