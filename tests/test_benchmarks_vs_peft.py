@@ -27,7 +27,7 @@ def _reference_losses():
 
     cfg = VsPeftConfig.smoke()
     hf = cfg.hf()
-    ids, labels = random_batch(cfg, 0)
+    ids, labels = random_batch(cfg, hf, 0)
     base = build_models(hf, {"base": adapter_configs(hf, cfg.lora_rank, cfg.bd_rank,
                                                      cfg.bd_nblocks)["base"]}, seed=cfg.seed)["base"]
     with torch.no_grad():

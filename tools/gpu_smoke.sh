@@ -285,12 +285,12 @@ cfg = VsPeftConfig(**{f.name: c[f.name] for f in dataclasses.fields(VsPeftConfig
 hf = cfg.hf()
 assert hf == get_preset(cfg.preset), "the estimator takes a preset's own layer count"
 from megatron_bdlora.benchmarks.timing import adapter_configs, build_models
-from megatron_bdlora.benchmarks.training import TrainerStep
+from megatron_bdlora.benchmarks.training import TrainerStep, random_batch
 from megatron_bdlora.parallel import device, init_distributed
 init_distributed(1)
 acfg = adapter_configs(hf, cfg.lora_rank, cfg.bd_rank, cfg.bd_nblocks)["bd"]
 trainer = TrainerStep(build_models(hf, {"bd": acfg}, cfg.seed, dtype=DTYPES[cfg.dtype])["bd"], cfg.lr)
-ids, labels = (t.to(device()) for t in cfg.random_batch())
+ids, labels = (t.to(device()) for t in random_batch(cfg, hf, 0))
 peaks = []
 for _ in range(3):  # the first step also allocates AdamW's states
     torch.cuda.synchronize()

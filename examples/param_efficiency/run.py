@@ -343,9 +343,10 @@ def main(argv=None):
     with open(os.path.join(exp.base_hf, "config.json")) as f:
         configs = adapter_configs(args, json.load(f))
     tune_seed, *other_seeds = args.seeds
-    print(f"{len(configs)} adapter configs; learning rates {args.lrs} on seed {tune_seed} "
-          f"({'each config' if args.tune_lora_rank is None else f'each method at LoRA rank {args.tune_lora_rank}'}),"
-          f" then seeds {other_seeds} at the best; {args.jobs} runs at a time", flush=True)
+    scope = ("each config" if args.tune_lora_rank is None
+             else f"each method at LoRA rank {args.tune_lora_rank}")
+    print(f"{len(configs)} adapter configs; learning rates {args.lrs} on seed {tune_seed} ({scope}), "
+          f"then seeds {other_seeds} at the best; {args.jobs} runs at a time", flush=True)
     searched = [c for c in configs
                 if args.tune_lora_rank in (None, c[1] if c[0] == "lora" else c[2])]
     tuning = [(cfg, tune_seed, lr) for cfg in searched for lr in args.lrs]

@@ -63,6 +63,19 @@ def _block_diag(blocks):
     return (blocks.unsqueeze(-2) * eye).flatten(-4, -3).flatten(-2)
 
 
+def _take_over_local(base, kind: str) -> None:
+    """Switch a local Megatron-Core layer's own TP communication off (the adapter issues it)."""
+    if kind == "column":
+        # The LoRA branch and the base share one input-gradient all-reduce (ours).
+        base.disable_grad_reduce = True
+        base.allreduce_dgrad = False
+        base.sequence_parallel = False
+    else:
+        # The base returns its partial sum; we add ours and reduce once.
+        base.explicit_expert_comm = True
+        base.skip_bias_add = True
+
+
 class AdapterLinear(nn.Module):
     """A frozen Megatron-Core parallel linear plus this rank's share of a LoRA / BD-LoRA adapter."""
 
@@ -91,17 +104,8 @@ class AdapterLinear(nn.Module):
         self.sequence_parallel = bool(getattr(base, "sequence_parallel", False))
         if spec.kind == "row" and adds_bias_before_return(base):  # we reduce after: tp x bias
             raise ValueError(f"{name}: row-parallel layer with a fused bias is not supported")
-        if take_over(base, spec.kind, name):  # a TE layer: its own TP communication now off
-            pass
-        elif spec.kind == "column":
-            # The LoRA branch and the base share one input-gradient all-reduce (ours).
-            base.disable_grad_reduce = True
-            base.allreduce_dgrad = False
-            base.sequence_parallel = False
-        else:
-            # The base returns its partial sum; we add ours and reduce once.
-            base.explicit_expert_comm = True
-            base.skip_bias_add = True
+        if not take_over(base, spec.kind, name):  # TE switches its own TP communication off
+            _take_over_local(base, spec.kind)
         for p in base.parameters():
             p.requires_grad_(False)
 

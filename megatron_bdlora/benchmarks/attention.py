@@ -131,7 +131,7 @@ def run_attention(cfg: AttentionConfig) -> dict:
     hf = llama_shape(cfg.hidden, cfg.ffn, cfg.layers, cfg.heads, cfg.kv_heads, cfg.vocab,
                      max_positions=max(2048, cfg.seq_len))
     trainers = {n: TrainerStep(m, cfg.lr) for n, m in _models(cfg, hf, tp).items()}
-    ids, labels = (x.to(device()) for x in random_batch(cfg, dp_rank=0))
+    ids, labels = (x.to(device()) for x in random_batch(cfg, hf, dp_rank=0))
 
     losses = {n: TrainerStep.loss(t.step(ids, labels)) for n, t in trainers.items()}  # also builds Adam state
     memory = {}

@@ -93,9 +93,10 @@ class TrainerStep:
         return float(total) / max(int(result.tokens), 1)
 
 
-def random_batch(cfg, dp_rank: int):
+def random_batch(cfg, hf: dict, dp_rank: int):
+    """(ids, labels): cfg.batch x cfg.seq_len token ids over the model's vocabulary (hf's)."""
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + dp_rank + 1)
-    ids = torch.randint(2, cfg.vocab, (cfg.batch, cfg.seq_len), generator=gen)
+    ids = torch.randint(2, hf["vocab_size"], (cfg.batch, cfg.seq_len), generator=gen)
     labels = torch.roll(ids, -1, dims=1)
     labels[:, -1] = -100
     return ids, labels
@@ -115,7 +116,7 @@ def run_training(cfg: TrainingConfig) -> dict:
     configs = adapter_configs(hf, cfg.lora_rank, cfg.bd_rank, nblocks)
     models = build_models(hf, configs, seed=cfg.seed, sequence_parallel=cfg.sequence_parallel)
     trainers = {m: TrainerStep(model, cfg.lr) for m, model in models.items()}
-    ids, labels = (t.to(device()) for t in random_batch(cfg, dp_rank))
+    ids, labels = (t.to(device()) for t in random_batch(cfg, hf, dp_rank))
 
     collectives, losses = {}, {}
     for m in METHODS:  # one counted step each (also the first warm-up step)

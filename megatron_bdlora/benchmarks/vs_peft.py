@@ -12,7 +12,7 @@ frozen base (paired), and the analytic FLOP ratio (base + adapter) / base traini
 bounds that overhead from below. The loss of every method is the same mean next-token CE.
 """
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -62,10 +62,6 @@ class VsPeftConfig:
 
             return {**get_preset(self.preset), "num_hidden_layers": self.layers}
         return llama_shape(self.hidden, self.ffn, self.layers, self.heads, self.kv_heads, self.vocab)
-
-    def random_batch(self):
-        """(ids, labels) over the model's vocabulary (a preset's, not `vocab`, when one is given)."""
-        return random_batch(replace(self, vocab=self.hf()["vocab_size"]), 0)
 
 
 def training_flops(hf: dict, batch: int, seq: int, adapter=None) -> dict:
@@ -143,7 +139,7 @@ def run_vs_peft(cfg: VsPeftConfig) -> dict:
             raise RuntimeError(f"{kind}: we train {counts[mine]} parameters, PEFT {counts[theirs]}; "
                                "the comparison would not be like for like")
 
-    ids, labels = (t.to(device()) for t in cfg.random_batch())
+    ids, labels = (t.to(device()) for t in random_batch(cfg, hf, 0))
     losses = {m: TrainerStep.loss(trainers[m].step(ids, labels)) if m.startswith("ours")
               else trainers[m].step(ids, labels).item() for m in METHODS}  # also a warm-up step
     clock = time.process_time if cfg.clock == "cpu" else time.perf_counter

@@ -108,12 +108,13 @@ def run_rank(fn, *args):
     except SystemExit:
         raise
     except BaseException as e:
-        if _in_collective(e):
+        collective = _in_collective(e)
+        if collective:
             # A peer died (it printed why): torchrun stops this rank within the wait. If not,
             # every rank failed the same way (NCCL init): rank 0, waiting least, prints it in
             # full and the others one line (torchrun usually stops them first).
             time.sleep(2.0 if _rank() == 0 else 5.0)
-        if _in_collective(e) and _rank() != 0:
+        if collective and _rank() != 0:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             print(f"error: rank {_rank()}: a collective failed ({first[:200]}); rank 0 or the "
                   "failing rank printed the error", file=sys.stderr, flush=True)
