@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", metavar="DIR", help="tokenizer dir/name (default: the checkpoint's)")
     g.add_argument("--tensor-model-parallel-size", type=POSITIVE, default=1, metavar="TP",
                    help="ranks one layer is split over (divides the world size)")
+    g.add_argument("--pipeline-model-parallel-size", type=POSITIVE, default=1, metavar="PP",
+                   help="pipeline stages the decoder layers are split over")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=POSITIVE, default=None,
+                   metavar="N", help="layers per virtual stage (interleaved pipeline schedule)")
     g.add_argument("--bf16", action="store_true",
                    help="bf16 base weights and activations; adapters, their grads and Adam stay fp32")
     g.add_argument("--sequence-parallel", action="store_true",
@@ -134,9 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3, help="peak learning rate")
     g.add_argument("--min-lr", type=NONNEG_FLOAT, default=0.0, help="learning rate at the end of decay")
     g.add_argument("--lr-warmup-iters", type=NONNEG, default=0, help="linear warmup steps")
+    g.add_argument("--lr-warmup-fraction", type=PROBABILITY, default=None,
+                   help="warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
+    g.add_argument("--lr-decay-iters", type=POSITIVE, default=None,
+                   help="steps over which the LR decays (default: --train-iters)")
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine",
                    help="decay from --lr to --min-lr at --train-iters")
     g.add_argument("--weight-decay", type=NONNEG_FLOAT, default=0.0, help="AdamW weight decay")
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="Megatron-LM's flag; adam (AdamW with --weight-decay) only")
+    g.add_argument("--adam-eps", type=POSITIVE_FLOAT, default=1e-8, help="Adam epsilon")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the fp32 main parameters and Adam state over the DP ranks")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap the DP gradient reduce with the backward")
     g.add_argument("--adam-beta1", type=PROBABILITY, default=0.9, help="AdamW beta1")
     g.add_argument("--adam-beta2", type=PROBABILITY, default=0.999, help="AdamW beta2")
     g.add_argument("--clip-grad", type=NONNEG_FLOAT, default=1.0,
@@ -272,11 +287,17 @@ def validate(args, world: int) -> None:
         from megatron_bdlora.te.guard import require_te
 
         require_te()
-    tp = args.tensor_model_parallel_size
-    if world % tp:
-        raise InputError(f"--tensor-model-parallel-size {tp} does not divide the world size "
-                         f"{world}; launch a multiple of {tp} processes")
-    dp = world // tp
+    if args.optimizer != "adam":
+        raise InputError(f"--optimizer {args.optimizer}: adapters train with Adam only; drop the "
+                         "flag (--weight-decay 0 for plain Adam)")
+    if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
+        raise InputError("give --lr-warmup-fraction or --lr-warmup-iters, not both")
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if world % (tp * pp):
+        raise InputError(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} "
+                         f"does not divide the world size {world}; launch a multiple of {tp * pp} "
+                         "processes")
+    dp = world // (tp * pp)
     if args.sequence_parallel and tp == 1:
         raise InputError("--sequence-parallel splits activations over TP ranks: it needs "
                          "--tensor-model-parallel-size > 1")
