@@ -27,3 +27,5 @@ class DivergedError(RuntimeError):
 
 EXIT_INPUT = 2  # argparse's status for bad command lines; every input error exits with it
 EXIT_DIVERGED = 3  # a DivergedError: the flags and files were fine, the run was not
+EXIT_RESUME = 75  # stopped early (signal, time or step limit) with its step saved: rerun to resume
+#                  (75 is sysexits' EX_TEMPFAIL: a temporary failure, retry)

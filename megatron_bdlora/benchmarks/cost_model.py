@@ -276,3 +276,26 @@ def speedup_grid(models: dict, ranks, batch_sizes, factors=(2, 4), tp=8, nblocks
                         "paper_speedup": paper and paper[1],
                     })
     return rows
+
+
+# Dense BF16 peak FLOP/s by device name (public datasheets): the MFU denominator of the trainer's
+# --log-throughput and of the benchmarks. A100: 312 (above); H100/H200 SXM: 989.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": A100_SXM4_80GB_NVLINK.peak_flops}
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The dense BF16 peak of a device named like torch.cuda.get_device_name(), None if unknown."""
+    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
+
+
+def training_flops(hf: dict, batch: int, seq: int, adapter: AdapterConfig | None = None,
+                   full_finetune: bool = False) -> dict:
+    """Model FLOPs of one training step on `batch` rows of `seq` tokens (the one count the
+    trainer's --log-throughput and the benchmarks use). Frozen base: base forward + input-
+    gradient backward (2 x forward); `full_finetune`: + the weight gradients (3 x forward);
+    adapter: forward + input gradient + weight gradient (3 x its forward). The cost model's
+    forward (TP=1) runs the LM head on one token per row: the rest is added here."""
+    f = prefill(hf, 1, batch, seq, adapter)["flops"]
+    lm_head_rest = 2 * batch * (seq - 1) * hf["hidden_size"] * hf["vocab_size"]
+    base = (3 if full_finetune else 2) * (f["base"] + f["attention"] + lm_head_rest)
+    return {"base": base, "adapter": 3 * f["lora"], "total": base + 3 * f["lora"]}

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from megatron_bdlora.adapters import layout
+from megatron_bdlora.benchmarks.cost_model import peak_bf16_flops, training_flops
 from megatron_bdlora.benchmarks.timing import (adapter_configs, bar_chart, build_models, llama_shape,
                                                paired_ratio, round_robin, run_environment, summary_ms,
                                                sync)
@@ -25,8 +26,6 @@ from megatron_bdlora.benchmarks.training import TrainerStep, random_batch
 METHODS = ("ours_base", "ours_lora", "ours_bd", "peft_lora", "peft_bd")
 ADAPTERS = {"lora": ("ours_lora", "peft_lora"), "bdlora": ("ours_bd", "peft_bd")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# dense BF16 peak FLOP/s by device name (public datasheets), for the MFU column on a GPU
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 @dataclass
@@ -62,18 +61,6 @@ class VsPeftConfig:
 
             return {**get_preset(self.preset), "num_hidden_layers": self.layers}
         return llama_shape(self.hidden, self.ffn, self.layers, self.heads, self.kv_heads, self.vocab)
-
-
-def training_flops(hf: dict, batch: int, seq: int, adapter=None) -> dict:
-    """Analytic FLOPs of one training step with a frozen base: base forward + input-gradient
-    backward (2 x forward), adapter forward + input gradient + weight gradient (3 x forward).
-    Uses the cost model's forward (TP=1), whose LM head runs on one token per request."""
-    from megatron_bdlora.benchmarks.cost_model import prefill
-
-    f = prefill(hf, 1, batch, seq, adapter)["flops"]
-    lm_head_rest = 2 * batch * (seq - 1) * hf["hidden_size"] * hf["vocab_size"]
-    base = 2 * (f["base"] + f["attention"] + lm_head_rest)
-    return {"base": base, "adapter": 3 * f["lora"], "total": base + 3 * f["lora"]}
 
 
 class _PeftTrainer:
@@ -194,8 +181,7 @@ def run_vs_peft(cfg: VsPeftConfig) -> dict:
 def _peak_flops(dtype: str) -> float | None:
     if dtype != "bf16" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return peak_bf16_flops(torch.cuda.get_device_name())
 
 
 def plot(result: dict, path: str) -> None:

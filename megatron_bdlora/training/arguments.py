@@ -7,7 +7,6 @@ one line (an InputError); the files are checked by launch/preflight.py.
 """
 
 import argparse
-import math
 import os
 import re
 
@@ -15,6 +14,12 @@ import yaml
 
 from megatron_bdlora.adapters.layout import check_rank_blocks, check_tp_blocks
 from megatron_bdlora.errors import InputError
+from megatron_bdlora.training import flags
+from megatron_bdlora.training.flags import (  # noqa: F401 - the launcher and tools import them here
+    NONNEG,
+    POSITIVE,
+    REFUSED,
+)
 
 # A name on the Hugging Face Hub (owner/name); anything else that does not exist is a bad path.
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -36,152 +41,45 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _bounded(kind, low, name, high=None, low_open=False):
-    def check(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
-        if not math.isfinite(value) or (value <= low if low_open else value < low) or \
-                (high is not None and value >= high):
-            raise argparse.ArgumentTypeError(f"must be {name}, got {text}")
-        return value
-    check.__name__ = kind.__name__
-    return check
+class _Refused(argparse.Action):
+    """A Megatron-LM flag this trainer does not take: one line saying why and what to use."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise InputError(f"{option_string}: {REFUSED[option_string]}")
 
 
-POSITIVE = _bounded(int, 1, ">= 1")
-NONNEG = _bounded(int, 0, ">= 0")
-NONNEG_FLOAT = _bounded(float, 0.0, ">= 0")
-POSITIVE_FLOAT = _bounded(float, 0.0, "> 0", low_open=True)
-PROBABILITY = _bounded(float, 0.0, "in [0, 1)", high=1.0)
+def _add_flag(group, f) -> None:
+    meta = f.metadata
+    kw = {"dest": f.name, "default": flags.default_of(f), "help": meta["help"]}
+    if f.type in (bool, "bool"):
+        # Megatron-LM's store_true flags; one on by default also takes --no-FLAG
+        kw["action"] = argparse.BooleanOptionalAction if kw["default"] else "store_true"
+    else:
+        kw.update({k: meta[k] for k in ("type", "choices", "metavar", "nargs") if meta[k] is not None})
+    group.add_argument(flags.flag_name(f), *meta["aliases"], **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """argparse from the typed flag sections (training/flags.py) and the refused Megatron-LM flags."""
     p = OneLineParser(
         prog="finetune_llama", formatter_class=_Help, allow_abbrev=False,
-        description="Fine-tune Llama with BD-LoRA / LoRA on Megatron-Core.",
+        description="Fine-tune Llama with BD-LoRA / LoRA on Megatron-Core (Megatron-LM's flag "
+                    "names and meanings; a default that differs from Megatron-LM's is named at "
+                    "start-up).",
         epilog="Launch: pretrain_scripts/finetune_llama.sh [--nproc-per-node N --nnodes M "
                "--node-rank I --master-addr A --master-port P] FLAGS, or torchrun [its flags] "
-               "pretrain_scripts/finetune_llama.sh FLAGS.")
+               "pretrain_scripts/finetune_llama.sh FLAGS. Exit status: 0 done, 2 bad input, "
+               "3 diverged, 75 stopped early and saved (rerun the same command to resume).")
     p.add_argument("--config", metavar="YAML", help="YAML file whose keys are these flag names "
                                                     "(the command line wins)")
-    g = p.add_argument_group("model")
-    g.add_argument("--hf-checkpoint", metavar="DIR",
-                   help="Hugging Face Llama directory (or an explicit hub name owner/name)")
-    g.add_argument("--model-preset", metavar="NAME",
-                   help="random-init preset instead of a checkpoint (tiny, ...)")
-    g.add_argument("--tokenizer", metavar="DIR", help="tokenizer dir/name (default: the checkpoint's)")
-    g.add_argument("--tensor-model-parallel-size", type=POSITIVE, default=1, metavar="TP",
-                   help="ranks one layer is split over (divides the world size)")
-    g.add_argument("--pipeline-model-parallel-size", type=POSITIVE, default=1, metavar="PP",
-                   help="pipeline stages the decoder layers are split over")
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=POSITIVE, default=None,
-                   metavar="N", help="layers per virtual stage (interleaved pipeline schedule)")
-    g.add_argument("--bf16", action="store_true",
-                   help="bf16 base weights and activations; adapters, their grads and Adam stay fp32")
-    g.add_argument("--sequence-parallel", action="store_true",
-                   help="split norm/residual activations along the sequence over TP ranks (TP > 1)")
-    g.add_argument("--attention-backend", choices=["sdpa", "local"], default="sdpa",
-                   help="sdpa: torch scaled_dot_product_attention (flash on GPU, no mask when "
-                        "unpacked); local: Megatron-Core's DotProductAttention")
-    g.add_argument("--sdpa-backend", choices=["auto", "flash", "efficient", "cudnn", "math"],
-                   default="auto", help="pin the kernel of --attention-backend sdpa (auto: torch "
-                                        "chooses; the one that runs is logged once)")
-    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
-                   help="Megatron-LM's flag: local: Megatron-Core's local layers; transformer_engine: "
-                        "TE linears with the fused input RMSNorm (a CUDA GPU and the [gpu] extra)")
-    g.add_argument("--recompute-activations", action="store_true",
-                   help="full activation recompute of every decoder layer")
-    g = p.add_argument_group("adapter")
-    g.add_argument("--adapter", choices=["bdlora", "lora", "none"], default="bdlora",
-                   help="bdlora: block-diagonal LoRA; lora: plain LoRA; none: train all weights "
-                        "(small models)")
-    g.add_argument("--lora-rank", type=POSITIVE, default=8, metavar="R", help="adapter rank r")
-    g.add_argument("--lora-alpha", type=POSITIVE_FLOAT, default=16.0,
-                   help="scale alpha / r (alpha / sqrt(r) with --lora-rslora)")
-    g.add_argument("--lora-dropout", type=PROBABILITY, default=0.0, help="dropout on the adapter input")
-    g.add_argument("--lora-rslora", action="store_true", help="rank-stabilised scale alpha / sqrt(r)")
-    g.add_argument("--lora-target-modules", nargs="+", metavar="MODULE",
-                   default=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
-                   help="Megatron modules that get an adapter")
-    g.add_argument("--lora-layout", choices=["canonical", "fused"], default="canonical",
-                   help="canonical: one A per HF projection (PEFT, vLLM, the paper); fused: one A "
-                        "per Megatron module")
-    g.add_argument("--lora-sharding", choices=["slora", "replicated"], default="slora",
-                   help="how plain LoRA is split over TP ranks")
-    g.add_argument("--bd-nblocks", type=POSITIVE, default=None, metavar="N",
-                   help="BD-LoRA blocks N (default: the TP size); the adapter then serves at any "
-                        "TP dividing N")
-    g.add_argument("--match-lora-rank-params", type=POSITIVE, default=None, metavar="R",
-                   help="set the BD rank to match LoRA rank R's parameter count")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-path", metavar="PATH",
-                   help="local json/jsonl/parquet/csv/arrow file or directory, or a hub dataset "
-                        "owner/name")
-    g.add_argument("--eval-data-path", metavar="PATH", help="evaluation records (same formats)")
-    g.add_argument("--prompt-template", metavar="TEXT",
-                   help="wraps each prompt; must contain {prompt}")
-    g.add_argument("--pack-sequences", action="store_true",
-                   help="pack several examples per row (per-document attention)")
-    g.add_argument("--data-cache-dir", metavar="DIR",
-                   help="tokenised data cache (default: $BDLORA_DATA_CACHE or "
-                        "~/.cache/megatron_bdlora/data)")
-    g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=POSITIVE, default=4, help="rows per rank per forward")
-    g.add_argument("--global-batch-size", type=POSITIVE, default=None,
-                   help="rows per optimizer step over all DP ranks (default: micro x DP); a "
-                        "multiple of micro x DP means gradient accumulation")
-    g.add_argument("--seq-length", type=_bounded(int, 2, ">= 2"), default=128,
-                   help="tokens per row (longer examples are truncated)")
-    g.add_argument("--train-iters", type=POSITIVE, default=100, help="optimizer steps")
-    g.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3, help="peak learning rate")
-    g.add_argument("--min-lr", type=NONNEG_FLOAT, default=0.0, help="learning rate at the end of decay")
-    g.add_argument("--lr-warmup-iters", type=NONNEG, default=0, help="linear warmup steps")
-    g.add_argument("--lr-warmup-fraction", type=PROBABILITY, default=None,
-                   help="warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
-    g.add_argument("--lr-decay-iters", type=POSITIVE, default=None,
-                   help="steps over which the LR decays (default: --train-iters)")
-    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine",
-                   help="decay from --lr to --min-lr at --train-iters")
-    g.add_argument("--weight-decay", type=NONNEG_FLOAT, default=0.0, help="AdamW weight decay")
-    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
-                   help="Megatron-LM's flag; adam (AdamW with --weight-decay) only")
-    g.add_argument("--adam-eps", type=POSITIVE_FLOAT, default=1e-8, help="Adam epsilon")
-    g.add_argument("--use-distributed-optimizer", action="store_true",
-                   help="shard the fp32 main parameters and Adam state over the DP ranks")
-    g.add_argument("--overlap-grad-reduce", action="store_true",
-                   help="overlap the DP gradient reduce with the backward")
-    g.add_argument("--adam-beta1", type=PROBABILITY, default=0.9, help="AdamW beta1")
-    g.add_argument("--adam-beta2", type=PROBABILITY, default=0.999, help="AdamW beta2")
-    g.add_argument("--clip-grad", type=NONNEG_FLOAT, default=1.0,
-                   help="clip the global gradient norm to this (0: no clipping)")
-    g.add_argument("--skip-nonfinite", action="store_true",
-                   help="skip a step whose loss or gradient is not finite (counted in metrics) "
-                        "instead of stopping the run")
-    g.add_argument("--distributed-timeout-minutes", type=POSITIVE, default=10,
-                   help="Megatron-LM's flag: collective timeout (raise it for long checkpoint loads)")
-    g.add_argument("--seed", type=NONNEG, default=1234, help="adapter init, dropout and data order")
-    g = p.add_argument_group("checkpointing, eval, logging")
-    g.add_argument("--save", metavar="DIR", help="checkpoint directory (one job at a time)")
-    g.add_argument("--save-interval", type=POSITIVE, default=None,
-                   help="steps between checkpoints (default: --train-iters)")
-    g.add_argument("--keep-last", type=POSITIVE, default=3, help="checkpoints kept in --save")
-    g.add_argument("--load", metavar="CKPT",
-                   help="checkpoint to resume from (or evaluate with --eval-only); --load X "
-                        "--save X with no checkpoint in X yet starts fresh")
-    g.add_argument("--eval-interval", type=POSITIVE, default=None,
-                   help="steps between evaluations on --eval-data-path")
-    g.add_argument("--eval-iters", type=POSITIVE, default=10,
-                   help="global batches per evaluation, the same first ones every time (fewer if the eval set is smaller)")
-    g.add_argument("--eval-only", action="store_true",
-                   help="evaluate --load CKPT (its base model and tokenizer unless given) and exit")
-    g.add_argument("--log-interval", type=POSITIVE, default=10, help="steps between progress updates")
-    g.add_argument("--wandb-project", help="log to wandb (offline unless WANDB_MODE or a key says so)")
-    g.add_argument("--wandb-exp-name", help="wandb run name")
-    g.add_argument("--wandb-save-dir", metavar="DIR", help="wandb files (default: --save)")
-    g.add_argument("--exit-after-iters", type=POSITIVE, default=None,
-                   help="stop (after saving) at this iteration, as if killed; for resume tests")
+    for title, section in flags.SECTIONS.items():
+        doc = section.__doc__ if not section.__doc__.startswith(section.__name__ + "(") else None
+        group = p.add_argument_group(title, doc)
+        for f in flags.fields_of(section):
+            _add_flag(group, f)
+    for name in REFUSED:  # not in --help: docs/megatron_flags.md lists them
+        p.add_argument(name, action=_Refused, nargs="?", default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
     return p
 
 
@@ -203,16 +101,22 @@ def _yaml_argv(path: str, parser) -> list:
     for key, value in values.items():
         dest = str(key).lstrip("-").replace("-", "_")
         action = actions.get(dest)
+        refused = "--" + dest.replace("_", "-")
+        if refused in REFUSED:
+            raise InputError(f"{path}: {key}: {REFUSED[refused]}")
         if action is None or dest in ("config", "help"):
             raise InputError(f"unknown key {key!r} in {path}; keys are the flag names (--help)")
         flag = action.option_strings[-1]
         if value is None:
             continue
-        if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
             if not isinstance(value, bool):
                 raise InputError(f"{path}: {key}: {value!r} is not a boolean; write true or false "
                                  "without quotes")
-            argv += [flag] if value else []
+            if isinstance(action, argparse.BooleanOptionalAction):
+                argv.append(action.option_strings[0 if value else 1])
+            else:
+                argv += [flag] if value else []
             continue
         items = value if isinstance(value, list) and action.nargs in ("+", "*") else [value]
         for item in items:
@@ -287,6 +191,7 @@ def validate(args, world: int) -> None:
         from megatron_bdlora.te.guard import require_te
 
         require_te()
+    recompute_config(args)
     if args.optimizer != "adam":
         raise InputError(f"--optimizer {args.optimizer}: adapters train with Adam only; drop the "
                          "flag (--weight-decay 0 for plain Adam)")
@@ -313,6 +218,34 @@ def validate(args, world: int) -> None:
         adapter_flag_defaults(args)
     if args.save_interval is None:
         args.save_interval = args.train_iters
+
+
+def recompute_config(args) -> dict:
+    """Megatron-Core TransformerConfig fields of the recompute flags (Megatron-LM's meanings:
+    --recompute-activations is selective recompute); {} for none. One line on a bad combination."""
+    granularity = args.recompute_granularity
+    if args.recompute_activations:
+        if granularity not in (None, "selective"):
+            raise InputError("--recompute-activations is selective recompute (Megatron-LM's "
+                             "meaning); for full recompute drop it and keep "
+                             "--recompute-granularity full")
+        granularity = "selective"
+    method, layers = args.recompute_method, args.recompute_num_layers
+    if granularity is None:
+        if method or layers:
+            raise InputError("--recompute-method/--recompute-num-layers need "
+                             "--recompute-granularity full")
+        return {}
+    if granularity == "selective":
+        if method or layers:
+            raise InputError("selective recompute takes no --recompute-method/"
+                             "--recompute-num-layers (they are for --recompute-granularity full)")
+        return {"recompute_granularity": "selective"}
+    if not (method and layers):
+        raise InputError("--recompute-granularity full needs --recompute-method uniform|block and "
+                         "--recompute-num-layers N (uniform 1: every layer, the least memory)")
+    return {"recompute_granularity": "full", "recompute_method": method,
+            "recompute_num_layers": layers}
 
 
 def adapter_flag_defaults(args) -> None:
