@@ -8,21 +8,34 @@ ranks with torchrun's own launcher, in this process (the interpreter running thi
 One node and no port given: a free port, so two jobs on one host do not collide. A bad flag or
 file is one line, status 2, before any rank starts; an error inside a rank is that rank's one
 line (status 2), without torchrun's failure report; Ctrl-C is one line (step, last checkpoint:
-rank 0 prints it, the agent passes SIGINT on; for SIGTERM, which the ranks die of, this does).
+rank 0 prints it, the agent passes SIGINT on).
+
+Preemption: torchrun's agent passes SIGTERM and SIGUSR1 on to the ranks and waits for them
+(SHUTDOWN_TIMEOUT_S); with --exit-signal-handler (the default) they finish their step, save it
+and exit 75, and so does this launcher: status 75 (errors.EXIT_RESUME) means "saved, rerun the
+same command to resume" -- also after --exit-duration-in-mins / --exit-interval. Without the
+handler a signal kills the ranks: one line (step, last checkpoint) and status 128 + signal.
 """
 
 import logging
 import os
 import signal
 import sys
+import time
 
-from megatron_bdlora.errors import EXIT_DIVERGED, EXIT_INPUT, InputError
+from megatron_bdlora.errors import EXIT_DIVERGED, EXIT_INPUT, EXIT_RESUME, InputError
 from megatron_bdlora.parallel.distributed import free_port
 from megatron_bdlora.training.arguments import NONNEG, POSITIVE, OneLineParser, build_parser
+from megatron_bdlora.training.flags import megatron_differences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENTRY = os.path.join(ROOT, "pretrain_scripts", "finetune_llama.py")
 DEFAULT_PORT = "29500"  # several nodes must agree on the port: Megatron-LM's default
+# Signals the agent passes on to the ranks (torchrun's default set + Slurm's --signal=USR1), and
+# how long it then waits for them to save before SIGKILL (torchrun's default 30 s is too short
+# for a big model's step + save; $TORCH_ELASTIC_SHUTDOWN_TIMEOUT overrides it).
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+SHUTDOWN_TIMEOUT_S = 600
 
 
 def _launcher_parser():
@@ -41,13 +54,21 @@ def _torchrun(launch, trainer_argv, save) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from megatron_bdlora.launch.rank import interrupted_line
+    from megatron_bdlora.launch.rank import interrupted_line, stopped_and_saved
 
     port = launch.master_port or (free_port() if launch.nnodes == 1 else DEFAULT_PORT)
-    ns = get_args_parser().parse_args([
+    parser = get_args_parser()
+    known = {o for a in parser._actions for o in a.option_strings}
+    shutdown = []  # torch < 2.9 has neither flag: its agent passes SIGTERM on, waits 30 s
+    if "--signals-to-handle" in known:
+        shutdown += ["--signals-to-handle", FORWARDED_SIGNALS]
+    if "--shutdown-timeout" in known and not os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        shutdown += ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
+    ns = parser.parse_args([
         "--nproc-per-node", str(launch.nproc_per_node), "--nnodes", str(launch.nnodes),
         "--node-rank", str(launch.node_rank), "--master-addr", launch.master_addr,
-        "--master-port", str(port), ENTRY, *trainer_argv])
+        "--master-port", str(port), *shutdown, ENTRY, *trainer_argv])
+    started = time.time()
     # The ranks print their own errors; torchrun's agent logs and failure report repeat them.
     for name in ["torch.distributed", *logging.root.manager.loggerDict]:
         if name.startswith("torch.distributed"):
@@ -56,7 +77,7 @@ def _torchrun(launch, trainer_argv, save) -> int:
         run(ns)
     except ChildFailedError as e:
         failures = sorted(e.failures.items())
-        for status in (EXIT_INPUT, EXIT_DIVERGED):
+        for status in (EXIT_INPUT, EXIT_DIVERGED, EXIT_RESUME):
             if any(f.exitcode == status for _, f in failures):
                 return status  # that rank printed the one line
         rank, f = failures[0]
@@ -64,6 +85,8 @@ def _torchrun(launch, trainer_argv, save) -> int:
         print(f"error: rank {rank} exited with {how}; its output is above", file=sys.stderr)
         return 1
     except SignalException as e:
+        if stopped_and_saved(save, since=started):
+            return EXIT_RESUME  # the ranks saved the interrupted step; rank 0 printed the line
         if e.sigval != signal.SIGINT:  # the agent passes SIGINT on: rank 0 prints the line then
             print(interrupted_line(save), file=sys.stderr, flush=True)
         return 128 + int(e.sigval)
@@ -84,6 +107,10 @@ def main(argv=None) -> int:
             raise InputError(f"--node-rank {launch.node_rank} must be below --nnodes {launch.nnodes}")
         args = parse_args(trainer_argv, world_size=launch.nproc_per_node * launch.nnodes)
         preflight(args, check_lock=launch.node_rank == 0)
+        differ = megatron_differences(args.given)
+        if differ and launch.node_rank == 0:
+            print("note: defaults that differ from Megatron-LM's (give the flag to change one): "
+                  + ", ".join(differ), flush=True)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_INPUT

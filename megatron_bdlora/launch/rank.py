@@ -8,9 +8,10 @@
   torchrun then stops the others). A non-zero rank waits a moment first, so that when every rank
   hit the same error only rank 0's line is printed (torchrun stops the waiting ranks); a
   `DivergedError` (a non-finite step) likewise, with exit status 3;
-- Ctrl-C (KeyboardInterrupt: a rank run directly) prints one line from rank 0 (the step and the
-  last checkpoint) and exits 130; under torchrun the ranks get SIGTERM from the agent instead
-  and the launcher prints that line (launch/cli.py);
+- a run that stopped early (`fn` returns {"exit_status": 75, ...}: a signal, a time or step
+  limit, training/exit_conditions.py) has saved its step: every rank exits 75 (EXIT_RESUME);
+- Ctrl-C (KeyboardInterrupt) prints one line from rank 0 (the step and the last checkpoint)
+  and exits 130 (under torchrun the agent passes SIGINT on);
 - an exception out of a collective (a peer died, NCCL init failed) is printed in full by rank 0
   and at most one line by the others; any other exception is a bug: its traceback is printed
   and the rank exits 1 at once.
@@ -24,7 +25,7 @@ import sys
 import time
 import traceback
 
-from megatron_bdlora.errors import EXIT_DIVERGED, EXIT_INPUT, DivergedError, InputError
+from megatron_bdlora.errors import EXIT_DIVERGED, EXIT_INPUT, EXIT_RESUME, DivergedError, InputError
 
 PR_SET_PDEATHSIG = 1
 _cleanups = []
@@ -84,6 +85,28 @@ def interrupted_line(save: str | None) -> str:
         (f" (resume with --load {save})" if found else "")
 
 
+def stopped_line(reason: str, step: int, checkpoint: str | None) -> str:
+    """Rank 0's line when the run stops early (a signal, --exit-duration-in-mins, ...)."""
+    if checkpoint is None:
+        return f"stopped after step {step} ({reason}); nothing saved (no --save)"
+    return (f"stopped after step {step} ({reason}); saved {checkpoint}; rerun the same command "
+            f"(--load {os.path.dirname(checkpoint)}) to resume (exit status {EXIT_RESUME})")
+
+
+def stopped_and_saved(save: str | None, since: float) -> bool:
+    """Whether the run in --save stopped early and saved (its last metrics record says so and
+    was written after `since`, a time.time()): the launcher's check after a signal."""
+    path = os.path.join(save, "metrics.jsonl") if save else None
+    try:
+        if os.path.getmtime(path) < since:
+            return False
+        with open(path) as f:
+            last = json.loads([line for line in f if line.strip()][-1])
+    except (OSError, TypeError, ValueError, IndexError):
+        return False
+    return bool(last.get("exit")) and os.path.isdir(str(last.get("checkpoint")))
+
+
 def _in_collective(e: BaseException) -> bool:
     """Raised inside torch.distributed (a collective or barrier), typically as a peer exited."""
     tb = e.__traceback__
@@ -95,7 +118,11 @@ def _in_collective(e: BaseException) -> bool:
 def run_rank(fn, *args):
     die_with_parent()
     try:
-        return fn(*args)
+        result = fn(*args)
+        status = result.get("exit_status", 0) if isinstance(result, dict) else 0
+        if status:  # stopped early and saved: "rerun to resume" (rank 0 printed the line)
+            _exit(status)
+        return result
     except (InputError, DivergedError) as e:
         if _rank() != 0:
             time.sleep(2.0)  # rank 0's line wins when it hit the same error

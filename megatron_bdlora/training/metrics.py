@@ -1,4 +1,6 @@
-"""Rank-0 logging: a progress bar, metrics.jsonl in the save dir, and wandb (offline by default)."""
+"""Rank-0 logging: a progress bar, metrics.jsonl in the save dir (every figure of every record),
+TensorBoard scalars (--tensorboard-dir) and wandb (offline by default): the same records, the
+same names (loss, lr, grad_norm, tokens_per_s, mem_gb, tflops_per_gpu, mfu, time_*_ms, ...)."""
 
 import json
 import os
@@ -44,6 +46,7 @@ class MetricsLogger:
         self.enabled = is_main_rank()
         self.path = os.path.join(args.save, "metrics.jsonl") if args.save else None
         self.wandb = None
+        self.tensorboard = None
         self.bar = None
         if not self.enabled:
             return
@@ -58,7 +61,12 @@ class MetricsLogger:
                 "online" if os.environ.get("WANDB_API_KEY") else "offline")
             self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_exp_name,
                                     dir=args.wandb_save_dir or args.save, config=scrub(config),
-                                    mode=mode, resume="allow")
+                                    entity=args.wandb_entity, mode=mode, resume="allow")
+        if args.tensorboard_dir:
+            # lazy: tensorboard loads its protobufs on import, and most runs do not log to it
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(args.tensorboard_dir, purge_step=start + 1)
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
@@ -74,6 +82,10 @@ class MetricsLogger:
                 f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+        if self.tensorboard is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tensorboard.add_scalar(k, v, step)
         if show and self.bar is not None:
             self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
                                   for k, v in metrics.items() if k in ("loss", "lr", "tokens_per_s",
@@ -88,3 +100,5 @@ class MetricsLogger:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
