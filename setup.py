@@ -28,4 +28,6 @@ setup(
         "dev": ["pytest>=8", "pytest-timeout>=2.3", *REAL],  # the real-model tests convert GGUF
         "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],  # megatron-core 0.16.1's pin
     },
+    # vLLM loads it in every process; inert unless MEGATRON_BDLORA_VLLM=1 (megatron_bdlora/serving/).
+    entry_points={"vllm.general_plugins": ["megatron_bdlora = megatron_bdlora.serving.vllm_plugin:register"]},
 )
