@@ -1,5 +1,7 @@
 """Bad inputs through the real launcher and the converter: exit status 2, exactly one error line,
 no traceback, nothing written or changed (the directories involved are listed and hashed).
+Hostile files (issue 27: names leading out of their directory, a `latest` linked to the process
+environment, NaN in a config, absurd sizes) and the machine's faults (disk full, read-only) too.
 
 The table runs in-process through the launcher's own entry point (`launch.cli.main`, what
 finetune_llama.sh execs) and the converter's `main`: the checks are the launcher's pre-flight, so
@@ -8,9 +10,11 @@ cases also run as the literal `bash pretrain_scripts/finetune_llama.sh ...` subp
 data-loss cases (export --overwrite; orphaned ranks + a second writer) are tests of their own.
 """
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -28,8 +32,12 @@ def _snapshot(*dirs) -> dict:
         for d, subdirs, files in os.walk(top):
             out[d] = None
             for f in files:
-                with open(os.path.join(d, f), "rb") as fh:
-                    out[os.path.join(d, f)] = hashlib.sha256(fh.read()).hexdigest()
+                path = os.path.join(d, f)
+                if os.path.islink(path):  # a hostile link (to /proc/self/environ): its target
+                    out[path] = "link:" + os.readlink(path)
+                    continue
+                with open(path, "rb") as fh:
+                    out[path] = hashlib.sha256(fh.read()).hexdigest()
     return out
 
 
@@ -83,6 +91,55 @@ def _write_bad_files(d):
                        "listscalar": "lr: [0.1, 0.2]\n", "nested": "lora-target-modules: [[linear_qkv]]\n"
                        }.items():
         (d / f"{name}.yaml").write_text(text)
+    _write_hostile_files(d)
+
+
+def _write_hostile_files(d):
+    """Issue 27's cases: absurd sizes, chat roles a template refuses, files with no records, and
+    damaged copies of the trained checkpoint `ckpt`."""
+    from megatron_bdlora.models.presets import get_preset
+
+    os.makedirs(d / "hugehf", exist_ok=True)
+    (d / "hugehf" / "config.json").write_text(
+        json.dumps({**get_preset("tiny"), "num_hidden_layers": 7}).replace('"num_hidden_layers": 7',
+                                                                       '"num_hidden_layers": 1e11'))
+    shutil.copytree(d / "data" / "tokenizer", d / "stricttok")
+    (d / "stricttok" / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+        "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
+        "{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}")
+    shutil.copytree(d / "data" / "tokenizer", d / "notemplate")
+    os.remove(d / "notemplate" / "chat_template.jinja")
+    chat = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": "hello"}]}
+    _jsonl(d / "roles.jsonl", [chat] * 8)
+    (d / "blank.jsonl").write_text("\n\n")
+    (d / "emptylist.json").write_text("[]\n")
+
+    def damaged(name, edit):
+        shutil.copytree(d / "ckpt", d / name, symlinks=True)
+        edit(d / name, d / name / "step_00000001")
+
+    def edit_config(**changes):
+        def edit(root, step):
+            cfg = json.loads((step / "config.json").read_text())
+            cfg.update(changes)
+            (step / "config.json").write_text(json.dumps(cfg))
+        return edit
+
+    def relink_latest(root, step):
+        os.remove(root / "latest")
+        os.symlink("/proc/self/environ", root / "latest")
+
+    damaged("ckpt_emptystate", lambda root, step: (step / "trainer_state.json").write_text(""))
+    damaged("ckpt_truncopt", lambda root, step: (step / "optimizer.json").write_text(
+        (step / "optimizer.json").read_text()[:8]))
+    damaged("ckpt_step", edit_config(step=2.5))
+    damaged("ckpt_version", edit_config(format_version="1"))
+    damaged("ckpt_manifest", edit_config(files=["../../bad.parquet", "adapter.safetensors"]))
+    damaged("ckpt_environ", relink_latest)
+    damaged("ckpt_envcopy", lambda root, step: (root / "latest").write_text(
+        "WANDB_API_KEY=sekrit-key-1234\0HOME=/root\0"))
 
 
 B = ["--model-preset", "tiny", "--tokenizer", "data/tokenizer", "--data-path", "data/train.jsonl",
@@ -158,6 +215,34 @@ LAUNCH_CASES = [
      "different record formats (prompt_completion: a.jsonl; text: b.jsonl)"),
     ("hf-rope-yarn", [*B[2:], "--hf-checkpoint", "yarnhf"], 1, "RoPE scaling 'yarn' is not supported"),
     ("save-is-a-file", [*B, "--save", "afile"], 1, "--save afile is a file"),
+    # issue 27: sizes bounded before anything is allocated by them, hostile or damaged checkpoints
+    ("hf-layers-1e11", [*B[2:], "--hf-checkpoint", "hugehf"], 1,
+     "num_hidden_layers is 100000000000, not a whole number in [1, 4096]"),
+    ("hf-is-adapter-step-dir", [*B[2:], "--hf-checkpoint", "ckpt/step_00000001"], 1,
+     "is an adapter checkpoint of this project, not a Hugging Face model"),
+    ("hf-is-adapter-root", [*B[2:], "--hf-checkpoint", "ckpt"], 1, "pass it as --load"),
+    ("load-zero-byte-trainer-state", [*B, "--load", "ckpt_emptystate"], 1,
+     "trainer_state.json is empty"),
+    ("load-truncated-optimizer-json", [*B, "--load", "ckpt_truncopt"], 1,
+     "optimizer.json is not valid JSON"),
+    ("load-step-not-integer", [*B, "--load", "ckpt_step"], 1, "step is 2.5, not a whole number"),
+    ("load-version-not-integer", [*B, "--load", "ckpt_version"], 1,
+     "format_version is '1', not a whole number"),
+    ("load-manifest-outside", [*B, "--load", "ckpt_manifest"], 1, "which is outside"),
+    ("load-latest-links-to-environ", [*B, "--load", "ckpt_environ"], 1,
+     "latest is a symbolic link out of"),
+    ("data-cache-dir-is-a-file", [*B, "--data-cache-dir", "afile"], 1,
+     "--data-cache-dir afile is a file"),
+    ("chat-roles-refused", [*B, "--data-path", "roles.jsonl", "--tokenizer", "stricttok"], 1,
+     "roles.jsonl record 1: the tokenizer's chat template refuses roles system/user/assistant"),
+    ("eval-file-no-records", [*B, "--eval-data-path", "blank.jsonl", "--eval-interval", "1"], 1,
+     "blank.jsonl holds no records"),
+    ("eval-file-empty-list", [*B, "--eval-data-path", "emptylist.json", "--eval-interval", "1"], 1,
+     "emptylist.json holds no records"),
+    ("match-rank-with-plain-lora", [*B, "--adapter", "lora", "--match-lora-rank-params", "8"], 1,
+     "--match-lora-rank-params sets a BD-LoRA rank; with --adapter lora it would be ignored"),
+    ("seq-length-above-positions", [*B, "--seq-length", "512"], 1,
+     "--seq-length 512 is above the model's max_position_embeddings 256"),
 ]
 
 
@@ -189,8 +274,10 @@ def test_launcher_bad_input(work, case, monkeypatch, capsys):
     name, argv, nproc, needle = case
     monkeypatch.chdir(d)
     before = _snapshot(d)
-    status, err = _run_launcher([*argv, "--data-cache-dir", cache], nproc, monkeypatch, capsys)
+    cache_flag = [] if "--data-cache-dir" in argv else ["--data-cache-dir", cache]
+    status, err = _run_launcher([*argv, *cache_flag], nproc, monkeypatch, capsys)
     line = _assert_one_error_line(status, err, needle)
+    assert os.environ["PATH"] not in line, "a file's contents (the environment) were echoed"
     assert _snapshot(d) == before, "a refused run wrote or changed files"
     with capsys.disabled():
         print(f"\n[bad input] finetune_llama.sh {name}: {line}")
@@ -252,6 +339,12 @@ CONVERT_CASES = [
     ("vllm-rank-above-max", ["export", "--load", "ckpt_n2", "--format", "vllm", "--max-lora-rank",
                              "4", "--out", "o"], "rank r=8 is above --max-lora-rank 4"),
     ("no-subcommand", [], "the following arguments are required"),
+    ("export-inside-checkpoint", ["export", "--load", "ckpt", "--format", "hf-peft", "--out",
+                                  "ckpt/step_00000001/peft"], "is inside the checkpoint being exported"),
+    ("inspect-latest-holds-environment", ["inspect", "ckpt_envcopy"],
+     "characters, not shown>, which is not a complete checkpoint"),
+    ("inspect-latest-links-to-environ", ["inspect", "ckpt_environ"], "is a symbolic link out of"),
+    ("inspect-step-not-integer", ["inspect", "ckpt_step"], "step is 2.5"),
 ]
 
 
@@ -265,9 +358,190 @@ def test_converter_bad_input(work, case, monkeypatch, capsys):
     before = _snapshot(d)
     status = convert_checkpoint.main(argv)
     line = _assert_one_error_line(status, capsys.readouterr().err, needle)
+    assert "sekrit" not in line and os.environ["PATH"] not in line, line
     assert _snapshot(d) == before
     with capsys.disabled():
         print(f"\n[bad input] convert_checkpoint {name}: {line}")
+
+
+# ---- issue 27: hostile HF / PEFT files, the machine's faults, the tools' own flags ---------------
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, tiny_base):
+    """A LoRA checkpoint on the tiny HF base (written in-process, no rank) and its PEFT export."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_bdlora.adapters import AdapterConfig
+    from megatron_bdlora.adapters.layout import expected_global_shapes
+    from megatron_bdlora.checkpoint.adapter_checkpoint import build_config, write_checkpoint
+    from megatron_bdlora.checkpoint.export import export
+    from megatron_bdlora.checkpoint.hf_import import read_hf_config
+
+    d = tmp_path_factory.mktemp("hostile")
+    cfg = AdapterConfig(method="lora", rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    hf = read_hf_config(tiny_base)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(shape, generator=gen) * 0.1
+               for k, shape in expected_global_shapes(hf, cfg).items()}
+    model = SimpleNamespace(adapter_config=cfg, hf_config=hf, hf_path=tiny_base, tokenizer_path=None)
+    write_checkpoint(str(d / "ckpt"), build_config(model, 1, {}, tensors, 1), tensors, {"step": 1})
+    export(str(d / "ckpt"), "hf-peft", str(d / "peft"))
+    return d, tiny_base
+
+
+def _convert(argv, capsys):
+    from tools import convert_checkpoint
+
+    status = convert_checkpoint.main([str(a) for a in argv])
+    return status, capsys.readouterr().err
+
+
+def test_hostile_index_writes_nothing_outside_the_export(hostile, capsys):
+    """Bug 1: an HF index naming ../victim/model.safetensors (or an absolute path) made
+    `export --format hf-merged` overwrite the victim's weights and exit 0."""
+    d, base = hostile
+    victim = d / "victim"
+    for name, target in (("relative", "../victim/model.safetensors"),
+                         ("absolute", str(victim / "model.safetensors"))):
+        b = d / f"base-{name}"
+        shutil.copytree(base, b)
+        os.makedirs(victim, exist_ok=True)
+        shutil.move(b / "model.safetensors", victim / "model.safetensors")
+        from safetensors import safe_open
+
+        with safe_open(victim / "model.safetensors", "pt") as f:
+            keys = list(f.keys())
+        (b / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": {k: target for k in keys}}))
+        before = _snapshot(victim, b)
+        status, err = _convert(["export", "--load", d / "ckpt", "--format", "hf-merged",
+                                "--hf-checkpoint", b, "--out", d / f"out-{name}"], capsys)
+        _assert_one_error_line(status, err, "which is outside")
+        assert _snapshot(victim, b) == before and not os.path.exists(d / f"out-{name}")
+        shutil.rmtree(victim)
+
+
+PEFT_NUMBERS = [  # (id, adapter_config.json text edit, needle)
+    ("alpha-nan", lambda t: t.replace('"lora_alpha": 8', '"lora_alpha": NaN'), "non-finite number"),
+    ("alpha-infinity", lambda t: t.replace('"lora_alpha": 8', '"lora_alpha": -Infinity'),
+     "non-finite number"),
+    ("alpha-overflow", lambda t: t.replace('"lora_alpha": 8', '"lora_alpha": 1e400'),
+     "a number overflows to inf"),
+    ("alpha-absurd", lambda t: t.replace('"lora_alpha": 8', '"lora_alpha": 1e300'),
+     "lora_alpha is 1e+300, not a number in [-1e+06, 1e+06)"),
+    ("alpha-string", lambda t: t.replace('"lora_alpha": 8', '"lora_alpha": "8"'), "lora_alpha is '8'"),
+    ("rank-fraction", lambda t: t.replace('"r": 4', '"r": 4.5'), "r is 4.5, not a whole number"),
+    ("rank-absurd", lambda t: t.replace('"r": 4', '"r": 1e12'), "r is 1000000000000, not a whole number in [1, 65536]"),
+    ("empty-config", lambda t: "", "adapter_config.json is empty"),
+]
+
+
+@pytest.mark.parametrize("case", PEFT_NUMBERS, ids=[c[0] for c in PEFT_NUMBERS])
+def test_peft_import_refuses_non_finite_or_absurd_numbers(hostile, case, tmp_path, capsys):
+    """Bug 3: `lora_alpha: NaN` imported as a checkpoint with alpha=nan (exit 0)."""
+    d, base = hostile
+    name, edit, needle = case
+    peft = tmp_path / "peft"
+    shutil.copytree(d / "peft", peft)
+    cfg = peft / "adapter_config.json"
+    text = json.dumps(json.loads(cfg.read_text()))
+    assert edit(text) != text
+    cfg.write_text(edit(text))
+    status, err = _convert(["import", "--peft", peft, "--hf-checkpoint", base, "--out",
+                            tmp_path / "out"], capsys)
+    _assert_one_error_line(status, err, needle)
+    assert os.listdir(tmp_path) == ["peft"], "a refused import wrote something"
+
+
+def test_disk_full_or_read_only_during_a_save(hostile, tmp_path, monkeypatch, capsys):
+    """A save (checkpoint, export) the disk refuses: one line naming the directory and its free
+    space; nothing half-written, the last good checkpoint intact."""
+    import megatron_bdlora.checkpoint.adapter_checkpoint as ac
+    import megatron_bdlora.checkpoint.export as ex
+    from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint, write_checkpoint
+    from megatron_bdlora.errors import CheckpointError
+
+    d, _ = hostile
+    root = tmp_path / "run"
+    shutil.copytree(d / "ckpt", root)
+    ckpt = AdapterCheckpoint(str(root))
+    before = _snapshot(root)
+
+    def refuse(code):
+        def write(*a, **k):
+            raise OSError(code, os.strerror(code))
+        return write
+
+    for code in (errno.ENOSPC, errno.EROFS):
+        with monkeypatch.context() as m:
+            m.setattr(ac, "write_tensors", refuse(code))
+            config = {**ckpt.config, "step": 2}
+            with pytest.raises(CheckpointError) as e:
+                write_checkpoint(str(root), config, ckpt.tensors, {"step": 2}, keep_last=1)
+        line = str(e.value)
+        assert line.startswith(f"cannot write to {root}: {os.strerror(code)} (") and \
+            "MiB free" in line and "--save" in line and "\n" not in line, line
+        assert _snapshot(root) == before and AdapterCheckpoint(str(root)).step == 1
+    monkeypatch.setattr(ex, "write_tensors", refuse(errno.ENOSPC))
+    status, err = _convert(["export", "--load", root, "--format", "hf-peft", "--out",
+                            tmp_path / "exp"], capsys)
+    _assert_one_error_line(status, err, f"cannot write to {tmp_path}: No space left on device")
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_read_only_save_dir_refused_before_the_ranks(work, monkeypatch, capsys):
+    d, cache = work
+    monkeypatch.chdir(d)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("rodir")
+                        else access(p, mode))
+    os.makedirs(d / "rodir", exist_ok=True)
+    status, err = _run_launcher([*B, "--save", "rodir", "--data-cache-dir", cache], 1,
+                                monkeypatch, capsys)
+    _assert_one_error_line(status, err, "--save rodir is not writable")
+
+
+ESTIMATE_CASES = [
+    (["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size: must be >= 1, got 0"),
+    (["--micro-batch-size", "0"], "--micro-batch-size: must be >= 1, got 0"),
+    (["--seq-length", "-4"], "--seq-length: must be >= 2, got -4"),
+    (["--config", "toplist.yaml"], "must be a mapping"),
+    (["--config", "rankfloat.yaml"], "lora-rank: invalid int value: '8.5'"),
+    (["--config", "syntax.yaml"], "is not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("case", ESTIMATE_CASES, ids=[" ".join(c[0]) for c in ESTIMATE_CASES])
+def test_estimate_memory_bad_flags_one_line(work, case, monkeypatch):
+    from tools import estimate_memory
+
+    monkeypatch.chdir(work[0])
+    argv, needle = case
+    with pytest.raises(SystemExit) as exc:
+        estimate_memory.main(argv)
+    text = str(exc.value.code)
+    assert text.startswith("error: ") and needle in text and "\n" not in text, text
+
+
+def test_tools_refuse_wrong_inputs_in_one_line(work, capsys):
+    """eval_accuracy: chat records without a chat template, a file with no records (before any
+    model loads); prepare_smollm2: --out a file."""
+    from types import SimpleNamespace
+
+    from megatron_bdlora.errors import InputError
+    from tools import eval_accuracy, prepare_smollm2
+
+    d, _ = work
+    for tok, data, needle in (("notemplate", "roles.jsonl", "chat records need a tokenizer with a "
+                               "chat template"),
+                              ("data/tokenizer", "blank.jsonl", "cannot read records from")):
+        args = SimpleNamespace(hf_checkpoint=str(d), tokenizer=str(d / tok), data_path=str(d / data))
+        with pytest.raises(InputError, match=needle) as e:
+            eval_accuracy.read_inputs(args)
+        assert "\n" not in str(e.value)
+    assert prepare_smollm2.main(["--out", str(d / "afile")]) == 2
+    _assert_one_error_line(2, capsys.readouterr().err, "afile is a file; pass a directory")
 
 
 # ---- data loss 1: export --overwrite ---------------------------------------------------------

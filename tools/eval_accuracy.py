@@ -11,6 +11,29 @@ import json
 import os
 
 
+def read_inputs(args) -> tuple:
+    """(model dir, tokenizer, records, chat?) checked before any model loads: one InputError for
+    a missing tokenizer, an empty data file, records of another kind, chat without a template."""
+    from megatron_bdlora.checkpoint.hf_import import resolve_model_dir, tokenizer_dir
+    from megatron_bdlora.data import load_records, load_tokenizer
+    from megatron_bdlora.data.formats import check_tokenizer
+    from megatron_bdlora.errors import InputError
+
+    model_dir = resolve_model_dir(args.hf_checkpoint)
+    tokenizer_path = args.tokenizer or tokenizer_dir(model_dir)
+    if not tokenizer_path:
+        raise InputError(f"{model_dir} has no tokenizer files; pass --tokenizer DIR")
+    tok = load_tokenizer(tokenizer_path)
+    records = load_records(args.data_path)
+    chat = "messages" in records.column_names
+    if not chat and not {"prompt", "completion"} <= set(records.column_names):
+        raise InputError(f"{args.data_path} has fields {records.column_names}; exact match needs "
+                         "prompt/completion or messages records")
+    if chat:
+        check_tokenizer(tok, "messages")  # one line when the tokenizer has no chat template
+    return model_dir, tok, records, chat
+
+
 def main():
     from megatron_bdlora.training.arguments import POSITIVE, OneLineParser
 
@@ -29,23 +52,17 @@ def main():
 
     from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint
     from megatron_bdlora.checkpoint.hf_import import load_hf_llama
-    from megatron_bdlora.data import exact_match, load_records, load_tokenizer
-    from megatron_bdlora.errors import InputError
+    from megatron_bdlora.data import exact_match
     from megatron_bdlora.inference import generate
     from megatron_bdlora.parallel import destroy_distributed, device, init_distributed, is_main_rank
 
     init_distributed(int(os.environ.get("WORLD_SIZE", "1")))
-    model = load_hf_llama(args.hf_checkpoint)
+    model_dir, tok, records, chat = read_inputs(args)  # before the model loads
+    model = load_hf_llama(model_dir)
     if args.load:
         load_checkpoint(args.load, model, load_optimizer=False)
     model.to(device())  # the adapter too: generation and the TP logit gather run on the device
     model.eval()
-    tok = load_tokenizer(args.tokenizer or model.tokenizer_path)
-    records = load_records(args.data_path)
-    chat = "messages" in records.column_names
-    if not chat and not {"prompt", "completion"} <= set(records.column_names):
-        raise InputError(f"{args.data_path} has fields {records.column_names}; exact match needs "
-                         "prompt/completion or messages records")
     records = records.select(range(min(args.limit, len(records))))  # small sets: all of them
     if chat:  # the trainer's rendering (formats.py), up to the generation prompt of the last turn
         from megatron_bdlora.data.formats import render_chat

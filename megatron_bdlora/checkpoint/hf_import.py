@@ -8,13 +8,13 @@ and `hf_mapping.load_base_weights` fills the model.
 """
 
 import contextlib
-import json
 import os
 import re
 
 import torch
 
 from megatron_bdlora.adapters.layout import head_dim, hf_key, kv_heads, projection_shapes
+from megatron_bdlora.checkpoint.files import inside, read_json, whole_number
 from megatron_bdlora.checkpoint.hf_mapping import load_base_weights
 from megatron_bdlora.errors import CheckpointError
 
@@ -25,6 +25,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _BASE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "vocab_size")
+# Bounds on every size config.json gives, checked before anything is allocated by it: far above
+# any Llama, low enough that a hostile config cannot make pre-flight allocate without bound.
+SIZE_LIMITS = {"num_hidden_layers": 4096, "hidden_size": 2**17, "intermediate_size": 2**20,
+               "num_attention_heads": 4096, "num_key_value_heads": 4096, "head_dim": 4096,
+               "vocab_size": 2**24, "max_position_embeddings": 2**25}
+_REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "vocab_size")
 
 
 def resolve_model_dir(name_or_path: str) -> str:
@@ -63,16 +70,34 @@ def _snapshot_download(repo_id: str) -> str:
                               "pass a local model directory or check the name, network and HF_TOKEN") from e
 
 
+def check_sizes(cfg: dict, where: str) -> dict:
+    """The sizes of HF config `cfg` (read from `where`) as bounded whole numbers, in place."""
+    for key, limit in SIZE_LIMITS.items():
+        if cfg.get(key) is not None or key in _REQUIRED_SIZES:
+            cfg[key] = whole_number(cfg.get(key), f"{where}: {key}", limit,
+                                    "fix config.json or pass the right model")
+    return cfg
+
+
+def _adapter_checkpoint_hint(model_dir: str, cfg: dict | None) -> str | None:
+    """A one-line refusal when `model_dir` is one of our adapter checkpoints, not an HF model."""
+    if (cfg is not None and "format" in cfg and "adapter" in cfg) or \
+            (cfg is None and os.path.lexists(os.path.join(model_dir, "latest"))):
+        return (f"{model_dir} is an adapter checkpoint of this project, not a Hugging Face model; "
+                "pass it as --load and its base model as --hf-checkpoint")
+    return None
+
+
 def read_hf_config(model_dir: str) -> dict:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{model_dir} has no config.json; pass a Hugging Face Llama model "
+        raise CheckpointError(_adapter_checkpoint_hint(model_dir, None) or
+                              f"{model_dir} has no config.json; pass a Hugging Face Llama model "
                               "directory (as written by save_pretrained)")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or re-save the model") from e
+    cfg = read_json(path, "re-download or re-save the model")
+    hint = _adapter_checkpoint_hint(model_dir, cfg)
+    if hint:
+        raise CheckpointError(hint)
     if cfg.get("model_type", "llama") != "llama":
         raise CheckpointError(f"{path}: model_type {cfg.get('model_type')!r} is not supported; "
                               "only Llama (LlamaForCausalLM) checkpoints load")
@@ -83,7 +108,7 @@ def read_hf_config(model_dir: str) -> dict:
         rope_scaling(cfg)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return cfg
+    return check_sizes(cfg, path)
 
 
 def expected_hf_shapes(hf: dict) -> dict:
@@ -121,14 +146,13 @@ class SafetensorsCheckpoint:
         self._handles = contextlib.ExitStack()
         self._files = {}
         if os.path.isfile(self.index):
-            try:
-                with open(self.index) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = read_json(self.index, "re-download it").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
                 raise CheckpointError(f"{self.index} is not a valid safetensors index (needs a "
-                                      "'weight_map'); re-download it") from e
+                                      "'weight_map' of tensor -> file names); re-download it")
             for fname in sorted(set(weight_map.values())):
-                if not os.path.isfile(os.path.join(model_dir, fname)):
+                if not os.path.isfile(inside(model_dir, fname, self.index)):
                     raise CheckpointError(f"{self.index} names {fname}, which is missing from "
                                           f"{model_dir}; download all the shards")
             self.weight_map = dict(weight_map)
@@ -141,10 +165,11 @@ class SafetensorsCheckpoint:
                 raise CheckpointError(f"{model_dir} has no *.safetensors weights{hint}")
             self.weight_map = {}
             for fname in files:
-                for key in self._file(fname).keys():
+                for key in self.file(fname).keys():
                     self.weight_map[key] = fname
 
-    def _file(self, fname: str):
+    def file(self, fname: str):
+        """The open safetensors file `fname` (a name of this checkpoint's weight map)."""
         if fname not in self._files:
             self._files[fname] = open_safetensors(os.path.join(self.dir, fname), self._handles)
         return self._files[fname]
@@ -158,7 +183,7 @@ class SafetensorsCheckpoint:
 
     def shape(self, name: str) -> tuple:
         fname = self.where(name)
-        f = self._file(fname)
+        f = self.file(fname)
         if name not in f.keys():
             raise CheckpointError(f"{os.path.join(self.dir, fname)} has no tensor {name} although "
                                   f"{INDEX_NAME} says so; re-download the checkpoint")
@@ -175,7 +200,7 @@ class SafetensorsCheckpoint:
 
     def read(self, name: str, rows=None, cols=None) -> torch.Tensor:
         """Only the requested slice is read from disk."""
-        sl = self._file(self.where(name)).get_slice(name)
+        sl = self.file(self.where(name)).get_slice(name)
         if rows is None and cols is None:
             return sl[:]
         r = slice(*rows) if rows is not None else slice(None)

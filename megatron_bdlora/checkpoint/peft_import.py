@@ -7,17 +7,14 @@ with no optimizer state, written by `adapter_checkpoint`'s save path: `--eval-on
 
 The PEFT tensors map onto the global factors (`layout.factor_layout`) as the inverse of
 `export.hf_factors`: one A per HF projection (canonical layout); a PEFT-packed block-diagonal
-factor, B (out, r/N) on q/k/v/gate/up or A (r, in/N) on o/down, is its N blocks stacked on the
-first dimension, so `.view(N, ...)` gives our per-block stack. Everything is checked before
-anything is written; the output appears atomically (temp dir renamed), or not at all.
+factor is unpacked to our per-block stack (`peft_format.unpack_blocks`). Everything is checked
+before anything is written, adapter_config.json strictly (no NaN, no absurd rank or alpha); the
+output appears atomically (files.atomic_dir), or not at all.
 """
 
 import contextlib
-import json
+import math
 import os
-import re
-import shutil
-import tempfile
 import types
 
 import torch
@@ -27,15 +24,17 @@ from megatron_bdlora.adapters.layout import (
     BD_A, BD_B, BY_NAME, HF_TARGETS, check, check_tensors, divisors, expected_global_shapes,
     megatron_key, projection_shapes,
 )
-from megatron_bdlora.checkpoint.adapter_checkpoint import _save_rank0, build_config, publish_dir
-from megatron_bdlora.checkpoint.export import PEFT_CONFIG, PEFT_WEIGHTS
+from megatron_bdlora.checkpoint import peft_format
+from megatron_bdlora.checkpoint.peft_format import CONFIG as PEFT_CONFIG, WEIGHTS as PEFT_WEIGHTS
+from megatron_bdlora.checkpoint.adapter_checkpoint import build_config, write_checkpoint
+from megatron_bdlora.checkpoint.files import atomic_dir, excerpt, read_json, whole_number
 from megatron_bdlora.checkpoint.hf_import import (
     CheckpointError, check_hf_checkpoint, open_safetensors, tokenizer_dir,
 )
 from megatron_bdlora.errors import InputError
 
-_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)"
-                  r"\.lora_([AB])\.weight$")
+MAX_RANK = 2**16  # far above any LoRA rank; a larger r in a file is a broken or hostile file
+MAX_ALPHA = 1e6
 # adapter_config.json fields whose truthy value changes what the adapter computes (not importable)
 _UNSUPPORTED = {
     "use_dora": "DoRA (use_dora)", "lora_bias": "LoRA bias (lora_bias)", "use_qalora": "QA-LoRA",
@@ -57,17 +56,13 @@ def read_peft_config(peft_dir: str) -> dict:
     if not os.path.isdir(peft_dir):
         raise CheckpointError(f"--peft {peft_dir} is not a directory; pass a PEFT adapter directory "
                               f"(as written by save_pretrained: {PEFT_CONFIG} + {PEFT_WEIGHTS})")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except FileNotFoundError as e:
+    if not os.path.lexists(path):
         raise _fail(peft_dir, f"no {PEFT_CONFIG}; pass a directory written by PEFT's "
-                              "save_pretrained") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _fail(peft_dir, f"{PEFT_CONFIG} is not valid JSON ({e})") from e
+                              "save_pretrained")
+    cfg = read_json(path, "re-save the adapter with PEFT's save_pretrained")
     if cfg.get("peft_type") != "LORA":
-        raise _fail(peft_dir, f"peft_type {cfg.get('peft_type')!r} is not LORA; only LoRA adapters "
-                              "import")
+        raise _fail(peft_dir, f"peft_type {excerpt(cfg.get('peft_type'))} is not LORA; only LoRA "
+                              "adapters import")
     for key, name in _UNSUPPORTED.items():
         if cfg.get(key):
             raise _fail(peft_dir, f"{name} is not supported (plain LoRA / BD-LoRA only)")
@@ -157,24 +152,41 @@ def _global_tensors(peft_dir, tensors, found, projections, cfg, hf, layers) -> d
             key = megatron_key(layer, module)
             if kind == "column":
                 groups.setdefault(key, []).append(a)
-                out[f"{key}.lora_B.{proj}"] = b.view(n, fan_out // n, r // n) if bd else b
+                out[f"{key}.lora_B.{proj}"] = peft_format.unpack_blocks(b, n) if bd else b
             else:
-                out[f"{key}.lora_A"] = a.view(n, r // n, fan_in // n) if bd else a
+                out[f"{key}.lora_A"] = peft_format.unpack_blocks(a, n) if bd else a
                 out[f"{key}.lora_B.{proj}"] = b
     for key, a_list in groups.items():  # canonical layout: one A per projection, in HF order
         out[f"{key}.lora_A"] = torch.stack(a_list)
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def _number(peft_dir: str, value, what: str, low: float, high: float) -> float:
+    """A real number in [low, high) read from adapter_config.json (read_json refused NaN / inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+        shown = value if isinstance(value, (int, float)) and math.isfinite(value) else excerpt(value)
+        raise _fail(peft_dir, f"{PEFT_CONFIG}: {what} is {shown}, not a number in [{low:g}, "
+                              f"{high:g}); fix the file or re-save the adapter")
+    return float(value)
+
+
 def _adapter_config(peft_dir: str, pcfg: dict, projections: list) -> AdapterConfig:
     bd = pcfg.get("use_bdlora")
+    fix = "fix the file or re-save the adapter"
     try:
+        rank = whole_number(pcfg["r"], f"--peft {peft_dir}: {PEFT_CONFIG}: r", MAX_RANK, fix)
+        nblocks = whole_number(bd["nblocks"], f"--peft {peft_dir}: {PEFT_CONFIG}: nblocks",
+                               MAX_RANK, fix) if bd else 1
         return AdapterConfig(
-            method="bdlora" if bd else "lora", rank=int(pcfg["r"]), alpha=float(pcfg["lora_alpha"]),
-            dropout=float(pcfg.get("lora_dropout") or 0.0), rslora=bool(pcfg.get("use_rslora")),
-            target_modules=projections, nblocks=int(bd["nblocks"]) if bd else 1, layout="canonical")
+            method="bdlora" if bd else "lora", rank=rank,
+            alpha=_number(peft_dir, pcfg["lora_alpha"], "lora_alpha", -MAX_ALPHA, MAX_ALPHA),
+            dropout=_number(peft_dir, pcfg.get("lora_dropout") or 0.0, "lora_dropout", 0, 1),
+            rslora=bool(pcfg.get("use_rslora")), target_modules=projections, nblocks=nblocks,
+            layout="canonical")
     except KeyError as e:
         raise _fail(peft_dir, f"{PEFT_CONFIG} lacks {e}") from e
+    except CheckpointError:
+        raise
     except (TypeError, ValueError) as e:
         raise _fail(peft_dir, str(e)) from e
 
@@ -199,11 +211,11 @@ def load_peft(peft_dir: str, hf: dict) -> tuple:
     layers = hf["num_hidden_layers"]
     found = {}
     for k in tensors:
-        m = _KEY.match(k)
-        if not m or m.group(3) not in BY_NAME or BY_NAME[m.group(3)].hf_parent != m.group(2):
+        key = peft_format.parse_key(k)
+        if not key or key[2] not in BY_NAME or BY_NAME[key[2]].hf_parent != key[1]:
             raise _fail(peft_dir, f"tensor {k} is not a LoRA factor of a Llama projection "
                                   f"({', '.join(HF_TARGETS)}); only those import")
-        layer, proj, side = int(m.group(1)), m.group(3), m.group(4)
+        layer, _, proj, side = key
         if layer >= layers:
             raise _fail(peft_dir, f"{k} is for layer {layer}; the base has {layers} layers "
                                   "(pass the base the adapter was trained on)")
@@ -246,15 +258,8 @@ def import_peft(peft_dir: str, hf_checkpoint: str, out: str) -> list:
     run_config = {"imported_from": os.path.abspath(peft_dir), "hf_checkpoint": base_path,
                   "tokenizer_path": tokenizer, "trainer_flags": trainer_flags(cfg)}
     config = build_config(model, 0, run_config, tensors, tp=1)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    try:
-        step_dir = _save_rank0(tmp, config, tensors, {"step": 0}, None, None, keep_last=None)
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(out, flag="--out") as tmp:
+        step_dir = write_checkpoint(tmp, config, tensors, {"step": 0})
     kind = f"BD-LoRA, N={cfg.nblocks}" if cfg.method == "bdlora" else "LoRA"
     scale = f"alpha={cfg.alpha:g}{' (rsLoRA)' if cfg.rslora else ''}"
     tps = (f"TP in {divisors(cfg.nblocks)}"

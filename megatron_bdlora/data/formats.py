@@ -11,6 +11,8 @@ shift to next-token labels happens later, in packing.py.
 Extra keys (ids, metadata) are ignored. `check_record` checks one record's field types first.
 """
 
+from jinja2 import TemplateError
+
 from megatron_bdlora.errors import InputError
 
 FORMATS = ("messages", "prompt_completion", "text", "tokens")
@@ -104,9 +106,16 @@ def tokenize_tokens(record, index, tokenizer=None, **_):
 
 
 def render_chat(tokenizer, messages, add_generation_prompt):
-    """The conversation as text, by the tokenizer's own chat template (training and eval)."""
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    """The conversation as text, by the tokenizer's own chat template (training and eval); a
+    conversation the template refuses (e.g. roles out of order) is one InputError."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:  # the template's raise_exception(...), or a broken template
+        said = " ".join(str(e).split())[:100]
+        roles = "/".join(str(m.get("role"))[:20] for m in messages)
+        raise InputError(f"the tokenizer's chat template refuses roles {roles} ({said}); fix the "
+                         "record's roles or use a tokenizer whose template accepts them") from None
 
 
 def assistant_char_spans(tokenizer, messages, full):

@@ -31,12 +31,12 @@ def default_cache_dir() -> str:
     return os.environ.get("BDLORA_DATA_CACHE", os.path.join(base, "megatron_bdlora", "data"))
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     return (path.startswith(("/", "./", "../", "~")) or os.path.splitext(path)[1] in EXTENSIONS
             or os.path.exists(path))
 
 
-def _local_files(path: str) -> list:
+def local_files(path: str) -> list:
     """The data files behind a local path: the file itself, or every data file under a directory."""
     path = os.path.expanduser(path)
     if not os.path.exists(path):
@@ -70,15 +70,16 @@ def load_records(path_or_hub_name: str, split: str = "train", cache_dir: str = N
 
     name = os.fspath(path_or_hub_name)
     try:
-        if _looks_local(name):
-            files = _local_files(name)
+        if looks_local(name):
+            files = local_files(name)
             kind = EXTENSIONS[os.path.splitext(files[0])[1]]
             ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir)
         else:
             ds = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, InputError):
         raise
-    except Exception as e:  # datasets wraps parse errors in long multi-line chains
+    except Exception as e:  # datasets wraps parse errors in long multi-line chains; a file of
+        # blank lines or an empty JSON list is a ValueError ("... corresponds to no data")
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot read records from {name}: {msg}") from e
     if len(ds) == 0:
@@ -89,8 +90,8 @@ def load_records(path_or_hub_name: str, split: str = "train", cache_dir: str = N
 def _source_fingerprint(source, records, split) -> str:
     """What the cached tokens depend on, on the data side: files with sizes and mtimes, or the
     hub dataset's own fingerprint."""
-    if isinstance(source, (str, os.PathLike)) and _looks_local(os.fspath(source)):
-        files = _local_files(os.fspath(source))
+    if isinstance(source, (str, os.PathLike)) and looks_local(os.fspath(source)):
+        files = local_files(os.fspath(source))
         return json.dumps([(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns)
                            for f in files])
     return json.dumps([str(source) if isinstance(source, (str, os.PathLike)) else "dataset",
@@ -129,8 +130,11 @@ def _encode(record, index, *, record_format, tokenizer, seq_length, add_eos, pro
         check_record(record, record_format, index + 1)
     except InputError as e:
         raise InputError(f"{source} {e}") from None
-    ids, mask = TOKENIZE[record_format](record, index, tokenizer=tokenizer,
-                                        prompt_template=prompt_template)
+    try:
+        ids, mask = TOKENIZE[record_format](record, index, tokenizer=tokenizer,
+                                            prompt_template=prompt_template)
+    except InputError as e:
+        raise InputError(f"{source} record {index + 1}: {e}") from None
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     # Pre-tokenized data is taken as the user built it, and a chat template ends each turn
     # itself (ChatML: "<|im_end|>\n"; an EOS after that would be a target no rendering has).

@@ -89,6 +89,14 @@ class DistributedBatchSampler:
                 "micro_batch_size": self.micro_batch_size, "dp_size": self.dp_size}
 
     def load_state_dict(self, state: dict):
+        optional = {"micro_batch_size": 1, "dp_size": 1}  # older checkpoints lack them
+        for key, low in (("position", 0), ("epoch", 0), ("micro_batch_size", 1), ("dp_size", 1)):
+            value = state.get(key, optional.get(key)) if isinstance(state, dict) else None
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(f"the checkpoint's data position has {key} "
+                                 f"{value if isinstance(value, (int, float)) else type(value).__name__}"
+                                 f", not a whole number >= {low}; the checkpoint is corrupt: use "
+                                 "an earlier step_* directory")
         for key in ("seed", "num_rows", "global_batch_size"):
             if key in state and state[key] != getattr(self, key):
                 raise InputError(f"cannot resume data order: saved {key}={state[key]} but this run "

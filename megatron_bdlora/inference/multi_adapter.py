@@ -16,20 +16,20 @@ import contextlib
 
 import torch
 
-from megatron_bdlora.adapters.model import adapter_modules
+from megatron_bdlora.adapters.layout import check_tensors
+from megatron_bdlora.adapters.model import adapter_modules, global_adapter_layout
 
 
 def load_adapter_stack(model, states: list) -> None:
-    """Load K global adapter states ({"<module>.<param>": tensor}, as `global_adapter_state`)."""
+    """Load K global adapter states ({"<module>.<param>": tensor}, as `global_adapter_state`),
+    each checked against the model's adapter layout (names and shapes) first."""
     mods = adapter_modules(model)
     if not mods:
         raise ValueError("the model has no adapters; call apply_adapters first")
+    expected = global_adapter_layout(model)
     for k, st in enumerate(states):
-        expected = {f"{n}.{p}" for n, m in mods.items() for p in m.adapter_params()}
-        if set(st) != expected:
-            missing, unexpected = sorted(expected - set(st)), sorted(set(st) - expected)
-            raise ValueError(f"adapter {k} does not match the model: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
+        check_tensors(st, expected, f"adapter {k}", "it does not match the model's adapter "
+                      "(method, rank, nblocks, layout, target modules)")
     for n, m in mods.items():
         m.load_global_stack([{p: st[f"{n}.{p}"] for p in m.adapter_params()} for st in states])
 

@@ -172,11 +172,11 @@ def _check_data(path: str, args, tokenizer, vocab_size: int) -> None:
     from megatron_bdlora.data import build_dataset
     import pyarrow.compute as pc
 
-    from megatron_bdlora.data.loader import _local_files, _looks_local
+    from megatron_bdlora.data.loader import local_files, looks_local
 
-    if _looks_local(path):
+    if looks_local(path):
         formats = {}  # file -> record format
-        for f in _local_files(path):
+        for f in local_files(path):
             if f.endswith(JSON_LINES):
                 formats[f] = _scan_json_records(f, vocab_size)
             elif f.endswith(".parquet"):
@@ -184,6 +184,9 @@ def _check_data(path: str, args, tokenizer, vocab_size: int) -> None:
         kinds = {}
         for f, fmt in formats.items():
             kinds.setdefault(fmt, []).append(os.path.basename(f))
+        if formats and all(fmt is None for fmt in formats.values()):
+            raise InputError(f"{path} holds no records (blank lines or an empty list); add "
+                             "records or pass another file")
         kinds.pop(None, None)  # an empty file has no format
         if len(kinds) > 1:
             raise InputError(f"{path}: its files hold different record formats ("
@@ -201,6 +204,37 @@ def _check_data(path: str, args, tokenizer, vocab_size: int) -> None:
                          f"of {args.global_batch_size}; lower --global-batch-size or add data")
 
 
+def _check_dirs(args) -> None:
+    """The directories the run writes into: directories (not files), and writable."""
+    from megatron_bdlora.data.loader import default_cache_dir
+
+    for flag, path in (("--save", args.save),
+                       ("--data-cache-dir", args.data_cache_dir or default_cache_dir())):
+        if not path:
+            continue
+        probe = os.path.abspath(os.path.expanduser(path))
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise InputError(f"{flag} {path} is a file" + ("" if probe == os.path.abspath(
+                os.path.expanduser(path)) else f" ({probe} is one)") + "; pass a directory")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise InputError(f"{flag} {path} is not writable ({probe} is read-only or not "
+                             "yours); pass a writable directory")
+
+
+def _check_flags_against_model(args, hf: dict) -> None:
+    """Flags that the model or the adapter would silently ignore."""
+    if args.match_lora_rank_params and args.adapter != "bdlora":
+        raise InputError(f"--match-lora-rank-params sets a BD-LoRA rank; with --adapter "
+                         f"{args.adapter} it would be ignored: drop it, or use --adapter bdlora")
+    limit = hf.get("max_position_embeddings")
+    if limit and args.seq_length > limit:
+        raise InputError(f"--seq-length {args.seq_length} is above the model's "
+                         f"max_position_embeddings {limit} (positions it was never trained on); "
+                         f"pass --seq-length {limit} or less")
+
+
 def preflight(args, check_lock: bool = True) -> None:
     """All checks that need files but no process group; raises InputError. `check_lock`: is
     --save free (node 0 only: another node cannot tell whether node 0's stale lock is dead)."""
@@ -208,12 +242,11 @@ def preflight(args, check_lock: bool = True) -> None:
     from megatron_bdlora.data import load_tokenizer
 
     resolve_checkpoint_flags(args)
-    if args.save:
-        if os.path.exists(args.save) and not os.path.isdir(args.save):
-            raise InputError(f"--save {args.save} is a file; pass a directory")
-        if check_lock:
-            check_unlocked(args.save)
+    _check_dirs(args)
+    if args.save and check_lock:
+        check_unlocked(args.save)
     hf, tokenizer_path = _model_config(args)
+    _check_flags_against_model(args, hf)
     _check_adapter(args, hf)
     if not tokenizer_path:
         raise InputError("no tokenizer: the model directory has none; pass --tokenizer DIR")
