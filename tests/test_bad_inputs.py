@@ -544,6 +544,19 @@ def test_tools_refuse_wrong_inputs_in_one_line(work, capsys):
     _assert_one_error_line(2, capsys.readouterr().err, "afile is a file; pass a directory")
 
 
+def test_save_lock_file_never_trusted(tmp_path):
+    """A .lock that is not an object is stale (was an AttributeError); a live owner's fields are
+    quoted only when they look like a host, a pid and a time."""
+    from megatron_bdlora.checkpoint.save_lock import LOCK, check_unlocked
+    from megatron_bdlora.errors import InputError
+
+    (tmp_path / LOCK).write_text("[1, 2]")
+    check_unlocked(str(tmp_path))
+    (tmp_path / LOCK).write_text(json.dumps({"host": "WANDB_API_KEY=sekrit", "pid": 1}))
+    with pytest.raises(InputError, match=r"in use by another job \(host \?, pid 1, since \?\)"):
+        check_unlocked(str(tmp_path))
+
+
 # ---- data loss 1: export --overwrite ---------------------------------------------------------
 def test_export_overwrite_never_deletes_the_checkpoint_or_its_parent(work, tmp_path, capsys):
     import shutil

@@ -6,9 +6,9 @@ Entry points: `check_export_target(out, source_dir, overwrite)` before building 
 `mark_export(dir, fmt, source_dir)` on the finished temp dir before it is renamed into place.
 """
 
-import json
 import os
 
+from megatron_bdlora.checkpoint.files import write_json
 from megatron_bdlora.errors import CheckpointError
 
 MARKER = ".megatron-bdlora-export"
@@ -41,6 +41,4 @@ def check_export_target(out: str, source_dir: str, overwrite: bool) -> None:
 
 
 def mark_export(directory: str, fmt: str, source_dir: str) -> None:
-    with open(os.path.join(directory, MARKER), "w") as f:
-        json.dump({"format": fmt, "source": _real(source_dir)}, f)
-        f.write("\n")
+    write_json(os.path.join(directory, MARKER), {"format": fmt, "source": _real(source_dir)})

@@ -7,12 +7,15 @@ the first; a lock whose process is gone (same host, pid dead or reused) is stale
 
 import json
 import os
+import re
 import socket
 import time
 
 from megatron_bdlora.errors import InputError
 
 LOCK = ".lock"
+# what the error may quote of a lock file's fields (it is read, so not trusted)
+_SHOWN = {"host": r"[\w.-]{1,64}", "pid": r"\d{1,10}", "since": r"[\d: -]{1,19}"}
 
 
 def _stat(pid: int) -> list | None:
@@ -46,11 +49,12 @@ def _alive(owner: dict) -> bool:
 def _owner(path: str) -> dict | None:
     try:
         with open(path) as f:
-            return json.load(f)
+            owner = json.loads(f.read(4096))
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
         return {}  # unreadable: stale (the lock is written whole, by link)
+    return owner if isinstance(owner, dict) else {}
 
 
 def check_unlocked(root: str) -> None:
@@ -58,8 +62,10 @@ def check_unlocked(root: str) -> None:
     path = os.path.join(root, LOCK)
     owner = _owner(path)
     if owner and _alive(owner):
-        raise InputError(f"--save {root} is in use by another job (host {owner.get('host')}, pid "
-                         f"{owner.get('pid')}, since {owner.get('since')}); stop that job or save "
+        shown = {k: str(owner.get(k)) if re.fullmatch(p, str(owner.get(k))) else "?"
+                 for k, p in _SHOWN.items()}
+        raise InputError(f"--save {root} is in use by another job (host {shown['host']}, pid "
+                         f"{shown['pid']}, since {shown['since']}); stop that job or save "
                          f"elsewhere (if it is gone, delete {path})")
 
 
