@@ -37,7 +37,11 @@ def _worker(hf, sd):
     from megatron_bdlora.models.attention import SDPAttention
     from megatron_bdlora.models.llama import build_model, forward_logits, gather_logits, lm_loss
     from megatron_bdlora.parallel import tp_rank_size
-    from megatron_bdlora.training.trainer import _to_device
+    from megatron_bdlora.training.engine import attention_mask, device_batch
+
+    def _to_device(batch):  # a loader batch as the trainer's step runs it: (ids, labels, mask)
+        ids, labels, docs = device_batch(batch)
+        return ids, labels, attention_mask(docs, ids.device)
 
     tp = tp_rank_size()[1]
     vocab = hf["vocab_size"]

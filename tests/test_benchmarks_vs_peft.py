@@ -48,7 +48,7 @@ def test_vs_peft_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["config"]["hidden"] == 64 and result["config"]["dtype"] == "fp32"
-    assert "train_step" in result["config"]["step"]  # ours runs the trainer's own step
+    assert "Engine.step" in result["config"]["step"]  # ours runs the trainer's own step
     assert set(result["results"]) == {"lora", "bdlora"}
     ((ours, theirs),) = run_distributed(_reference_losses, 1, 1)
     assert result["base"]["first_step_loss"] == pytest.approx(ours, abs=1e-5)

@@ -33,8 +33,9 @@ def _runs(data, root):
 
     from megatron_bdlora.adapters import adapter_modules
     from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint
-    from megatron_bdlora.training import optim, trainer
+    from megatron_bdlora.training import trainer
     from megatron_bdlora.training.arguments import parse_args
+    from megatron_bdlora.training.engine import Engine
 
     out = {}
     for bf16 in (False, True):
@@ -50,14 +51,14 @@ def _runs(data, root):
     args = parse_args(_flags(data, os.path.join(root, "x"), True))
     model, _ = trainer.build(args)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = optim.make_optimizer(params, args)
+    engine = Engine(model, args)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.hf_config["vocab_size"], (2, 16), generator=g)
     labels = ids.roll(-1, 1)
     labels[:, :4] = -100
-    loss, _ = trainer.accumulate_gradients(model, params, [(ids, labels, None)])
-    norm = optim.clip_grad_norm(params, 1.0)
-    opt.step()
+    result = engine.step([(ids, labels, None)], 0)
+    loss, norm = result.loss_sum, result.grad_norm
+    opt = engine.optimizer.chained_optimizers[0].optimizer  # the torch Adam inside Megatron's
     layer = next(m for m in adapter_modules(model).values())
     out["step"] = {
         "base": str(layer.base.weight.dtype), "loss": str(loss.dtype), "norm": type(norm).__name__,

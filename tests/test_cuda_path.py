@@ -86,9 +86,10 @@ def _rank(tmp):
     out["pack"] = {"packed": packed[:, 10:], "alone": alone, "first": packed[:, :10]}
     out["kernels"] = {"ref": ref, "got": kernels}
 
-    # bf16 forward + backward through the trainer's model: no warning
+    # bf16 step of the trainer's engine on the trainer's model: no warning
     from megatron_bdlora.training import trainer
     from megatron_bdlora.training.arguments import parse_args
+    from megatron_bdlora.training.engine import Engine
 
     data = os.path.join(tmp, "unused.jsonl")
     open(data, "a").close()
@@ -96,6 +97,7 @@ def _rank(tmp):
                        "--data-path", data, "--seq-length", 24, "--micro-batch-size", 1,
                        "--global-batch-size", 8, "--attention-backend", "local"], world_size=4)
     model, _ = trainer.build(args)
+    engine = Engine(model, args)
     params = [p for p in model.parameters() if p.requires_grad]
     norms = {str(m.weight.dtype) for m in model.modules() if isinstance(m, torch.nn.RMSNorm)}
     with warnings.catch_warnings():
@@ -116,10 +118,11 @@ def _rank(tmp):
         data_mod.batch_attention_mask = counting
         try:
             labels = ids.roll(-1, 1)
-            loss_sum, tokens = trainer.accumulate_gradients(model, params, [(ids, labels, docs)] * 2)
+            result = engine.step([(ids, labels, docs)] * 2, 0)
         finally:
             data_mod.batch_attention_mask = real
-    out["bf16"] = {"norms": norms, "loss": float(loss_sum), "grads": all(p.grad is not None for p in params),
+    out["bf16"] = {"norms": norms, "loss": float(result.loss_sum),
+                   "grads": all(p.grad is not None and p.grad.dtype == torch.float32 for p in params),
                    "alive_at_build": alive_at_build, "alive_after": sum(r() is not None for r in built)}
 
     # RNG: a CPU-saved state restored where the tracker is CUDA's (and the reverse) is reseeded

@@ -60,13 +60,15 @@ def _rank(tmp):
 
     from megatron_bdlora.models.llama import lm_loss
     from megatron_bdlora.parallel.cpu_compat import seed_model_parallel
-    from megatron_bdlora.training import optim, rng_state, trainer
+    from megatron_bdlora.training import rng_state, trainer
+    from megatron_bdlora.training.engine import Engine
 
     dp_rank = ps.get_data_parallel_rank()
     out = {}
 
     # ---- token-normalised loss over DP x accumulation ----
-    model, _ = trainer.build(_args(tmp))
+    args = _args(tmp, "--clip-grad", "1e-3")  # clips: every grad scaled to norm 1e-3
+    model, _ = trainer.build(args)
     _randomise_b(model)
     params = [p for p in model.parameters() if p.requires_grad]
     batches = _batches(4, model.hf_config["vocab_size"])
@@ -81,12 +83,14 @@ def _rank(tmp):
         (loss / 4).backward()
     mean_of_means = _grads(params)
     model.zero_grad(set_to_none=True)
-    loss_sum, tokens = trainer.accumulate_gradients(model, params, batches[2 * dp_rank: 2 * dp_rank + 2])
-    got = _grads(params)
-    norm = optim.clip_grad_norm(params, 1e-3)  # clips: every grad scaled to norm 1e-3
-    out["dp"] = {"ref": ref, "got": got, "mean_of_means": mean_of_means, "tokens": int(tokens),
-                 "total": total, "norm": norm,
-                 "clipped": float(torch.cat([p.grad.reshape(-1) for p in params]).norm())}
+    # the trainer's step (Megatron-Core's engine): DP-reduced, token-normalised, clipped grads
+    result = Engine(model, args).step(batches[2 * dp_rank: 2 * dp_rank + 2], 0)
+    norm = result.grad_norm
+    clipped = _grads(params)
+    got = [g * (norm + 1e-6) / 1e-3 for g in clipped]  # undo the clipping coefficient
+    out["dp"] = {"ref": ref, "got": got, "mean_of_means": mean_of_means,
+                 "tokens": result.global_loss()[1], "total": total, "norm": norm,
+                 "clipped": float(torch.cat([g.reshape(-1) for g in clipped]).norm())}
 
     # ---- fixed eval data ----
     import datasets

@@ -4,8 +4,8 @@
     torchrun --nproc_per_node 4 tools/benchmark_training.py --tensor-model-parallel-size 2  # TP=2 x DP=2
     torchrun --nproc_per_node 2 tools/benchmark_training.py --sequence-parallel         # TP=2 + SP
 
-Step = the trainer's own train_step (token-normalised loss, DP all-reduce, clipping, non-finite
-check, AdamW). Reports per method median step ms (p10/p90), tokens/s, collectives per step and per
+Step = the trainer's own Engine.step (Megatron-Core's schedule, DDP, optimizer: token-normalised
+loss, DP reduce, clipping, non-finite check, Adam). Reports per method median step ms (p10/p90), tokens/s, collectives per step and per
 phase, paired ratios to base and bd. Logic: megatron_bdlora/benchmarks/training.py.
 """
 
@@ -40,7 +40,7 @@ def main():
     result = run_training(cfg)
     if is_main_rank():
         write_report(result, args, format_table(result), plot=plot, summary=(
-            f"bd TP collectives == base (tokens, forward, backward, sp_grads, optimizer): "
+            f"bd TP collectives == base (forward, backward): "
             f"{result['results']['bd']['tp_collectives_equal_base']}"))
     dist.barrier()
     destroy_distributed()

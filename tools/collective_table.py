@@ -1,10 +1,11 @@
-"""Print (and save) the collectives of one step of the trainer's own train_step per TP strategy.
+"""Print (and save) the collectives of one step of the trainer's own Engine.step per TP strategy.
 
     torchrun --nproc_per_node 2 tools/collective_table.py [--model-preset tiny] [--json out.json]
     torchrun --nproc_per_node 4 tools/collective_table.py --tensor-model-parallel-size 4 --sequence-parallel
 
-Phases as the step names them (tokens, forward, backward, sp_grads, grad_sync, clip, optimizer);
-one that issues nothing has no row (sp_grads under frozen norms, grad_sync at DP=1).
+Phases as the step names them (forward, backward, grad_sync: Megatron DDP's reduce with the SP
+norm grads and the token count, optimizer: grad norm, clipping, Adam); one that issues nothing
+has no row.
 """
 
 import argparse
@@ -32,22 +33,28 @@ def main():
     check_tool_flags(p, sp, tp, args.transformer_impl)
 
     from megatron_bdlora.benchmarks.collectives import format_table, measure_collectives
+    from megatron_bdlora.parallel.collectives import model_collectives
     from megatron_bdlora.models.presets import get_preset
     from megatron_bdlora.parallel import destroy_distributed, init_distributed, is_main_rank
 
     init_distributed(tensor_parallel_size=tp)
     table = measure_collectives(get_preset(args.model_preset), args.lora_rank, args.bd_nblocks or tp,
-                                sequence_parallel=sp, transformer_impl=args.transformer_impl)
+                                sequence_parallel=sp, transformer_impl=args.transformer_impl,
+                                engine=True)
     if is_main_rank():
         print(f"collectives per training step, {args.model_preset}, TP={tp}, "
               f"sequence parallel {'on' if sp else 'off'}, {args.transformer_impl} layers, "
               f"rank {args.lora_rank}, "
               f"N={args.bd_nblocks or tp} (calls / bytes)")
         print(format_table(table))
-        print(f"bd == base (calls and bytes, every phase): {table['bd'] == table['base']}")
+        same = model_collectives(table["bd"]) == model_collectives(table["base"])
+        print("op[dp] / op[mp]: the engine's DP gradient reduce (bytes: the trained gradients) "
+              "and grad norm; the rest is the model's own (TP)")
+        print(f"bd == base (the model's collectives, calls and bytes, every phase): {same}")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"tp": tp, "sequence_parallel": sp, "results": table}, f, indent=1)
+                json.dump({"tp": tp, "sequence_parallel": sp, "results": table,
+                       "bd_equals_base": same}, f, indent=1)
     destroy_distributed()
 
 

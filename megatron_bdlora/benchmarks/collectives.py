@@ -1,13 +1,15 @@
-"""Collectives of one step of the trainer's own train_step, per phase, for each TP strategy on
-one model shape (the embedding weight trains too, so the frozen base has a backward).
+"""Collectives of one step of the trainer's own Engine.step (Megatron-Core's schedule, DDP and
+optimizer), per phase, for each TP strategy on one model shape (the embedding weight trains too,
+so the frozen base has a backward, gradients to reduce and a grad norm).
 
-Frozen norms make the SP gradient reduction issue nothing, so no "sp_grads" phase appears."""
+Frozen norms make the SP gradient reduction issue nothing."""
 
 import torch
 
 from megatron_bdlora.adapters import AdapterConfig, apply_adapters
 from megatron_bdlora.models.llama import build_model
 from megatron_bdlora.parallel import count_collectives, tp_rank_size
+from megatron_bdlora.parallel.collectives import model_collectives
 
 STRATEGIES = {
     "base": None,
@@ -18,8 +20,10 @@ STRATEGIES = {
 
 
 def measure_collectives(hf: dict, rank: int = 8, nblocks: int = 2, batch: int = 2, seq: int = 16,
-                        sequence_parallel: bool = False, transformer_impl: str = "local"):
-    """{strategy: {phase: {op: {"calls", "bytes"}}}} for one trainer step (step_collectives)."""
+                        sequence_parallel: bool = False, transformer_impl: str = "local",
+                        engine: bool = False):
+    """{strategy: {phase: {op: {"calls", "bytes"}}}} for one trainer step (step_collectives;
+    `engine`: with the engine's DP and model-parallel ops too)."""
     ids = torch.randint(0, hf["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
     labels = torch.roll(ids, -1, 1)
     table = {}
@@ -34,21 +38,24 @@ def measure_collectives(hf: dict, rank: int = 8, nblocks: int = 2, batch: int = 
         # the embedding trains under every strategy, so the base too has gradients to clip (one
         # scalar TP all-reduce): what differs from the base is then the adapter's alone
         model.embedding.word_embeddings.weight.requires_grad_(True)
-        table[name] = step_collectives(model, ids, labels)[1]
+        table[name] = step_collectives(model, ids, labels, engine)[1]
     return table
 
 
-def step_collectives(model, ids, labels) -> tuple:
-    """(loss, {phase: {op: {"calls", "bytes"}}}) of one step of the trainer's own train_step
+def step_collectives(model, ids, labels, engine: bool = False) -> tuple:
+    """(loss, {phase: {op: {"calls", "bytes"}}}) of one step of the trainer's own Engine.step
     (benchmarks/training.TrainerStep) on (ids, labels) as one micro-batch; phases as the step
-    names them (tokens, forward, backward, sp_grads, grad_sync, clip, optimizer), those that
-    issue nothing left out."""
+    names them (forward, backward, grad_sync: DDP's reduce, SP norm grads and the token count;
+    optimizer: grad norm, clipping, Adam), those that issue nothing left out. The model's own
+    collectives (TP, PP; model_collectives) unless `engine`: then also the engine's DP gradient
+    reduce and grad norm ("op[dp]", "op[mp]": they carry what trains)."""
     from megatron_bdlora.benchmarks.training import TrainerStep
 
     step = TrainerStep(model, lr=1e-4)
     with count_collectives() as counts:
         result = step.step(ids, labels, counts)
-    return result.loss_sum / result.tokens.clamp(min=1), counts.as_dict()
+    table = counts.as_dict()
+    return result.loss_sum / result.tokens.clamp(min=1), table if engine else model_collectives(table)
 
 
 def format_table(table: dict) -> str:

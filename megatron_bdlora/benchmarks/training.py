@@ -4,13 +4,13 @@ Methods base / replicated / slora / bd on one randomly initialised Llama shape, 
 processes, repetitions interleaved round-robin. `base` is the frozen model with no adapter: its
 step is forward + backward down to the embedding output (made to require grad, as it is for
 every method here, so each method runs the same backward through the base) and no optimizer
-work. The step is the one train() runs: the loss over the global batch's supervised tokens
-(one DP all-reduce of the count), the flat DP gradient all-reduce (DP > 1), the SP norm-grad
-reduction (nothing under frozen norms), clipping of the global norm (one scalar TP all-reduce
-when there are gradients), the non-finite check and AdamW. With world size = TP x DP each DP
-replica gets its own batch. Per method: step time median and p10/p90, tokens/s (all DP
-replicas), collectives of one step per phase (tokens, forward, backward, sp_grads, grad_sync,
-clip, optimizer), paired ratios to base and bd.
+work. The step is the one train() runs (training/engine.py, Megatron-Core's engine): forward
+and backward through its schedule, the loss over the global batch's supervised tokens, its DDP
+gradient reduce over DP with the SP norm-grad reduction and the token count's DP all-reduce
+(grad_sync), its global grad norm (one scalar all-reduce when there are gradients), clipping,
+the non-finite check and Adam (optimizer). With world size = TP x DP each DP replica gets its
+own batch. Per method: step time median and p10/p90, tokens/s (all DP replicas), collectives
+of one step per phase (forward, backward, grad_sync, optimizer), paired ratios to base and bd.
 """
 
 from dataclasses import asdict, dataclass
@@ -50,15 +50,15 @@ class TrainingConfig:
 
 
 class TrainerStep:
-    """The trainer's own iteration, training/trainer.train_step (loss over the global batch's
-    supervised tokens, DP all-reduce, clipping, non-finite check, AdamW of training/optim.py),
-    with the trainer's default flags but --lr, a constant schedule and `flags`, on the caller's
-    batch.
+    """The trainer's own step, training/engine.Engine.step (Megatron-Core's schedule, DDP,
+    optimizer and scheduler: loss over the global batch's supervised tokens, DP reduce,
+    clipping, non-finite check, Adam), with the trainer's default flags but --lr, a constant
+    schedule and `flags`, on the caller's batch.
     The embedding output requires grad, so even the frozen base runs its backward."""
 
     def __init__(self, model, lr: float, flags=()):
-        from megatron_bdlora.training import optim
         from megatron_bdlora.training.arguments import build_parser
+        from megatron_bdlora.training.engine import Engine
         from megatron_bdlora.training.trainer import backward_to_embedding
 
         self.model = model
@@ -66,31 +66,28 @@ class TrainerStep:
         backward_to_embedding(model)
         self.args = build_parser().parse_args(["--lr", str(lr), "--lr-decay-style", "constant",
                                                *flags])
+        self.engine = Engine(model, self.args)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # the frozen base trains nothing: no optimizer (AdamW refuses an empty parameter list)
-        self.optimizer = optim.make_optimizer(self.params, self.args) if self.params else None
         self.steps = 0
 
     def step(self, ids, labels, counts=None):
         """One step on (ids, labels) as one micro-batch; `counts` (count_collectives) gets each
-        part of the step as a phase. Returns the trainer's StepResult."""
-        from megatron_bdlora.training.trainer import no_phase, train_step
+        part of the step as a phase. Returns the engine's StepResult."""
+        from megatron_bdlora.training.engine import no_phase
 
         phase = counts.phase if counts is not None else no_phase
-        result = train_step(self.model, self.params, self.optimizer, [(ids, labels, None)],
-                            self.steps, self.args, phase)
+        result = self.engine.step([(ids, labels, None)], self.steps, phase)
         self.steps += 1
         return result
+
+    def grads(self) -> dict:
+        """{parameter: its gradient of the last step (after DP reduce and clipping)}."""
+        return {p: p.main_grad for p in self.params}
 
     @staticmethod
     def loss(result) -> float:
         """The step's loss over the global batch (summed over DP), as the trainer logs it."""
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
-        total = result.loss_sum.clone()
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
-        return float(total) / max(int(result.tokens), 1)
+        return result.global_loss()[0]
 
 
 def random_batch(cfg, hf: dict, dp_rank: int):
@@ -153,15 +150,16 @@ def run_training(cfg: TrainingConfig) -> dict:
             "first_step_loss": losses[m], "steps_timed": s["n"],
         }
     bd_c, base_c = collectives["bd"], collectives["base"]
+    # the model's own (TP) collectives; grad_sync carries the trained parameters over DP and the
+    # optimizer's grad norm exists only where something trains (not the frozen base)
     results["bd"]["tp_collectives_equal_base"] = all(
-        bd_c.get(ph, {}) == base_c.get(ph, {})
-        for ph in ("tokens", "forward", "backward", "sp_grads", "optimizer"))
+        bd_c.get(ph, {}) == base_c.get(ph, {}) for ph in ("forward", "backward"))
     config = {**asdict(cfg), "tp": tp, "dp": dp, "bd_nblocks": nblocks, "bd_rank": configs["bd"].rank,
               **run_environment(), "tokens_per_step": tokens, "model": hf,
-              "step": "the trainer's train_step: token count all-reduce (DP), forward + backward, "
-                      "SP norm grads, DP grad all-reduce (flat, DP>1), clipping to "
-                      f"{trainers['bd'].args.clip_grad} (global norm: one TP all-reduce), "
-                      "non-finite check, AdamW on the trainable parameters",
+              "step": "the trainer's Engine.step (Megatron-Core): forward + backward through its "
+                      "schedule, DDP grad reduce over DP with the token count (DP>1), clipping "
+                      f"to {trainers['bd'].args.clip_grad} (global norm: one all-reduce), "
+                      "non-finite check, Adam on the trainable parameters",
               "timing": "methods interleaved step by step (rotating order); step time = slowest "
                         "rank; ratios paired per step (same repetition and step index)"}
     return {"config": config, "results": results}

@@ -170,9 +170,10 @@ def run_vs_peft(cfg: VsPeftConfig) -> dict:
         }
     config = {**asdict(cfg), **run_environment(), "dtype": cfg.dtype, "tokens_per_step": tokens,
               "model": hf, "peak_flops": peak,
-              "step": "ours: the trainer's train_step (token-normalised loss, clipping, "
-                      "non-finite check, AdamW; ours_base: forward + backward to the embedding "
-                      "output, no optimizer); PEFT: its own loop, the same loss, clipping and AdamW",
+              "step": "ours: the trainer's Engine.step (Megatron-Core: token-normalised loss, "
+                      "clipping, non-finite check, Adam; ours_base: forward + backward to the "
+                      "embedding output, no optimizer); PEFT: its own loop, the same loss, "
+                      "clipping and AdamW",
               "timing": f"{cfg.clock} clock; methods interleaved step by step (rotating order); "
                         "ratios paired per step (same repetition and step index)"}
     return {"config": config, "base": method("ours_base", base_flops), "results": results}

@@ -142,15 +142,19 @@ def _mark_tensor_parallel(model) -> None:
 
 
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-    """Logits (b, s, vocab/t) of this rank's vocabulary shard; padded entries set to -inf."""
+    """Logits (b, s, vocab/t) of this rank's vocabulary shard; padded entries set to -inf.
+    `model`: the GPTModel or Megatron's DDP around it (the training engine's)."""
+    from megatron.core.utils import unwrap_model
+
     b, s = input_ids.shape
-    tp = model.config.tensor_model_parallel_size
-    if model.config.sequence_parallel and s % tp:
+    gpt = unwrap_model(model)
+    tp = gpt.config.tensor_model_parallel_size
+    if gpt.config.sequence_parallel and s % tp:
         raise ValueError(f"--sequence-parallel splits the sequence over {tp} TP ranks: sequence "
                          f"length {s} must be a multiple of {tp} (set --seq-length)")
     position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
     logits = model(input_ids, position_ids, attention_mask)
-    return _mask_padded_vocab(logits, model.hf_config["vocab_size"])
+    return _mask_padded_vocab(logits, gpt.hf_config["vocab_size"])
 
 
 def _mask_padded_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -172,18 +176,22 @@ def gather_logits(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     return gather_from_tensor_model_parallel_region(logits)[..., :vocab]
 
 
-def lm_loss(model, input_ids, labels, attention_mask=None, reduction: str = "mean"):
-    """Next-token cross-entropy over labels != -100 (fp32), and the token count (a tensor).
-
-    `labels` are already shifted (labels[t] is the target for position t). `reduction="sum"`
-    returns the summed loss, for callers that normalise by the tokens of a whole global batch."""
+def token_losses(model, input_ids, labels, attention_mask=None) -> torch.Tensor:
+    """Next-token cross-entropy per position (b, s), fp32, over the vocab-parallel logits; 0
+    where labels == -100. `labels` are already shifted (labels[t] is the target for position t)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     logits = forward_logits(model, input_ids, attention_mask)
-    mask = labels != -100
     per_token = vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous(),
                                              labels.clamp(min=0).transpose(0, 1).contiguous())
-    per_token = per_token.transpose(0, 1)
-    n = mask.sum()
-    total = (per_token * mask).sum()
+    return per_token.transpose(0, 1) * (labels != -100)
+
+
+def lm_loss(model, input_ids, labels, attention_mask=None, reduction: str = "mean"):
+    """Next-token cross-entropy over labels != -100 (fp32), and the token count (a tensor).
+
+    `reduction="sum"` returns the summed loss, for callers that normalise by the tokens of a
+    whole global batch."""
+    n = (labels != -100).sum()
+    total = token_losses(model, input_ids, labels, attention_mask).sum()
     return (total if reduction == "sum" else total / n.clamp(min=1)), n

@@ -5,6 +5,11 @@ attributes sees every collective of the model, forward and backward (autograd ru
 backward mappings on the calling thread on CPU and through the same functions on GPU).
 Bytes are the size of the payload: the reduced tensor for all_reduce, the gathered output
 for all_gather, the input for reduce_scatter.
+
+An op on the tensor-parallel group is recorded by its name ("all_reduce"); on another group
+with the group's name appended: "all_reduce[dp]" (data parallel: the engine's gradient reduce and
+token count), "all_reduce[mp]" (model parallel: the grad norm), "broadcast[pp]", "[embd]",
+"[world]", "[other]".
 """
 
 import contextlib
@@ -12,17 +17,17 @@ from collections import defaultdict
 
 import torch.distributed as dist
 
-# op name -> which positional argument / keyword holds the payload tensor
+# op name -> (keyword, position) of the payload tensor, position of the group argument
 _OPS = {
-    "all_reduce": ("tensor", 0),
-    "all_gather_into_tensor": ("output_tensor", 0),
-    "_all_gather_base": ("output_tensor", 0),
-    "all_gather": ("tensor_list", 0),
-    "reduce_scatter_tensor": ("input", 1),
-    "_reduce_scatter_base": ("input", 1),
-    "reduce_scatter": ("input_list", 1),
-    "broadcast": ("tensor", 0),
-    "all_to_all_single": ("input", 1),
+    "all_reduce": ("tensor", 0, 2),
+    "all_gather_into_tensor": ("output_tensor", 0, 2),
+    "_all_gather_base": ("output_tensor", 0, 2),
+    "all_gather": ("tensor_list", 0, 2),
+    "reduce_scatter_tensor": ("input", 1, 3),
+    "_reduce_scatter_base": ("input", 1, 3),
+    "reduce_scatter": ("input_list", 1, 3),
+    "broadcast": ("tensor", 0, 2),
+    "all_to_all_single": ("input", 1, 4),
 }
 _CANONICAL = {"_all_gather_base": "all_gather", "all_gather_into_tensor": "all_gather",
               "_reduce_scatter_base": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter"}
@@ -50,7 +55,7 @@ class CollectiveCounts:
             self._phase = prev
 
     def record(self, op: str, nbytes: int) -> None:
-        entry = self.counts[self._phase][_CANONICAL.get(op, op)]
+        entry = self.counts[self._phase][op]
         entry["calls"] += 1
         entry["bytes"] += nbytes
 
@@ -61,20 +66,52 @@ class CollectiveCounts:
         return {op: dict(v) for op, v in sorted(self.counts.get(phase, {}).items())}
 
 
+def _group_names() -> dict:
+    """{id(process group): name} of Megatron's groups ("" for tensor parallel)."""
+    from megatron.core import parallel_state as ps
+
+    names = {}
+    if ps.model_parallel_is_initialized():
+        for name, get in (("mp", ps.get_model_parallel_group), ("embd", ps.get_embedding_group),
+                          ("pp", ps.get_pipeline_model_parallel_group),
+                          ("dp", ps.get_data_parallel_group),
+                          ("dp", lambda: ps.get_data_parallel_group(with_context_parallel=True)),
+                          ("", ps.get_tensor_model_parallel_group)):  # last: wins a tie
+            try:
+                names[id(get())] = name
+            except (AssertionError, RuntimeError):  # a group this run did not create
+                pass
+    return names
+
+
+def model_collectives(counts: dict) -> dict:
+    """`counts` (as_dict) restricted to the model's own collectives: tensor-parallel ops and
+    pipeline point-to-point traffic (what BD-LoRA must issue exactly as the base does); the
+    engine's DP gradient reduce and grad norm, which scale with what trains, are left out."""
+    keep = lambda op: "[" not in op or op.endswith("[pp]")
+    out = {ph: {op: v for op, v in ops.items() if keep(op)} for ph, ops in counts.items()}
+    return {ph: ops for ph, ops in out.items() if ops}
+
+
 @contextlib.contextmanager
 def count_collectives():
     """Record every collective issued inside the block (forward and backward alike)."""
     counts = CollectiveCounts()
     originals = {}
-    for op, (kw, pos) in _OPS.items():
+    names = _group_names()
+    for op, (kw, pos, gpos) in _OPS.items():
         fn = getattr(dist, op, None)
         if fn is None:
             continue
         originals[op] = fn
 
-        def wrapper(*args, _fn=fn, _op=op, _kw=kw, _pos=pos, **kwargs):
+        def wrapper(*args, _fn=fn, _op=op, _kw=kw, _pos=pos, _gpos=gpos, **kwargs):
             payload = kwargs[_kw] if _kw in kwargs else args[_pos]
-            counts.record(_op, _nbytes(payload))
+            group = kwargs.get("group", args[_gpos] if len(args) > _gpos else None)
+            name = "world" if group is None or group is dist.group.WORLD else \
+                names.get(id(group), "other")
+            op_name = _CANONICAL.get(_op, _op)
+            counts.record(op_name if name == "" else f"{op_name}[{name}]", _nbytes(payload))
             return _fn(*args, **kwargs)
 
         setattr(dist, op, wrapper)

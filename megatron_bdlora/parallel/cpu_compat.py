@@ -4,8 +4,11 @@ Everything here is a no-op when CUDA is available, so the same code path runs NC
 unchanged (models/llama.py turns Megatron's fusions off and its CPU initialisation on, on both
 devices). Patched:
 ``torch.cuda.current_device`` (used for device placement of buffers such as
-RoPE's ``inv_freq``), the default causal mask (built on "cuda"), and the CUDA RNG tracker
-(attention dropout and activation recompute fork the CUDA generator; on CPU they fork the CPU one).
+RoPE's ``inv_freq``), the default causal mask (built on "cuda"), the CUDA RNG tracker
+(attention dropout and activation recompute fork the CUDA generator; on CPU they fork the CPU one),
+and the training engine's literal ``device="cuda"`` tensors (the schedules' token count, the
+optimizers', clipping's and the local multi-tensor l2 norm's small buffers) clipping's assertion that gradients are CUDA tensors, and the optimizers' sorting of
+parameters by CUDA type name.
 """
 
 import torch
@@ -61,6 +64,55 @@ class _CpuRNGStatesTracker:
         return _fork()
 
 
+class _CpuDeviceTorch:
+    """`torch` as the Megatron-Core modules that write ``device="cuda"`` literally see it: the
+    same module, its tensor factories placing "cuda" tensors on the CPU."""
+
+    def __getattr__(self, name):
+        fn = getattr(torch, name)
+        if name not in ("zeros", "ones", "empty", "tensor", "full"):
+            return fn
+
+        def on_cpu(*a, device=None, **k):
+            return fn(*a, device="cpu" if device == "cuda" else device, **k)
+
+        return on_cpu
+
+
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Megatron-Core's clip_grad_by_total_norm_fp32 (optimizer/clip_grads.py) without its check
+    that each gradient is a CUDA FloatTensor: the same scaling through its multi-tensor applier."""
+    from megatron.core.optimizer import clip_grads
+
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    assert all(g.dtype == torch.float32 for g in grads), "clipping expects fp32 main gradients"
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        clip_grads.multi_tensor_applier(clip_grads.multi_tensor_scale_impl,
+                                        torch.zeros(1, dtype=torch.int), [grads, grads], clip_coeff)
+
+
+def _cuda_type_names(init):
+    """`init` (a Megatron optimizer's constructor, which sorts parameters into fp32 / 16-bit
+    groups by their CUDA type name) with CPU parameters answering `.type()` by that name."""
+
+    def wrapped(*a, **k):
+        original = torch.nn.Parameter.type
+
+        def type_name(self, *args, **kwargs):
+            name = original(self, *args, **kwargs)
+            return name.replace("torch.", "torch.cuda.", 1) if not args and not kwargs else name
+
+        torch.nn.Parameter.type = type_name
+        try:
+            return init(*a, **k)
+        finally:
+            torch.nn.Parameter.type = original
+
+    return wrapped
+
+
 def apply() -> None:
     """Install the CPU accommodations once; inert when CUDA is present."""
     global _applied
@@ -86,6 +138,20 @@ def apply() -> None:
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     mrandom._CUDA_RNG_STATE_TRACKER = _CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    import megatron.core.optimizer.clip_grads as mclip
+    import megatron.core.optimizer.optimizer as moptimizer
+    import megatron.core.pipeline_parallel.schedules as mschedules
+    import megatron.core.utils as mcore_utils  # its local multi-tensor l2 norm (no TE / apex)
+
+    for module in (mschedules, moptimizer, mclip, mcore_utils):
+        module.torch = _CpuDeviceTorch()
+    for module in (moptimizer, mclip):  # imported by name in optimizer.py
+        module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for cls in (DistributedOptimizer, moptimizer.Float16OptimizerWithFloat16Params):
+        cls.__init__ = _cuda_type_names(cls.__init__)
 
 
 def seed_model_parallel(seed: int) -> None:

@@ -6,9 +6,10 @@ reduce-scatter, the output layer gathers. Two pieces are missing from the local 
 
 - its norm (a torch RMSNorm wrapper) refuses SP: `block_spec` swaps in `RMSNorm`, which accepts
   it and marks its weight `sequence_parallel`, as Megatron's fused and TE norms do;
-- each rank's norm-weight gradient is then a partial sum over its own sequence chunk:
-  `allreduce_sequence_parallel_grads` sums them over TP (one flat all-reduce) before the DP sync.
-  With a frozen base (every adapter run) those weights have no gradient and nothing is issued.
+- each rank's norm-weight gradient is then a partial sum over its own sequence chunk: the
+  training engine's `finalize_model_grads` (Megatron-Core) sums the weights marked
+  `sequence_parallel` over TP (one flat all-reduce) after the backward. With a frozen base
+  (every adapter run) those weights have no gradient and nothing is issued.
 
 Adapted linears take the layer's one SP collective over (adapters/comm.py), so BD-LoRA issues
 exactly the base model's collectives under SP too.
@@ -18,8 +19,6 @@ import dataclasses
 import os
 
 import torch
-
-from megatron_bdlora.parallel.distributed import all_reduce_flat
 
 NEEDS_TP = ("--sequence-parallel splits activations over TP ranks: it needs "
             "--tensor-model-parallel-size > 1")
@@ -43,17 +42,6 @@ def block_spec(layer_spec, config):
     layer = dataclasses.replace(layer_spec, submodules=dataclasses.replace(
         layer_spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm))
     return TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=RMSNorm)
-
-
-def allreduce_sequence_parallel_grads(model) -> None:
-    """Sum over the TP group the gradients of the parameters marked `sequence_parallel`."""
-    from megatron.core import parallel_state as ps
-
-    grads = [p.grad for p in model.parameters()
-             if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads or ps.get_tensor_model_parallel_world_size() == 1:
-        return
-    all_reduce_flat(grads, ps.get_tensor_model_parallel_group())
 
 
 def check_tool_flags(parser, sequence_parallel: bool, tp: int,

@@ -1,11 +1,9 @@
-"""The fine-tuning job: model + adapter + data + AdamW over TP x DP, checkpoints, eval, logging."""
+"""The fine-tuning job: model + adapter + data on Megatron-Core's engine over TP x DP,
+checkpoints, eval, logging."""
 
-import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
@@ -13,10 +11,10 @@ from megatron_bdlora.adapters import apply_adapters
 from megatron_bdlora.adapters.flags import adapter_config
 from megatron_bdlora.errors import InputError
 from megatron_bdlora.parallel import destroy_distributed, init_distributed, is_main_rank
-from megatron_bdlora.parallel.sequence_parallel import allreduce_sequence_parallel_grads
 from megatron_bdlora.training.arguments import parse_args, run_config
+from megatron_bdlora.training.checkpointing import CheckpointManager, TrainState
+from megatron_bdlora.training.engine import Engine, attention_mask, device_batch
 from megatron_bdlora.training.metrics import MetricsLogger
-from megatron_bdlora.training import nonfinite, optim, rng_state
 
 
 def log0(*a):
@@ -81,27 +79,6 @@ def data_iterator(args, tokenizer, path, seed_offset=0):
     return DataIterator(rows, sampler), rows.stats
 
 
-def _on_device(batch):
-    """(ids, labels) on the device and the loader's host document ids: a micro-batch's mask is
-    built only when it runs (`_mask`), so one (b, 1, s, s) mask is alive at a time."""
-    from megatron_bdlora.parallel import device
-
-    dev = device()
-    return batch["input_ids"].to(dev), batch["labels"].to(dev), batch["document_ids"]
-
-
-def _mask(document_ids, dev):
-    from megatron_bdlora.data import batch_attention_mask
-
-    # None for unpacked rows: the attention layer is causal by itself, no (b, 1, s, s) tensor
-    return None if document_ids is None else batch_attention_mask(document_ids, dev)
-
-
-def _to_device(batch):
-    ids, labels, docs = _on_device(batch)
-    return ids, labels, _mask(docs, ids.device)
-
-
 def evaluate(model, it, iters: int) -> dict:
     """Token-weighted mean loss over the first `iters` global batches of `it`'s data (fewer if
     it has fewer; summed over DP ranks): a fresh pass from the start every call, so every
@@ -116,8 +93,9 @@ def evaluate(model, it, iters: int) -> dict:
     total = torch.zeros(2, dtype=torch.float64, device=device())
     with torch.no_grad():
         for _ in range(min(iters, it.sampler.global_batches) * it.sampler.micro_per_global):
-            ids, labels, mask = _to_device(next(it))
-            loss_sum, n = lm_loss(model, ids, labels, mask, reduction="sum")
+            ids, labels, docs = device_batch(next(it))
+            loss_sum, n = lm_loss(model, ids, labels, attention_mask(docs, ids.device),
+                                  reduction="sum")
             total += torch.stack([loss_sum.double(), n.double()])
     dist.all_reduce(total, group=ps.get_data_parallel_group())
     model.train()
@@ -133,162 +111,111 @@ def backward_to_embedding(model) -> None:
     model.embedding.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
 
 
-def no_phase(name):
-    return contextlib.nullcontext()
+class Trainer:
+    """A fine-tuning run (torchtitan's Trainer is the model): the model with its adapter, the
+    data, Megatron-Core's engine (training/engine.py), the TrainState and the CheckpointManager
+    that saves and loads them. `run()` trains; each step ends in `checkpoint_or_stop`, the one
+    place that decides whether to save and whether to stop."""
 
+    def __init__(self, args):
+        from megatron.core import parallel_state as ps
 
-def accumulate_gradients(model, params, batches, phase=no_phase) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of one global batch, summed over micro-batches and DP ranks: backward of each
-    micro-batch's summed token loss / the supervised tokens of the whole global batch (counted
-    first: one small DP all-reduce), so a micro-batch weighs by its tokens as in one big batch.
-    Returns (this rank's summed loss, the global token count), on the device: no host sync."""
-    from megatron.core import parallel_state as ps
+        from megatron_bdlora.data import load_tokenizer
 
-    from megatron_bdlora.models.llama import lm_loss
+        self.args = args
+        init_distributed(args.tensor_model_parallel_size, seed=args.seed,
+                         timeout_minutes=args.distributed_timeout_minutes)
+        self.model, tokenizer_path = build(args)
+        if not tokenizer_path:
+            raise InputError("no tokenizer: the checkpoint has none; pass --tokenizer DIR")
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.config = run_config(args)
+        self.config["tokenizer_path"] = tokenizer_path
+        self.state = TrainState()
+        if args.eval_only:
+            return
+        self.engine = Engine(self.model, args)
+        self.train_it, stats = data_iterator(args, self.tokenizer, args.data_path)
+        log0(f"data: {stats.summary()}")
+        self.eval_it = (data_iterator(args, self.tokenizer, args.eval_data_path, 1)[0]
+                        if args.eval_data_path else None)
+        self.checkpointer = CheckpointManager(args, self.engine, self.train_it, self.state,
+                                              self.config, say=log0)
+        if args.load:
+            self.checkpointer.load(args.load)
+        self.dp = ps.get_data_parallel_world_size()
+        self.micro_steps = args.global_batch_size // (args.micro_batch_size * self.dp)
+        n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        log0(f"trainable parameters on rank 0: {n_trainable:,}; "
+             f"TP={ps.get_tensor_model_parallel_world_size()} DP={self.dp}")
 
-    with phase("tokens"):
-        tokens = torch.stack([(labels != -100).sum() for _, labels, _ in batches]).sum()
-        dist.all_reduce(tokens, group=ps.get_data_parallel_group())
-    denom = tokens.clamp(min=1).float()
-    loss_sum = torch.zeros((), dtype=torch.float32, device=tokens.device)
-    for ids, labels, docs in batches:  # docs: host document ids (or None: unpacked rows)
-        with phase("forward"):
-            loss, _ = lm_loss(model, ids, labels, _mask(docs, ids.device), reduction="sum")
-        with phase("backward"):
-            (loss / denom).backward()
-        loss_sum += loss.detach()
-    with phase("sp_grads"):
-        allreduce_sequence_parallel_grads(model)  # norm grads under SP; nothing when frozen
-    with phase("grad_sync"):
-        optim.sync_data_parallel_grads(params)
-    return loss_sum, tokens
+    def evaluate_only(self) -> dict:
+        """--eval-only: the checkpoint's adapter (its own config) on the eval records."""
+        from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint
 
-
-@dataclass
-class StepResult:
-    loss_sum: torch.Tensor  # this rank's summed token loss (device)
-    tokens: torch.Tensor    # supervised tokens of the global batch (device)
-    lr: float
-    grad_norm: float
-    skipped: bool
-
-
-def train_step(model, params, optimizer, batches, step: int, args, phase=no_phase) -> StepResult:
-    """One iteration of train() (the benchmarks run this same function): the LR of `step`, the
-    global batch's gradients, clipping, the non-finite check (may raise NonFiniteError), AdamW.
-    `optimizer` None: nothing trains (the benchmarks' frozen-base reference); `phase(name)` is a
-    context manager around each part (collective counting)."""
-    lr = optim.lr_at(step, args)
-    if optimizer is not None:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-    loss_sum, tokens = accumulate_gradients(model, params, batches, phase)
-    with phase("clip"):
-        grad_norm = optim.clip_grad_norm(params, args.clip_grad)
-    skip = nonfinite.skip_step(step + 1, grad_norm, args)  # or stops the run, naming the step
-    with phase("optimizer"):
-        if optimizer is not None and not skip:
-            optimizer.step()
-    return StepResult(loss_sum, tokens, lr, grad_norm, skip)
-
-
-def save(args, model, optimizer, step, train_it, config) -> None:
-    from megatron_bdlora.checkpoint.adapter_checkpoint import save_checkpoint
-
-    if getattr(model, "adapter_config", None) is None:
-        from megatron_bdlora.checkpoint.hf_base import save_hf_base
-
-        save_hf_base(model, os.path.join(args.save, "hf"), tokenizer=config.get("tokenizer_path"))
-        return
-    tensors, meta = optim.global_optimizer_state(model, optimizer)
-    extra = {"step": step, "data": train_it.state_dict(), "rng": rng_state.capture()}
-    save_checkpoint(args.save, model, extra_state=extra, run_config=config, step=step,
-                    optimizer_tensors=tensors, optimizer_meta=meta, keep_last=args.keep_last)
-
-
-def train(args) -> dict:
-    from megatron.core import parallel_state as ps
-
-    from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint
-
-    init_distributed(args.tensor_model_parallel_size, seed=args.seed,
-                     timeout_minutes=args.distributed_timeout_minutes)
-    from megatron_bdlora.data import load_tokenizer
-
-    model, tokenizer_path = build(args)
-    if not tokenizer_path:
-        raise InputError("no tokenizer: the checkpoint has none; pass --tokenizer DIR")
-    tokenizer = load_tokenizer(tokenizer_path)
-    config = run_config(args)
-    config["tokenizer_path"] = tokenizer_path
-    if args.eval_only:
-        load_checkpoint(args.load, model, load_optimizer=False)
-        it, _ = data_iterator(args, tokenizer, args.eval_data_path or args.data_path, 1)
-        result = evaluate(model, it, args.eval_iters)
+        args = self.args
+        load_checkpoint(args.load, self.model, load_optimizer=False)
+        it, _ = data_iterator(args, self.tokenizer, args.eval_data_path or args.data_path, 1)
+        result = evaluate(self.model, it, args.eval_iters)
         log0(json.dumps(result))
         return result
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optim.make_optimizer(params, args)
-    train_it, stats = data_iterator(args, tokenizer, args.data_path)
-    log0(f"data: {stats.summary()}")
-    eval_it = data_iterator(args, tokenizer, args.eval_data_path, 1)[0] if args.eval_data_path else None
-    step = 0
-    if args.load:
-        state = load_checkpoint(args.load, model)
-        step = state.step
-        if state.optimizer_tensors is not None:
-            optim.load_optimizer_state(model, optimizer, state.optimizer_tensors,
-                                       state.optimizer_meta)
-        extra = state.extra_state or {}
-        if "data" in extra:  # a training checkpoint; an imported adapter (step 0) has neither
-            train_it.load_state_dict(extra["data"])
-            rng_state.restore(extra["rng"], seed=args.seed + step, say=log0)
-            log0(f"resumed from {state.dir} at step {step}")
-        else:
-            log0(f"starting from the adapter in {state.dir} (no data position or RNG state)")
-    n_trainable = sum(p.numel() for p in params)
-    log0(f"trainable parameters on rank 0: {n_trainable:,}; TP={ps.get_tensor_model_parallel_world_size()}"
-         f" DP={ps.get_data_parallel_world_size()}")
-    micro_steps = args.global_batch_size // (args.micro_batch_size * ps.get_data_parallel_world_size())
-    logger = MetricsLogger(args, config, args.train_iters, step)
-    last = {}
-    if eval_it is not None and step == 0:  # the starting point, for before/after comparisons
-        logger.log(0, {"eval_loss": evaluate(model, eval_it, args.eval_iters)["loss"]})
-    model.train()
-    skipped_steps = 0
-    while step < args.train_iters:
+    def train_step(self) -> dict:
+        """One optimizer step on the next global batch; its metrics."""
         t0 = time.time()
-        batches = [_on_device(next(train_it)) for _ in range(micro_steps)]
-        r = train_step(model, params, optimizer, batches, step, args)
-        skipped_steps += r.skipped
-        step += 1
-        dist.all_reduce(r.loss_sum, group=ps.get_data_parallel_group())
-        n_tokens = int(r.tokens)  # with the loss: this step's one host sync for logging
-        dt = time.time() - t0
-        last = {"loss": float(r.loss_sum) / max(n_tokens, 1), "lr": r.lr, "grad_norm": r.grad_norm,
-                "tokens_per_s": n_tokens / dt}
+        batches = [device_batch(next(self.train_it)) for _ in range(self.micro_steps)]
+        r = self.engine.step(batches, self.state.step)
+        self.state.step += 1
+        self.state.skipped_steps += r.skipped
+        loss, n_tokens = r.global_loss()  # this step's one host sync for logging
+        metrics = {"loss": loss, "lr": r.lr, "grad_norm": r.grad_norm,
+                   "tokens_per_s": n_tokens / (time.time() - t0)}
         if torch.cuda.is_available():
-            last["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        if skipped_steps:
-            last["skipped_steps"] = skipped_steps
-        logger.advance()
-        logger.log(step, last, show=step % args.log_interval == 0 or step == 1)
-        if eval_it is not None and args.eval_interval and step % args.eval_interval == 0:
-            ev = evaluate(model, eval_it, args.eval_iters)
-            last["eval_loss"] = ev["loss"]
-            logger.log(step, {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"]})
-        stop = args.exit_after_iters is not None and step >= args.exit_after_iters
-        if args.save and (step % args.save_interval == 0 or step == args.train_iters or stop):
-            save(args, model, optimizer, step, train_it, config)
-        if stop:
-            break
-    if eval_it is not None:
-        last["eval"] = evaluate(model, eval_it, args.eval_iters)
-    logger.close()
-    log0(f"done: step {step}, loss {last.get('loss', float('nan')):.4f}")
-    return {"step": step, **last}
+            metrics["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.state.skipped_steps:
+            metrics["skipped_steps"] = self.state.skipped_steps
+        return metrics
+
+    def checkpoint_or_stop(self) -> bool:
+        """The one place per step that decides to save (every --save-interval steps, at the
+        last step, when stopping) and to stop (--train-iters, --exit-after-iters). Saves;
+        returns whether to stop."""
+        args, step = self.args, self.state.step
+        stop = step >= args.train_iters or (args.exit_after_iters is not None
+                                            and step >= args.exit_after_iters)
+        if args.save and (stop or step % args.save_interval == 0):
+            self.checkpointer.save()
+        return stop
+
+    def run(self) -> dict:
+        if self.args.eval_only:
+            return self.evaluate_only()
+        args = self.args
+        logger = MetricsLogger(args, self.config, args.train_iters, self.state.step)
+        last = {}
+        if self.eval_it is not None and self.state.step == 0:  # for before/after comparisons
+            logger.log(0, {"eval_loss": evaluate(self.model, self.eval_it, args.eval_iters)["loss"]})
+        self.model.train()
+        stop = self.state.step >= args.train_iters
+        while not stop:
+            last = self.train_step()
+            step = self.state.step
+            logger.advance()
+            logger.log(step, last, show=step % args.log_interval == 0 or step == 1)
+            if self.eval_it is not None and args.eval_interval and step % args.eval_interval == 0:
+                ev = evaluate(self.model, self.eval_it, args.eval_iters)
+                last["eval_loss"] = ev["loss"]
+                logger.log(step, {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"]})
+            stop = self.checkpoint_or_stop()
+        if self.eval_it is not None:
+            last["eval"] = evaluate(self.model, self.eval_it, args.eval_iters)
+        logger.close()
+        log0(f"done: step {self.state.step}, loss {last.get('loss', float('nan')):.4f}")
+        return {"step": self.state.step, **last}
+
+
+def train(args) -> dict:
+    return Trainer(args).run()
 
 
 def main(argv=None):
