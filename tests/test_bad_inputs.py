@@ -345,6 +345,11 @@ CONVERT_CASES = [
      "characters, not shown>, which is not a complete checkpoint"),
     ("inspect-latest-links-to-environ", ["inspect", "ckpt_environ"], "is a symbolic link out of"),
     ("inspect-step-not-integer", ["inspect", "ckpt_step"], "step is 2.5"),
+    ("load-is-a-file", ["export", "--load", "afile", "--format", "hf-peft", "--out", "o"],
+     "checkpoint afile is a file; pass the run's checkpoint directory"),
+    ("import-hf-is-adapter-checkpoint", ["import", "--peft", "data", "--hf-checkpoint",
+                                         "ckpt/step_00000001", "--out", "o"],
+     "is an adapter checkpoint of this project, not a Hugging Face model"),
 ]
 
 

@@ -240,6 +240,9 @@ def _prune(root: str, keep_last: int | None, keep: str) -> None:
 def resolve_checkpoint_dir(path: str) -> str:
     """A checkpoint root (follow `latest`) or one step directory -> the step directory."""
     path = os.path.expanduser(str(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a file; pass the run's checkpoint directory "
+                              "or a step_* directory in it")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if os.path.isfile(os.path.join(path, CONFIG)):
