@@ -102,16 +102,16 @@ def test_memory_monotonic():
     full, rec = mm.estimate(hf, **kw), mm.estimate(hf, recompute=True, **kw)
     assert rec["train"]["activations"] < full["train"]["activations"]
     assert rec["train_total"] < full["train_total"]
-    shard = {tp: mm.estimate(hf, tp=tp)["train"]["base_weights_bf16"] for tp in (1, 2, 8)}
+    shard = {tp: mm.estimate(hf, tp=tp)["train"]["base_weights"] for tp in (1, 2, 8)}
     assert shard[8] < shard[2] < shard[1]
     assert mm.estimate(hf, **{**kw, "seq": 8192})["train"]["activations"] > full["train"]["activations"]
-    assert mm.estimate(hf, dp=4, distributed_optimizer=True, **kw)["train"]["adamw_states_fp32"] \
-        == full["train"]["adamw_states_fp32"] / 4
+    assert mm.estimate(hf, dp=4, distributed_optimizer=True, **kw)["train"]["adam_states_fp32"] \
+        == full["train"]["adam_states_fp32"] / 4
     # one bf16 adapter per request; KV cache linear in batch
     s1, s2 = (mm.estimate(hf, serve_batch=b, serve_seq=1024, **kw)["serve"] for b in (8, 16))
     assert s2["kv_cache_bf16"] == 2 * s1["kv_cache_bf16"]
     # 8B in bf16 over 8 ranks: ~2 GB of weights per GPU
-    assert 1.9e9 < full["train"]["base_weights_bf16"] < 2.1e9
+    assert 1.9e9 < full["train"]["base_weights"] < 2.1e9
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -125,16 +125,25 @@ def test_recipes_fit(recipe):
 
 
 def test_estimate_memory_json(capsys):
-    _tool("estimate_memory").main(["--config", str(RECIPES[0]), "--serve-batch", "8", "--json"])
+    _tool("estimate_memory").main(["--config", str(ROOT / "examples/recipes/llama3.1-70b_bdlora_a100.yaml"),
+                                   "--serve-batch", "8", "--json"])
     res = json.loads(capsys.readouterr().out)
     assert res["train_fits"] and res["serve_fits"] and res["serve"]["adapters_bf16"] > 0
 
 
 def test_estimate_memory_one_line_errors():
     tool = _tool("estimate_memory")
+    p8 = ["--model-preset", "llama3.1-8b"]
     for argv, msg in ((["--model-preset", "nope"], "unknown model preset"),
-                      (["--tensor-model-parallel-size", "8", "--bd-nblocks", "4"], "does not divide --bd-nblocks 4"),
-                      (["--lora-rank", "12", "--bd-nblocks", "8"], "--lora-rank 12 is not divisible by --bd-nblocks 8")):
+                      ([*p8, "--tensor-model-parallel-size", "8", "--bd-nblocks", "4"],
+                       "does not divide --bd-nblocks 4"),
+                      ([*p8, "--lora-rank", "12", "--bd-nblocks", "8"],
+                       "--lora-rank 12 is not divisible by --bd-nblocks 8"),
+                      ([*p8, "--tensor-model-parallel-size", "0"], "must be >= 1"),
+                      ([*p8, "--seq-length", "-4"], "must be >= 2"),
+                      ([*p8, "--recompute-granularity", "full"], "--recompute-method"),
+                      ([*p8, "--fp16"], "use --bf16"),
+                      (["--data-parallel-size", "2"], "give --model-preset")):
         with pytest.raises(SystemExit) as exc:
             tool.main(argv)
         text = str(exc.value.code)
@@ -150,11 +159,62 @@ def test_recipes_pass_config_validation(recipe):
     from megatron_bdlora.models.presets import get_preset
     from megatron_bdlora.training.arguments import parse_args
 
-    args = parse_args(["--config", str(recipe), "--transformer-impl", "local"], world_size=8)
+    import yaml
+
+    pp = yaml.safe_load(recipe.read_text()).get("pipeline-model-parallel-size", 1)
+    args = parse_args(["--config", str(recipe), "--transformer-impl", "local"], world_size=8 * pp)
     hf = get_preset(recipe.name.split("_")[0])
     assert args.hf_checkpoint.lower().endswith(recipe.name.split("_")[0].replace("llama", "llama-"))
     cfg = adapter_config(args, hf)
     assert cfg.method == "bdlora" and cfg.nblocks % args.tensor_model_parallel_size == 0
+
+
+def _local_params(hf, cfg):
+    """(all parameters, trainable parameters) of this rank's model as the trainer builds it:
+    adapters applied (the base frozen), or every weight trained (--adapter none)."""
+    from megatron_bdlora.adapters import apply_adapters
+    from megatron_bdlora.models.llama import build_model
+    from megatron_bdlora.parallel import tp_rank_size
+
+    model = build_model(hf, tp=tp_rank_size()[1])
+    if cfg is not None:
+        apply_adapters(model, cfg)
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def test_memory_estimate_counts_the_built_model():
+    """The estimator's adapter and full fine-tuning figures are the parameter counts of the model
+    the trainer builds (TP=2 shards: BD and S-LoRA adapters; all weights for --adapter none),
+    times the bytes per parameter the engine keeps (fp32 grads, fp32 main params with bf16, Adam,
+    the distributed optimizer's DP sharding); the PP stages split the same count."""
+    from megatron_bdlora.adapters.config import AdapterConfig
+    from tests.dist_utils import run_distributed
+
+    hf = get_preset("tiny")
+    configs = {"bd": AdapterConfig(method="bdlora", rank=4, nblocks=2),
+               "slora": AdapterConfig(method="lora", rank=4, sharding="slora"), "none": None}
+    for name, cfg in configs.items():
+        counts = run_distributed(_local_params, 2, 2, hf, cfg)
+        assert counts[0] == counts[1]
+        total, trainable = counts[0]
+        assert mm.base_weight_params(hf, 2) + mm.adapter_local_params(hf, cfg, 2) == total, name
+        est = mm.estimate(hf, tp=2, seq=16, adapter=cfg, bf16=True)
+        assert est["trainable_params_per_gpu"] == trainable, name
+        t = est["train"]
+        assert t["grads_fp32"] == 4 * trainable and t["adam_states_fp32"] == 8 * trainable
+        if cfg is None:  # bf16 weights + fp32 main copies; Megatron-LM's 6 + 12/DP bytes
+            assert t["base_weights"] + t["main_params_fp32"] == 6 * trainable
+            dist = mm.estimate(hf, tp=2, dp=4, seq=16, bf16=True, distributed_optimizer=True)
+            assert sum(dist["train"][k] for k in ("base_weights", "grads_fp32", "main_params_fp32",
+                                                  "adam_states_fp32")) == (6 + 12 / 4) * trainable
+            fp32 = mm.estimate(hf, tp=2, seq=16, bf16=False)["train"]
+            assert fp32["main_params_fp32"] == 0 and fp32["base_weights"] == 4 * trainable
+        else:
+            assert t["adapter_weights_fp32"] == 4 * trainable and t["main_params_fp32"] == 0
+    # PP=2: the stages hold the layers once between them, the embedding and LM head once each
+    stages = mm.stage_base_params(hf, 2, pp=2)
+    assert stages["first"] + stages["last"] == mm.base_weight_params(hf, 2)
 
 
 def test_scripts_run(tmp_path):

@@ -28,6 +28,7 @@ PRESETS = {
     "llama3.2-3b": _llama(3072, 8192, 28, 24, 32.0, True),
     "llama3.1-8b": _llama(4096, 14336, 32, 32, 8.0, False),
     "llama3.1-70b": _llama(8192, 28672, 80, 64, 8.0, False),
+    "llama3.1-405b": _llama(16384, 53248, 126, 128, 8.0, False),
 }
 
 

@@ -136,9 +136,17 @@ def _yaml_argv(path: str, parser) -> list:
 
 def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:
     """Flags (+ YAML) -> checked namespace. `world_size` defaults to $WORLD_SIZE (or 1)."""
+    args = parse_flags(build_parser(), argv)
+    validate(args, int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size)
+    return args
+
+
+def parse_flags(parser, argv=None) -> argparse.Namespace:
+    """`parser`'s flags from `argv` and its --config YAML (the command line wins), type-checked;
+    `args.given` lists the flags set (not defaults). No combination checks (`validate`): a tool
+    that extends the trainer's parser (tools/estimate_memory.py) reads its flags with this."""
     import sys
 
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     pre, _ = parser.parse_known_args(argv)
     yaml_argv = _yaml_argv(pre.config, parser) if pre.config else []
@@ -149,7 +157,6 @@ def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:
     probe = parser.parse_args(yaml_argv + argv, argparse.Namespace(
         **{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS}))
     args.given = sorted(k for k, v in vars(probe).items() if v is not unset)
-    validate(args, int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size)
     return args
 
 
@@ -184,9 +191,6 @@ def validate(args, world: int) -> None:
         raise InputError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
     if args.prompt_template is not None and "{prompt}" not in args.prompt_template:
         raise InputError(f"--prompt-template {args.prompt_template!r} has no {{prompt}} placeholder")
-    if args.adapter == "none" and args.bf16:
-        raise InputError("--adapter none --bf16 would train bf16 weights with no fp32 master copy; "
-                         "drop --bf16 for full fine-tuning or train an adapter")
     if args.transformer_impl == "transformer_engine":
         from megatron_bdlora.te.guard import require_te
 
