@@ -221,8 +221,7 @@ def disk_error(e: OSError, directory: str, flag: str) -> CheckpointError | None:
     except OSError:
         free = "free space unknown"
     return CheckpointError(f"cannot write to {directory}: {e.strerror or os.strerror(e.errno)} "
-                           f"({free}); nothing was written - free some space or pass a "
-                           f"writable {flag}")
+                           f"({free}); free some space or pass a writable {flag}")
 
 
 @contextlib.contextmanager
