@@ -39,8 +39,8 @@ $(SERVE_BIN)/.installed: setup.py
 	# The torchvision / torchaudio / torchcodec builds it pulls from PyPI do not load with CPU torch
 	# and break transformers' imports; text models need none of them.
 	$(SERVE_BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec
-	# PEFT (use_bdlora) and pytest: the references and the tests. No megatron-core.
-	$(SERVE_BIN)/pip install --quiet "peft>=0.19" "pytest>=8" "pytest-timeout>=2.3"
+	# PEFT (use_bdlora), pytest, matplotlib: references, tests, the benchmark plot. No megatron-core.
+	$(SERVE_BIN)/pip install --quiet "peft>=0.19" "pytest>=8" "pytest-timeout>=2.3" "matplotlib>=3.8"
 	$(SERVE_BIN)/pip install --quiet --no-deps -e .
 	touch $@
 

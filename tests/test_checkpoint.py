@@ -473,7 +473,7 @@ def test_exports_match_peft(env, tmp_path):
                 if bd:
                     report[(name, "vllm bd/")] = _close(_peft_logits(kv4, os.path.join(out, "bd")),
                                                         ours[name], f"{name} vllm bd/")
-                    assert "--block-diagonal-sharded-loras" in readme and "Stock vLLM refuses `bd/`" in readme
+                    assert "MEGATRON_BDLORA_VLLM=1 vllm serve" in readme
                     assert f"--tensor-parallel-size {kw['nblocks']}" in readme
                 else:
                     assert not os.path.exists(os.path.join(out, "bd"))
