@@ -41,7 +41,11 @@ def _serve(rank, world, port, tasks, results):
 
     # every module imported up front, so that _package_globals sees each one before any call
     for m in pkgutil.walk_packages(megatron_bdlora.__path__, "megatron_bdlora."):
-        importlib.import_module(m.name)
+        try:
+            importlib.import_module(m.name)
+        except ModuleNotFoundError as e:  # a module of an optional extra (serving: vllm)
+            if e.name == m.name:
+                raise
     parent = os.getppid()
     while True:
         try:

@@ -100,7 +100,8 @@ def test_clipped_grads_match_tp1(results, name, sp):
         assert grads.keys() == ref.keys()
         for k, g in ref.items():
             assert g.abs().max() > 0, k
-            assert (grads[k] - g).abs().max() <= 1e-5 * g.abs().max(), k
+            # 2e-5: the engine scales the summed-loss gradients by 1/tokens after the reduce
+            assert (grads[k] - g).abs().max() <= 2e-5 * g.abs().max(), k
 
 
 def test_base_export_gathers_every_shard(results):

@@ -188,18 +188,6 @@ def test_more_local_ranks_than_gpus(monkeypatch):
     assert "\n" not in str(e.value)
 
 
-def test_full_finetune_bf16_refused(tmp_path):
-    from megatron_bdlora.errors import InputError
-    from megatron_bdlora.training.arguments import parse_args
-
-    data = tmp_path / "d.jsonl"
-    data.touch()
-    flags = ["--model-preset", "tiny", "--adapter", "none", "--data-path", data]
-    parse_args(flags, world_size=1)
-    with pytest.raises(InputError, match="no fp32 master copy"):
-        parse_args([*flags, "--bf16"], world_size=1)
-
-
 COLLECTIVE = """
 import torch, torch.distributed as dist
 from megatron_bdlora.launch.rank import run_rank
@@ -236,7 +224,8 @@ def test_gpu_smoke_cpu_mode(tmp_path):
     result = json.loads((tmp_path / "gpu_smoke.json").read_text())
     stages = {s["stage"]: s for s in result["stages"]}
     status = {name: s["status"] for name, s in stages.items()}
-    passing = ("install", "nccl", "train", "resume", "eval", "export", "sdpa", "cpu_ckpt", "vs_peft")
+    passing = ("install", "nccl", "train", "resume", "engine", "eval", "export", "sdpa", "cpu_ckpt",
+               "vs_peft")
     assert status == {**{s: "PASS" for s in passing}, "te": "SKIP", "memory": "SKIP"}, status
     assert re.search(r"\b[1-9]\d* adapter tensors bit-exact", (tmp_path / "resume.log").read_text())
     assert "PASS cpu_ckpt: saved on cpu, resumed on cpu, tracker restored" in proc.stdout

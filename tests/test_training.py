@@ -125,6 +125,30 @@ def test_eval_only(work, resume_runs, launch):
     assert result["tokens"] > 0 and 0 < result["loss"] < 20
 
 
+# ---- full fine-tuning resumes ---------------------------------------------------------------
+def test_full_finetune_save_load_continues(work, launch):
+    """--adapter none --save F --load F: a second run continues from the first one's step (the
+    fixture's base run, TP=1, copied to F) at TP=2 with --bf16; SAVE/hf then holds the fp32 main
+    weights (not bf16-rounded)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(work / "base_run" / "hf", work / "full_ft" / "hf")
+    r = launch(["--tensor-model-parallel-size", 2, "--model-preset", "tiny", "--tokenizer",
+                "data/tokenizer", "--adapter", "none", "--bf16", "--data-path", "data/pretrain.jsonl",
+                "--pack-sequences", "--seq-length", 64, "--micro-batch-size", 16, "--train-iters", 32,
+                "--lr", 3e-3, "--log-interval", 1, "--save", "full_ft", "--load", "full_ft"], work, 2)
+    assert "resumed from" in r.stdout and "at step 30" in r.stdout, r.stdout
+    logged = {x["step"]: x["loss"] for x in metrics(work / "full_ft") if "loss" in x}
+    assert sorted(logged) == [31, 32], logged
+    first = [x["loss"] for x in metrics(work / "base_run") if "loss" in x]
+    assert logged[32] < first[0] - 1, (logged, first)  # it went on from the trained model
+    weights = load_file(str(work / "full_ft" / "hf" / "model.safetensors"))
+    w = weights["model.layers.0.mlp.down_proj.weight"]
+    assert w.dtype == torch.float32 and not torch.equal(w.bfloat16().float(), w)
+
+
 # ---- config + wandb ---------------------------------------------------------------------------
 def test_yaml_config_cli_override_and_wandb_offline(work, launch):
     cfg = work / "run.yaml"

@@ -79,8 +79,9 @@ def base_param_names(model) -> dict:
     return out
 
 
-def load_base_weights(model, read, hf: dict) -> None:
-    """Fill every base parameter of a (possibly adapter-wrapped) GPTModel from HF slices."""
+def load_base_weights(model, read, hf: dict, tensor_of=lambda p: p) -> None:
+    """Fill every base parameter of a (possibly adapter-wrapped) GPTModel from HF slices
+    (`tensor_of(p)`: where parameter p's slice goes, e.g. its Adam moment)."""
     from megatron.core import parallel_state as ps
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
@@ -93,7 +94,8 @@ def load_base_weights(model, read, hf: dict) -> None:
             if tuple(t.shape) != tuple(p.shape):
                 raise ValueError(f"{name}: Hugging Face slice has shape {tuple(t.shape)}, the model "
                                  f"expects {tuple(p.shape)}; does config.json match the weights?")
-            p.copy_(t.to(p.dtype))
+            dest = tensor_of(p)
+            dest.copy_(t.to(dest.dtype))
 
 
 def tensor_reader(state_dict: dict):
@@ -110,8 +112,9 @@ def tensor_reader(state_dict: dict):
     return read
 
 
-def hf_state_from_model(model, hf: dict) -> dict:
-    """The full HF Llama state dict of a GPTModel's base weights (collective over TP).
+def hf_state_from_model(model, hf: dict, tensor_of=lambda p: p) -> dict:
+    """The full HF Llama state dict of a GPTModel's base weights (collective over TP); with
+    `tensor_of`, of a tensor shaped like each weight instead (e.g. its Adam moment).
 
     The inverse of `local_shard`: each TP shard is gathered and un-interleaved, so a base trained
     with `--adapter none` at any TP is saved as an ordinary HF checkpoint."""
@@ -133,7 +136,8 @@ def hf_state_from_model(model, hf: dict) -> dict:
 
     out = {}
     for name, p in base_param_names(model).items():
-        parts = shards(p) if getattr(p, "tensor_model_parallel", False) else [p.detach().float()]
+        t = tensor_of(p)
+        parts = shards(t) if getattr(p, "tensor_model_parallel", False) else [t.detach().float()]
         if name == "embedding.word_embeddings.weight":
             out["model.embed_tokens.weight"] = torch.cat(parts)[: hf["vocab_size"]]
         elif name == "output_layer.weight":

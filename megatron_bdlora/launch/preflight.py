@@ -10,7 +10,7 @@ import json
 import os
 from types import SimpleNamespace
 
-from megatron_bdlora.errors import InputError
+from megatron_bdlora.errors import CheckpointError, InputError
 
 JSON_LINES = (".jsonl", ".json")
 
@@ -18,8 +18,10 @@ JSON_LINES = (".jsonl", ".json")
 def _has_checkpoint(path: str) -> bool:
     from megatron_bdlora.checkpoint.adapter_checkpoint import CONFIG, LATEST, list_checkpoints
 
+    from megatron_bdlora.training.checkpointing import full_checkpoint_dir
+
     return any(os.path.exists(os.path.join(path, f)) for f in (CONFIG, LATEST)) or \
-        bool(list_checkpoints(path))
+        bool(list_checkpoints(path)) or full_checkpoint_dir(path) is not None
 
 
 def _take_checkpoint_adapter(args, ckpt) -> None:
@@ -71,6 +73,13 @@ def resolve_checkpoint_flags(args, say=None) -> None:
         adapter_flag_defaults(args)  # validate left them to here
     if not args.load:
         return
+    if args.adapter == "none" and not args.eval_only:  # the whole model (training/checkpointing)
+        from megatron_bdlora.training.checkpointing import full_checkpoint_dir
+
+        if full_checkpoint_dir(args.load) is None:
+            raise CheckpointError(f"--load {args.load} holds no --adapter none checkpoint (hf/ "
+                                  "with trainer_state.json); pass the --save dir of such a run")
+        return
     ckpt = AdapterCheckpoint(args.load)  # one-line CheckpointError when missing or incomplete
     _take_checkpoint_adapter(args, ckpt)
     adapter_flag_defaults(args)
@@ -106,7 +115,7 @@ def _check_adapter(args, hf: dict) -> None:
     # The ranks build (and check) this same adapter; --eval-only (which needs --load) takes the
     # checkpoint's, checked by check_compatible.
     cfg = None if args.eval_only else adapter_config(args, hf)
-    if args.load:
+    if args.load and (args.adapter != "none" or args.eval_only):
         ckpt = AdapterCheckpoint(args.load)
         check_compatible(ckpt, SimpleNamespace(hf_config=hf, adapter_config=cfg),
                          args.tensor_model_parallel_size)

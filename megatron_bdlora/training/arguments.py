@@ -207,6 +207,10 @@ def validate(args, world: int) -> None:
                          f"does not divide the world size {world}; launch a multiple of {tp * pp} "
                          "processes")
     dp = world // (tp * pp)
+    if pp > 1 or args.num_layers_per_virtual_pipeline_stage:  # the trainer builds one stage
+        raise InputError("pipeline parallelism (--pipeline-model-parallel-size > 1, "
+                         "--num-layers-per-virtual-pipeline-stage) is not implemented in the "
+                         "trainer yet; train with TP x DP (tools/estimate_memory.py models PP)")
     if args.sequence_parallel and tp == 1:
         raise InputError("--sequence-parallel splits activations over TP ranks: it needs "
                          "--tensor-model-parallel-size > 1")

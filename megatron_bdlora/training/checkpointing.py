@@ -1,11 +1,14 @@
 """CheckpointManager: the one place that saves and loads a run's stateful parts (torchtitan's
-CheckpointManager is the model): the adapter, the optimizer's Adam moments, the LR scheduler,
-the data position, the RNG and the train state (step, skipped steps).
+CheckpointManager is the model): the adapter (or, --adapter none, the whole model), the
+optimizer's Adam moments, the LR scheduler, the data position, the RNG and the train state
+(step, skipped steps).
 
-Everything is saved TP-independently (checkpoint/adapter_checkpoint.py's format): the adapter
-and the Adam moments as global tensors in the adapter's layout, never per-rank shards, also
-with the distributed optimizer (its DP shards are put together first), so a run resumes at any
-TP (and DP) size the adapter allows.
+Everything is saved TP-independently, never as per-rank shards, also with the distributed
+optimizer (its DP shards are put together first), so a run resumes at any TP (and DP) size:
+an adapter run in checkpoint/adapter_checkpoint.py's format (the adapter and the Adam moments
+as global tensors in the adapter's layout); --adapter none in SAVE/hf, an ordinary Hugging Face
+checkpoint of the fp32 main weights with the Adam moments (in HF names) and the trainer's state
+beside them, written atomically.
 """
 
 import os
@@ -55,52 +58,140 @@ def _main_params(optimizer) -> dict:
     return out
 
 
-def global_optimizer_state(model, optimizer) -> tuple[dict, dict]:
-    """Adam moments as global tensors in the TP-independent adapter layout, and their step
-    count. Collective: over DP (the distributed optimizer's shards) and TP (the adapter gather)."""
+def _gather_full(model, optimizer, keys) -> tuple[dict, int]:
+    """({key: {trainable parameter: its whole tensor on this TP rank, fp32}}, Adam's step count)
+    for keys "param" (the fp32 main parameter) and the Adam moments. Collective over DP with
+    the distributed optimizer (its disjoint shards summed together)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_bdlora.adapters import global_adapter_state
+    from megatron_bdlora.parallel.distributed import all_reduce_flat
 
     parts = _main_params(optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
-    full = {m: {p: torch.zeros(p.numel(), dtype=torch.float32, device=p.device) for p in params}
-            for m in MOMENTS}
+    full = {k: {p: torch.zeros(p.numel(), dtype=torch.float32, device=p.device) for p in params}
+            for k in keys}
     step = torch.zeros(1, dtype=torch.float64)
     for p, (opt, main, span) in parts.items():
-        state = opt.state.get(main, {})
-        if "step" not in state:  # no update yet (a first step skipped): zero moments
-            continue
-        step[0] = max(float(step[0]), float(state["step"]))
-        for m in MOMENTS:
-            start, end = span or (0, p.numel())
-            full[m][p][start:end] = state[m].reshape(-1).float()
+        start, end = span or (0, p.numel())
+        state = opt.state.get(main, {})  # empty before the first update: zero moments
+        if "step" in state:
+            step[0] = max(float(step[0]), float(state["step"]))
+        for k in keys:
+            src = main if k == "param" else state.get(k)
+            if src is not None:
+                full[k][p][start:end] = src.detach().reshape(-1).float()
     if any(span is not None for _, _, span in parts.values()):
-        from megatron_bdlora.parallel.distributed import all_reduce_flat
-
         group = ps.get_data_parallel_group()
-        all_reduce_flat([full[m][p] for m in MOMENTS for p in params], group)  # disjoint shards
+        all_reduce_flat([full[k][p] for k in keys for p in params], group)
         dist.all_reduce(step, op=dist.ReduceOp.MAX, group=group)
+    return {k: {p: t.view(p.shape) for p, t in v.items()} for k, v in full.items()}, int(step[0])
+
+
+def _set_full(optimizer, local: dict, step: int) -> None:
+    """The inverse of _gather_full: `local` {key: {parameter: whole tensor on this TP rank}}."""
+    for p, (opt, main, span) in _main_params(optimizer).items():
+        def piece(t):
+            t = t.to(device=main.device, dtype=main.dtype)
+            return (t.reshape(-1)[span[0]:span[1]] if span else t.reshape(main.shape)).clone()
+
+        if "param" in local:
+            with torch.no_grad():
+                main.copy_(piece(local["param"][p]))
+        opt.state[main] = {"step": torch.tensor(float(step)),
+                           **{m: piece(local[m][p]) for m in MOMENTS}}
+
+
+def global_optimizer_state(model, optimizer) -> tuple[dict, dict]:
+    """Adam moments as global tensors in the TP-independent adapter layout, and their step
+    count. Collective: over DP (the distributed optimizer's shards) and TP (the adapter gather)."""
+    from megatron_bdlora.adapters import global_adapter_state
+
+    full, step = _gather_full(model, optimizer, MOMENTS)
     tensors = {}
     for m in MOMENTS:
-        state = global_adapter_state(model, lambda p: full[m][p].view(p.shape))
+        state = global_adapter_state(model, lambda p: full[m][p])
         tensors.update({f"{m}/{k}": v for k, v in state.items()})
-    return tensors, {"step": int(step[0])}
+    return tensors, {"step": step}
 
 
 def load_optimizer_state(model, optimizer, tensors: dict, meta: dict) -> None:
     """Set the Adam moments from global ones (any TP, DP, distributed optimizer or not)."""
     from megatron_bdlora.adapters import local_shards
 
-    per_moment = {m: local_shards(model, {k.split("/", 1)[1]: v for k, v in tensors.items()
-                                          if k.startswith(m + "/")}) for m in MOMENTS}
-    for p, (opt, main, span) in _main_params(optimizer).items():
-        def piece(t):
-            t = t.to(device=main.device, dtype=main.dtype)
-            return (t.reshape(-1)[span[0]:span[1]] if span else t.reshape(main.shape)).clone()
+    local = {m: local_shards(model, {k.split("/", 1)[1]: v for k, v in tensors.items()
+                                     if k.startswith(m + "/")}) for m in MOMENTS}
+    _set_full(optimizer, local, meta["step"])
 
-        opt.state[main] = {"step": torch.tensor(float(meta["step"])),
-                           **{m: piece(per_moment[m][p]) for m in MOMENTS}}
+
+# ---- --adapter none: the whole model, its fp32 main weights and Adam moments in HF names --------
+FULL_DIR = "hf"  # SAVE/hf: a Hugging Face checkpoint that also holds the trainer's state
+
+
+def full_checkpoint_dir(path: str) -> str | None:
+    """The resumable full fine-tuning checkpoint in `path` (a --save dir or its hf/), or None."""
+    from megatron_bdlora.checkpoint.adapter_checkpoint import TRAINER_STATE
+
+    for d in (os.path.join(path, FULL_DIR), path):
+        if os.path.isfile(os.path.join(d, TRAINER_STATE)) and \
+                os.path.isfile(os.path.join(d, "config.json")):
+            return d
+    return None
+
+
+def _save_full(model, optimizer, out_dir: str, extra: dict, tokenizer) -> None:
+    """SAVE/hf: the fp32 main weights as an ordinary HF checkpoint (TP-independent, atomic),
+    with the Adam moments in HF names and the trainer's state beside them."""
+    from megatron_bdlora.checkpoint.adapter_checkpoint import (OPTIMIZER, OPTIMIZER_META,
+                                                               TRAINER_STATE, TRAINER_TENSORS,
+                                                               _split_state)
+    from megatron_bdlora.checkpoint.files import write_json, write_tensors
+    from megatron_bdlora.checkpoint.hf_base import save_hf_base
+    from megatron_bdlora.checkpoint.hf_mapping import hf_state_from_model
+
+    full, step = _gather_full(model, optimizer, ("param",) + MOMENTS)
+    moments = {f"{m}/{k}": v for m in MOMENTS
+               for k, v in hf_state_from_model(model, model.hf_config, full[m].__getitem__).items()}
+
+    def write_state(tmp):
+        state_tensors = {}
+        state = _split_state(extra, "", state_tensors)
+        write_tensors(os.path.join(tmp, TRAINER_TENSORS), state_tensors)
+        write_json(os.path.join(tmp, TRAINER_STATE), state)
+        write_tensors(os.path.join(tmp, OPTIMIZER), moments)
+        write_json(os.path.join(tmp, OPTIMIZER_META), {"step": step})
+
+    save_hf_base(model, out_dir, tokenizer=tokenizer, tensor_of=full["param"].__getitem__,
+                 write_extra=write_state)
+
+
+def _load_full(model, optimizer, ckpt_dir: str) -> dict:
+    """Weights, fp32 main weights and Adam moments from `_save_full`'s directory at this TP;
+    returns the trainer's state."""
+    from safetensors.torch import load_file
+
+    from megatron_bdlora.checkpoint.adapter_checkpoint import (OPTIMIZER, OPTIMIZER_META,
+                                                               TRAINER_STATE, TRAINER_TENSORS,
+                                                               _join_state)
+    from megatron_bdlora.checkpoint.files import read_json
+    from megatron_bdlora.checkpoint.hf_import import SafetensorsCheckpoint
+    from megatron_bdlora.checkpoint.hf_mapping import load_base_weights, tensor_reader
+
+    hf = model.hf_config
+    params = [p for p in model.parameters() if p.requires_grad]
+    local = {k: {p: torch.empty(p.shape, dtype=torch.float32) for p in params}
+             for k in ("param",) + MOMENTS}
+    fix = "it is not a complete --adapter none checkpoint; save it again"
+    with SafetensorsCheckpoint(ckpt_dir) as weights:
+        load_base_weights(model, weights.read, hf)
+        load_base_weights(model, weights.read, hf, local["param"].__getitem__)
+    moments = load_file(os.path.join(ckpt_dir, OPTIMIZER))
+    for m in MOMENTS:
+        read = tensor_reader({k.split("/", 1)[1]: v for k, v in moments.items()
+                              if k.startswith(m + "/")})
+        load_base_weights(model, read, hf, local[m].__getitem__)
+    _set_full(optimizer, local, read_json(os.path.join(ckpt_dir, OPTIMIZER_META), fix)["step"])
+    return _join_state(read_json(os.path.join(ckpt_dir, TRAINER_STATE), fix),
+                       load_file(os.path.join(ckpt_dir, TRAINER_TENSORS)))
 
 
 class CheckpointManager:
@@ -112,24 +203,25 @@ class CheckpointManager:
         self.run_config = run_config
         self.say = say
 
+    def _extra(self) -> dict:
+        return {**self.train_state.state_dict(), "data": self.data.state_dict(),
+                "rng": rng_state.capture(), "scheduler": self.engine.scheduler.state_dict()}
+
     def save(self) -> str | None:
         """Save at the current step into --save (collective: every rank calls it). --adapter
-        none: the full model as a Hugging Face checkpoint in SAVE/hf."""
+        none: the whole model and its state in SAVE/hf (a Hugging Face checkpoint)."""
         model, step = self.engine.model, self.train_state.step
         if getattr(model, "adapter_config", None) is None:
-            from megatron_bdlora.checkpoint.hf_base import save_hf_base
-
-            save_hf_base(model, os.path.join(self.args.save, "hf"),
-                         tokenizer=self.run_config.get("tokenizer_path"))
-            return None
+            out = os.path.join(self.args.save, FULL_DIR)
+            _save_full(model, self.engine.optimizer, out, self._extra(),
+                       self.run_config.get("tokenizer_path"))
+            return out
         from megatron_bdlora.checkpoint.adapter_checkpoint import save_checkpoint
 
         tensors, meta = global_optimizer_state(model, self.engine.optimizer)
-        extra = {**self.train_state.state_dict(), "data": self.data.state_dict(),
-                 "rng": rng_state.capture(), "scheduler": self.engine.scheduler.state_dict()}
-        return save_checkpoint(self.args.save, model, extra_state=extra, run_config=self.run_config,
-                               step=step, optimizer_tensors=tensors, optimizer_meta=meta,
-                               keep_last=self.args.keep_last)
+        return save_checkpoint(self.args.save, model, extra_state=self._extra(),
+                               run_config=self.run_config, step=step, optimizer_tensors=tensors,
+                               optimizer_meta=meta, keep_last=self.args.keep_last)
 
     def load(self, path: str) -> None:
         """Resume from `path` (--load): every part a training checkpoint holds; an imported
@@ -137,20 +229,30 @@ class CheckpointManager:
         from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint
 
         engine = self.engine
-        state = load_checkpoint(path, engine.model)
-        engine.optimizer.reload_model_params()  # main parameters from the loaded weights
-        if state.optimizer_tensors is not None:
-            load_optimizer_state(engine.model, engine.optimizer, state.optimizer_tensors,
-                                 state.optimizer_meta)
-        extra = state.extra_state or {}
-        if "data" not in extra:
-            self.say(f"starting from the adapter in {state.dir} (no data position or RNG state)")
-            return
-        self.train_state.load_state_dict({"step": state.step, **extra})
+        if getattr(engine.model, "adapter_config", None) is None:
+            where = full_checkpoint_dir(path)
+            if where is None:
+                from megatron_bdlora.errors import CheckpointError
+
+                raise CheckpointError(f"{path} holds no --adapter none checkpoint (hf/ with "
+                                      "trainer_state.json); pass the --save dir of such a run")
+            extra, step = _load_full(engine.model, engine.optimizer, where), None
+        else:
+            state = load_checkpoint(path, engine.model)
+            engine.optimizer.reload_model_params()  # main parameters from the loaded weights
+            if state.optimizer_tensors is not None:
+                load_optimizer_state(engine.model, engine.optimizer, state.optimizer_tensors,
+                                     state.optimizer_meta)
+            extra, step, where = state.extra_state or {}, state.step, state.dir
+            if "data" not in extra:
+                self.say(f"starting from the adapter in {where} (no data position or RNG state)")
+                return
+        self.train_state.load_state_dict({"step": step, **extra} if step is not None else extra)
+        step = self.train_state.step
         if "scheduler" in extra:
             engine.scheduler.load_state_dict(extra["scheduler"])
         else:  # a checkpoint from before the engine: the schedule follows the step
-            engine.scheduler.step(increment=state.step)
+            engine.scheduler.step(increment=step)
         self.data.load_state_dict(extra["data"])
-        rng_state.restore(extra["rng"], seed=self.args.seed + state.step, say=self.say)
-        self.say(f"resumed from {state.dir} at step {state.step}")
+        rng_state.restore(extra["rng"], seed=self.args.seed + step, say=self.say)
+        self.say(f"resumed from {where} at step {step}")
