@@ -235,7 +235,7 @@ def check_hf_checkpoint(name_or_path: str) -> tuple[str, dict]:
 
 
 def load_hf_llama(model_dir_or_hub_name: str, tp: int | None = None, dtype: torch.dtype = torch.float32,
-                  recompute: bool = False, attention_backend: str = "sdpa",
+                  recompute: bool | dict = False, attention_backend: str = "sdpa",
                   sequence_parallel: bool = False, transformer_impl: str = "local"):
     """Build this rank's GPTModel shard for a HF Llama checkpoint and load its weights.
 

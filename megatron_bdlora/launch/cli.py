@@ -10,18 +10,19 @@ file is one line, status 2, before any rank starts; an error inside a rank is th
 line (status 2), without torchrun's failure report; Ctrl-C is one line (step, last checkpoint:
 rank 0 prints it, the agent passes SIGINT on).
 
-Preemption: torchrun's agent passes SIGTERM and SIGUSR1 on to the ranks and waits for them
-(SHUTDOWN_TIMEOUT_S); with --exit-signal-handler (the default) they finish their step, save it
-and exit 75, and so does this launcher: status 75 (errors.EXIT_RESUME) means "saved, rerun the
-same command to resume" -- also after --exit-duration-in-mins / --exit-interval. Without the
-handler a signal kills the ranks: one line (step, last checkpoint) and status 128 + signal.
+Preemption: SIGTERM and SIGUSR1 (Slurm's time limit, scancel, --signal=USR1@T) are passed on
+to the ranks, every time they come, while this launcher keeps waiting; with
+--exit-signal-handler (the default) the ranks finish their step, save it and exit 75, and so
+does this launcher: status 75 (errors.EXIT_RESUME) means "saved, rerun the same command to
+resume" -- also after --exit-duration-in-mins / --exit-interval. Without the handler a signal
+kills the ranks: one line (step, last checkpoint) and status 128 + signal.
 """
 
+import contextlib
 import logging
 import os
 import signal
 import sys
-import time
 
 from megatron_bdlora.errors import EXIT_DIVERGED, EXIT_INPUT, EXIT_RESUME, InputError
 from megatron_bdlora.parallel.distributed import free_port
@@ -31,11 +32,36 @@ from megatron_bdlora.training.flags import megatron_differences
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENTRY = os.path.join(ROOT, "pretrain_scripts", "finetune_llama.py")
 DEFAULT_PORT = "29500"  # several nodes must agree on the port: Megatron-LM's default
-# Signals the agent passes on to the ranks (torchrun's default set + Slurm's --signal=USR1), and
-# how long it then waits for them to save before SIGKILL (torchrun's default 30 s is too short
-# for a big model's step + save; $TORCH_ELASTIC_SHUTDOWN_TIMEOUT overrides it).
-FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-SHUTDOWN_TIMEOUT_S = 600
+# The ranks save and stop on these (training/exit_conditions.py); this launcher passes them on
+# itself, as often as they come, and keeps waiting for the ranks: torchrun's agent would stop
+# waiting at a second signal (or after 30 s) and the ranks would die mid-save.
+RANK_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _child_pids() -> list:
+    """This process's children: the ranks torchrun's agent (running in this process) started."""
+    me, out = os.getpid(), []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == me:
+                out.append(int(name))
+    return out
+
+
+def _pass_signals_on(received: list) -> None:
+    def forward(signum, frame):
+        received.append(signum)
+        for pid in _child_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for s in RANK_SIGNALS:
+        signal.signal(s, forward)
 
 
 def _launcher_parser():
@@ -54,21 +80,20 @@ def _torchrun(launch, trainer_argv, save) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from megatron_bdlora.launch.rank import interrupted_line, stopped_and_saved
+    from megatron_bdlora.launch.rank import interrupted_line
 
     port = launch.master_port or (free_port() if launch.nnodes == 1 else DEFAULT_PORT)
     parser = get_args_parser()
-    known = {o for a in parser._actions for o in a.option_strings}
-    shutdown = []  # torch < 2.9 has neither flag: its agent passes SIGTERM on, waits 30 s
-    if "--signals-to-handle" in known:
-        shutdown += ["--signals-to-handle", FORWARDED_SIGNALS]
-    if "--shutdown-timeout" in known and not os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
-        shutdown += ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
+    agent_signals = []  # the agent handles the rest (SIGINT: the ranks' Ctrl-C line)
+    received = None  # the signals passed on, when this launcher passes them on
+    if any("--signals-to-handle" in a.option_strings for a in parser._actions):
+        agent_signals = ["--signals-to-handle", "SIGINT,SIGHUP,SIGQUIT"]
+        received = []
+        _pass_signals_on(received)  # else (torch < 2.9) the agent passes SIGTERM on, waits 30 s
     ns = parser.parse_args([
         "--nproc-per-node", str(launch.nproc_per_node), "--nnodes", str(launch.nnodes),
         "--node-rank", str(launch.node_rank), "--master-addr", launch.master_addr,
-        "--master-port", str(port), *shutdown, ENTRY, *trainer_argv])
-    started = time.time()
+        "--master-port", str(port), *agent_signals, ENTRY, *trainer_argv])
     # The ranks print their own errors; torchrun's agent logs and failure report repeat them.
     for name in ["torch.distributed", *logging.root.manager.loggerDict]:
         if name.startswith("torch.distributed"):
@@ -81,15 +106,20 @@ def _torchrun(launch, trainer_argv, save) -> int:
             if any(f.exitcode == status for _, f in failures):
                 return status  # that rank printed the one line
         rank, f = failures[0]
+        if received:  # the ranks died of a signal passed on (--no-exit-signal-handler)
+            print(interrupted_line(save), file=sys.stderr, flush=True)
+            return 128 + received[0]
         how = f"signal {f.signal_name()}" if f.exitcode < 0 else f"status {f.exitcode}"
         print(f"error: rank {rank} exited with {how}; its output is above", file=sys.stderr)
         return 1
     except SignalException as e:
-        if stopped_and_saved(save, since=started):
-            return EXIT_RESUME  # the ranks saved the interrupted step; rank 0 printed the line
         if e.sigval != signal.SIGINT:  # the agent passes SIGINT on: rank 0 prints the line then
             print(interrupted_line(save), file=sys.stderr, flush=True)
         return 128 + int(e.sigval)
+    finally:
+        if received is not None:  # a late signal must not turn the status into 128 + N as
+            for s in RANK_SIGNALS:  # Python restores the default handlers at exit
+                signal.signal(s, signal.SIG_IGN)
     return 0
 
 

@@ -93,20 +93,6 @@ def stopped_line(reason: str, step: int, checkpoint: str | None) -> str:
             f"(--load {os.path.dirname(checkpoint)}) to resume (exit status {EXIT_RESUME})")
 
 
-def stopped_and_saved(save: str | None, since: float) -> bool:
-    """Whether the run in --save stopped early and saved (its last metrics record says so and
-    was written after `since`, a time.time()): the launcher's check after a signal."""
-    path = os.path.join(save, "metrics.jsonl") if save else None
-    try:
-        if os.path.getmtime(path) < since:
-            return False
-        with open(path) as f:
-            last = json.loads([line for line in f if line.strip()][-1])
-    except (OSError, TypeError, ValueError, IndexError):
-        return False
-    return bool(last.get("exit")) and os.path.isdir(str(last.get("checkpoint")))
-
-
 def _in_collective(e: BaseException) -> bool:
     """Raised inside torch.distributed (a collective or barrier), typically as a peer exited."""
     tb = e.__traceback__

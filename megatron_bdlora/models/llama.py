@@ -56,7 +56,8 @@ def rope_inv_freq(hf: dict) -> torch.Tensor:
 
 
 def transformer_config(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32,
-                       recompute: bool = False, init: bool = True, sequence_parallel: bool = False):
+                       recompute: bool | dict = False, init: bool = True,
+                       sequence_parallel: bool = False):
     from megatron.core.transformer import TransformerConfig
 
     if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -66,8 +67,9 @@ def transformer_config(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32
     if sequence_parallel and tp == 1:
         raise ValueError(NEEDS_TP)
     extra = {}
-    if recompute:
-        extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if recompute:  # a dict: Megatron-Core's recompute fields (arguments.recompute_config)
+        extra = dict(recompute) if isinstance(recompute, dict) else dict(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     return TransformerConfig(
         num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
         ffn_hidden_size=hf["intermediate_size"], num_attention_heads=heads,
@@ -92,7 +94,7 @@ def transformer_config(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32
 
 
 def build_model(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32,
-                recompute: bool = False, init: bool = True, attention_backend: str = "sdpa",
+                recompute: bool | dict = False, init: bool = True, attention_backend: str = "sdpa",
                 sequence_parallel: bool = False, transformer_impl: str = "local"):
     """A Megatron-Core GPTModel for a Llama config, this rank's TP shard (local layer spec with
     `attention_backend` core attention: sdpa or Megatron's local DotProductAttention; with

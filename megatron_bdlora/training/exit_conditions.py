@@ -80,11 +80,17 @@ class ExitConditions:
         return None
 
     def close(self) -> None:
-        """Default signal handling again (a signal after training ends kills as usual)."""
+        """The previous signal handlers again (the trainer keeps its handlers until the rank
+        exits; an in-process caller restores its own)."""
         if self.signals is not None:
             self.signals.release()
 
 
-def exit_status(reason: str | None) -> int:
-    """The rank's exit status after stopping for `reason` (None: finished)."""
-    return 0 if reason in (None, AFTER_ITERS) else EXIT_RESUME
+def exit_status(reason: str | None, saved: bool = True) -> int:
+    """The rank's exit status after stopping for `reason` (None: finished): 75 "saved, resume
+    me"; without a checkpoint (no --save) a signal's usual 128 + N, another reason 0."""
+    if reason in (None, AFTER_ITERS):
+        return 0
+    if saved:
+        return EXIT_RESUME
+    return 128 + signal.Signals[reason] if reason in signal.Signals.__members__ else 0

@@ -1,9 +1,11 @@
 """The fine-tuning job: model + adapter + data on Megatron-Core's engine over TP x DP,
 checkpoints, eval, logging."""
 
+import contextlib
 import json
 import os
 import time
+
 import torch
 import torch.distributed as dist
 
@@ -11,10 +13,13 @@ from megatron_bdlora.adapters import apply_adapters
 from megatron_bdlora.adapters.flags import adapter_config
 from megatron_bdlora.errors import InputError
 from megatron_bdlora.parallel import destroy_distributed, init_distributed, is_main_rank
-from megatron_bdlora.training.arguments import parse_args, run_config
+from megatron_bdlora.training.arguments import parse_args, recompute_config, run_config
 from megatron_bdlora.training.checkpointing import CheckpointManager, TrainState
 from megatron_bdlora.training.engine import Engine, attention_mask, device_batch
+from megatron_bdlora.training.exit_conditions import ExitConditions, exit_status
 from megatron_bdlora.training.metrics import MetricsLogger
+from megatron_bdlora.training.throughput import Throughput
+from megatron_bdlora.training.timers import Timers
 
 
 def log0(*a):
@@ -32,8 +37,9 @@ def build(args):
 
     pin_kernel(args.sdpa_backend)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    recompute = recompute_config(args)  # Megatron-LM's recompute flags, its meanings
     if args.hf_checkpoint:
-        model = load_hf_llama(args.hf_checkpoint, dtype=dtype, recompute=args.recompute_activations,
+        model = load_hf_llama(args.hf_checkpoint, dtype=dtype, recompute=recompute,
                               attention_backend=args.attention_backend,
                               sequence_parallel=args.sequence_parallel,
                               transformer_impl=args.transformer_impl)
@@ -41,7 +47,7 @@ def build(args):
     else:
         hf = get_preset(args.model_preset)
         model = build_model(hf, tp=args.tensor_model_parallel_size, dtype=dtype,
-                            recompute=args.recompute_activations,
+                            recompute=recompute,
                             attention_backend=args.attention_backend,
                             sequence_parallel=args.sequence_parallel,
                             transformer_impl=args.transformer_impl)
@@ -51,7 +57,7 @@ def build(args):
     cfg = None if args.eval_only else adapter_config(args, model.hf_config, say=log0)
     if cfg is not None:
         apply_adapters(model, cfg)
-        if args.recompute_activations:
+        if recompute:
             backward_to_embedding(model)
     if torch.cuda.is_available():
         model.cuda()
@@ -123,6 +129,10 @@ class Trainer:
         from megatron_bdlora.data import load_tokenizer
 
         self.args = args
+        # first: a signal while the model loads is recorded too (and acted on after step 1)
+        self.exit = ExitConditions(args)
+        self.timers = Timers(args.timing_log_level)
+        self.stop_reason = self.last_checkpoint = None
         init_distributed(args.tensor_model_parallel_size, seed=args.seed,
                          timeout_minutes=args.distributed_timeout_minutes)
         self.model, tokenizer_path = build(args)
@@ -148,6 +158,10 @@ class Trainer:
         n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log0(f"trainable parameters on rank 0: {n_trainable:,}; "
              f"TP={ps.get_tensor_model_parallel_world_size()} DP={self.dp}")
+        self.throughput = Throughput(
+            self.model.hf_config, getattr(self.model, "adapter_config", None),
+            args.global_batch_size, args.seq_length, dist.get_world_size(), args.bf16,
+        ) if args.log_throughput else None
 
     def evaluate_only(self) -> dict:
         """--eval-only: the checkpoint's adapter (its own config) on the eval records."""
@@ -163,28 +177,41 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step on the next global batch; its metrics."""
         t0 = time.time()
-        batches = [device_batch(next(self.train_it)) for _ in range(self.micro_steps)]
-        r = self.engine.step(batches, self.state.step)
+        with self.timers("data"):
+            batches = [device_batch(next(self.train_it)) for _ in range(self.micro_steps)]
+        r = self.engine.step(batches, self.state.step, phase=self._timed_phase)
         self.state.step += 1
         self.state.skipped_steps += r.skipped
         loss, n_tokens = r.global_loss()  # this step's one host sync for logging
-        metrics = {"loss": loss, "lr": r.lr, "grad_norm": r.grad_norm,
-                   "tokens_per_s": n_tokens / (time.time() - t0)}
+        dt = time.time() - t0
+        metrics = {"loss": loss, "lr": r.lr, "grad_norm": r.grad_norm, "tokens_per_s": n_tokens / dt}
+        if self.throughput is not None:
+            metrics.update(self.throughput.metrics(dt))
+        metrics.update(self.timers.collect())  # --timing-log-level: this step's phases (ms)
         if torch.cuda.is_available():
             metrics["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if self.state.skipped_steps:
             metrics["skipped_steps"] = self.state.skipped_steps
         return metrics
 
+    def _timed_phase(self, name):
+        """The engine's phases as --timing-log-level timers: its "backward" part is the whole
+        forward-backward schedule, "optimizer" the grad norm, clipping and Adam."""
+        timer = {"backward": "forward-backward", "optimizer": "optimizer"}.get(name)
+        return self.timers(timer) if timer else contextlib.nullcontext()
+
     def checkpoint_or_stop(self) -> bool:
         """The one place per step that decides to save (every --save-interval steps, at the
-        last step, when stopping) and to stop (--train-iters, --exit-after-iters). Saves;
-        returns whether to stop."""
+        last step, when stopping) and to stop (--train-iters, or an exit condition: a signal,
+        --exit-duration-in-mins, --exit-interval, --exit-after-iters; training/exit_conditions.py,
+        the same answer on every rank). Saves; returns whether to stop."""
         args, step = self.args, self.state.step
-        stop = step >= args.train_iters or (args.exit_after_iters is not None
-                                            and step >= args.exit_after_iters)
+        reason = self.exit.should_stop(step) if step < args.train_iters else None
+        stop = step >= args.train_iters or reason is not None
         if args.save and (stop or step % args.save_interval == 0):
-            self.checkpointer.save()
+            with self.timers("save"):
+                self.last_checkpoint = self.checkpointer.save()
+        self.stop_reason = reason
         return stop
 
     def run(self) -> dict:
@@ -207,11 +234,26 @@ class Trainer:
                 last["eval_loss"] = ev["loss"]
                 logger.log(step, {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"]})
             stop = self.checkpoint_or_stop()
+        # the signal handler stays until the rank exits: a late signal (the launcher's or Slurm's
+        # second one) during the final save or teardown changes nothing
+        if self.stop_reason is not None:  # stopped early: the step is saved (with --save)
+            return self._stopped(logger, last)
         if self.eval_it is not None:
             last["eval"] = evaluate(self.model, self.eval_it, args.eval_iters)
         logger.close()
         log0(f"done: step {self.state.step}, loss {last.get('loss', float('nan')):.4f}")
         return {"step": self.state.step, **last}
+
+    def _stopped(self, logger, last: dict) -> dict:
+        """The record, the line and the exit status of a run that stopped before --train-iters
+        (the launcher reads the record: launch/rank.stopped_and_saved)."""
+        from megatron_bdlora.launch.rank import stopped_line
+
+        step, reason, saved = self.state.step, self.stop_reason, bool(self.args.save)
+        logger.log(step, {"exit": reason, "checkpoint": self.last_checkpoint}, show=False)
+        logger.close()
+        log0(stopped_line(reason, step, self.last_checkpoint if saved else None))
+        return {"step": step, **last, "exit": reason, "exit_status": exit_status(reason, saved)}
 
 
 def train(args) -> dict:
