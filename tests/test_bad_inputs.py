@@ -137,6 +137,7 @@ def _write_hostile_files(d):
     damaged("ckpt_step", edit_config(step=2.5))
     damaged("ckpt_version", edit_config(format_version="1"))
     damaged("ckpt_manifest", edit_config(files=["../../bad.parquet", "adapter.safetensors"]))
+    damaged("ckpt_files_kind", edit_config(files="adapter.safetensors"))
     damaged("ckpt_environ", relink_latest)
     damaged("ckpt_envcopy", lambda root, step: (root / "latest").write_text(
         "WANDB_API_KEY=sekrit-key-1234\0HOME=/root\0"))
@@ -345,6 +346,8 @@ CONVERT_CASES = [
      "characters, not shown>, which is not a complete checkpoint"),
     ("inspect-latest-links-to-environ", ["inspect", "ckpt_environ"], "is a symbolic link out of"),
     ("inspect-step-not-integer", ["inspect", "ckpt_step"], "step is 2.5"),
+    ("inspect-manifest-not-a-list", ["inspect", "ckpt_files_kind"],
+     "'files' is a JSON str, not the expected kind"),
     ("load-is-a-file", ["export", "--load", "afile", "--format", "hf-peft", "--out", "o"],
      "checkpoint afile is a file; pass the run's checkpoint directory"),
     ("import-hf-is-adapter-checkpoint", ["import", "--peft", "data", "--hf-checkpoint",

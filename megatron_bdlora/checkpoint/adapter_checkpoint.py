@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_bdlora.adapters.layout import check, check_tensors
+from megatron_bdlora.adapters.strategies import strategy_of
 from megatron_bdlora.checkpoint.files import (
     atomic_dir, disk_error, excerpt, inside, read_json, whole_number, write_atomic_text,
     write_json, write_tensors,
@@ -271,6 +272,8 @@ def resolve_checkpoint_dir(path: str) -> str:
 
 _CORRUPT = "the checkpoint is corrupt or hand-edited: use an earlier step_* directory"
 MAX_STEP = 2**53  # a step count JSON carries exactly
+_CONFIG_TYPES = {"files": list, "adapter": (dict, type(None)), "base_model": dict,
+                 "run_config": dict, "adapter_tensors": dict}
 
 
 def read_config(ckpt_dir: str) -> dict:
@@ -287,12 +290,10 @@ def read_config(ckpt_dir: str) -> dict:
         raise CheckpointError(f"{path} has format version {version}, newer than this "
                               f"code reads ({FORMAT_VERSION}); upgrade megatron-bdlora")
     cfg["step"] = whole_number(cfg.get("step", 0), f"{path}: step", MAX_STEP, _CORRUPT, minimum=0)
-    if not isinstance(cfg.get("files", []), list) or not isinstance(cfg.get("adapter"), dict) \
-            or not isinstance(cfg.get("base_model", {}), dict) \
-            or not isinstance(cfg.get("run_config", {}), dict) \
-            or not isinstance(cfg.get("adapter_tensors", {}), dict):
-        raise CheckpointError(f"{path}: 'files', 'adapter', 'base_model', 'run_config' or "
-                              f"'adapter_tensors' has the wrong type; {_CORRUPT}")
+    wrong = [k for k, kind in _CONFIG_TYPES.items() if k in cfg and not isinstance(cfg[k], kind)]
+    if wrong:
+        raise CheckpointError(f"{path}: {wrong[0]!r} is a JSON {type(cfg[wrong[0]]).__name__}, "
+                              f"not the expected kind; {_CORRUPT}")
     base = cfg.get("base_model", {}).get("config")
     if base:
         if not isinstance(base, dict):
@@ -380,8 +381,10 @@ class AdapterCheckpoint:
 def loadable_config(cfg, tp: int):
     """The adapter config a checkpoint loads with at this TP: an S-LoRA adapter whose rank TP does
     not divide runs 'replicated' (the global factors of plain LoRA do not depend on the sharding)."""
-    if cfg.strategy == "slora" and cfg.rank % tp:
-        return type(cfg).from_dict({**cfg.to_dict(), "sharding": "replicated"})
+    strategy = strategy_of(cfg)
+    loads_as = strategy.load_as(cfg, tp)
+    if loads_as is not strategy:
+        return type(cfg).from_dict({**cfg.to_dict(), **loads_as.config_fields()})
     return cfg
 
 
@@ -403,9 +406,8 @@ def check_compatible(ckpt: AdapterCheckpoint, model, tp: int) -> None:
             raise CheckpointError(f"{where} holds an adapter that does not fit here: {e}") from None
     else:
         mine, theirs = have.to_dict(), cfg.to_dict()
-        keys = ["method", "rank", "layout", "alpha", "rslora"]
-        if cfg.method == "bdlora":
-            keys.append("nblocks")
+        keys = [k for k in ("method", "rank", "layout", "alpha", "rslora", "nblocks")
+                if k not in strategy_of(cfg).ignores]
         for k in keys:
             if mine[k] != theirs[k]:
                 raise CheckpointError(f"adapter config mismatch: checkpoint {where} has {k}={theirs[k]!r}, "
