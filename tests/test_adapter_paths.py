@@ -40,14 +40,14 @@ def _old_forward(self, x, *args, **kwargs):
     if self.spec.kind == "column":
         x = comm.column_input(x, self.sequence_parallel)
         out, bias = self.base(x, *args, **kwargs)
-        a = self.lora_A if self.strategy != "replicated" else comm.replicated_factor(self.lora_A)
+        a = self.lora_A if self.cfg.strategy != "replicated" else comm.replicated_factor(self.lora_A)
         u = torch.einsum("...i,gri->...gr", self.dropout(x), a.to(x.dtype))
-        if self.strategy == "slora":
+        if self.cfg.strategy == "slora":
             u = comm.all_gather_last_dim(u)
         ys = []
         for c, b in self.lora_B.items():
             b, uc = b.to(x.dtype), u[..., self.group_of(c), :]
-            if self.strategy == "bd":
+            if self.cfg.strategy == "bd":
                 nb, _, rb = b.shape
                 y = torch.einsum("...nr,nor->...no", uc.unflatten(-1, (nb, rb)), b).flatten(-2)
             else:
@@ -57,10 +57,10 @@ def _old_forward(self, x, *args, **kwargs):
     partial, bias = self.base(x, *args, **kwargs)
     (b,) = self.lora_B.values()
     a, b, xd = self.lora_A.to(x.dtype), b.to(x.dtype), self.dropout(x)
-    if self.strategy == "bd":
+    if self.cfg.strategy == "bd":
         u = torch.einsum("...ni,nri->...nr", xd.unflatten(-1, (a.shape[0], -1)), a)
         partial = partial + self.scale * F.linear(u.flatten(-2), b)
-    elif self.strategy == "slora":
+    elif self.cfg.strategy == "slora":
         y = F.linear(comm.all_reduce_fwd_bwd(F.linear(xd, a)), b) * self.scale
         partial = partial + F.pad(y, [self.tp_rank * y.shape[-1], (self.tp_size - 1 - self.tp_rank) * y.shape[-1]])
     else:
@@ -73,7 +73,7 @@ def _old_multi_forward(self, x, *args, **kwargs):
 
     idx = self.adapter_index
     st = {k: v.index_select(0, idx).to(x.dtype) for k, v in self.adapter_stack.items()}
-    bd, slora = self.strategy == "bd", self.strategy == "slora"
+    bd, slora = self.cfg.strategy == "bd", self.cfg.strategy == "slora"
     if self.spec.kind == "column":
         x = comm.column_input(x, self.sequence_parallel)
         out, bias = self.base(x, *args, **kwargs)

@@ -14,6 +14,8 @@ from tests.dist_utils import run_distributed
 
 from megatron_bdlora.adapters import AdapterConfig
 from megatron_bdlora.adapters import layout
+from megatron_bdlora.adapters import strategies
+from megatron_bdlora.adapters.strategies import Factor
 from megatron_bdlora.errors import InputError
 from megatron_bdlora.models.presets import PRESETS
 
@@ -106,7 +108,7 @@ def test_layout_equals_model_parameters():
         for mname, (out_features, in_features) in base.items():
             spec = layout.module_spec(hf, mname.rsplit(".", 1)[-1])
             assert (spec.out_features, spec.in_features) == (out_features, in_features), (tp, name, mname)
-        assert sum(layout.Factor(*v[:2], None).numel for v in params.values()) == \
+        assert sum(Factor(*v[:2], None).numel for v in params.values()) == \
             layout.params_per_layer(hf, cfg)
 
 
@@ -153,8 +155,55 @@ def test_padded_vocab_is_the_models():
 
 def test_layout_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['megatron'] = None\n"
-            "from megatron_bdlora.adapters import layout, param_count\n"
+            "from megatron_bdlora.adapters import layout, param_count, strategies\n"
             "from megatron_bdlora.benchmarks import cost_model\n"
             "print(len(layout.PROJECTIONS), 'torch' in sys.modules and sys.modules['torch'] is not None)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["7", "False"]
+
+
+def test_strategy_facts_agree_across_consumers():
+    """One strategy's facts, read by the export (HF form), PEFT import (its inverse), the vLLM
+    plugin's rank slicing and the cost model, agree: HF shapes are the strategy's, import undoes
+    export, and where a rank runs an ordinary LoRA (no collective on u) its slices rebuild ΔW."""
+    import torch
+
+    from megatron_bdlora.benchmarks.cost_model import lora_shards
+    from megatron_bdlora.checkpoint.export import dense_deltas, hf_factors
+    from megatron_bdlora.serving.bd_shards import column_shard, row_shard
+
+    hf = SHAPES["tiny"]
+    gen = torch.Generator().manual_seed(0)
+    for cid, cfg in _configs(2).items():
+        strategy = strategies.strategy_of(cfg)
+        n = strategy.nblocks(cfg)
+        tensors = {k: torch.randn(s, generator=gen)
+                   for k, s in layout.expected_global_shapes(hf, cfg).items()}
+        deltas = dense_deltas(tensors, cfg, hf)
+        for packed in {False, strategy.has_blocks}:
+            for name, (a, b) in hf_factors(tensors, cfg, hf, packed=packed).items():
+                proj = layout.BY_NAME[name.rsplit(".", 1)[-1]]
+                fan_in, out = layout.projection_shapes(hf)[proj.name]
+                assert (a.shape, b.shape) == strategy.hf_shapes(proj.kind, fan_in, out, cfg.rank, n,
+                                                                packed), (cid, name)
+                if not packed:
+                    continue
+                key = f"{layout.megatron_key(0, proj.module)}.lora_{proj.bd_factor}"
+                mine = tensors[key + (f".{proj.name}" if proj.bd_factor == "B" else "")]
+                assert torch.equal(strategy.from_hf(proj.kind, proj.bd_factor,
+                                                    a if proj.bd_factor == "A" else b, n), mine)
+                for tp in (1, 2):  # the vLLM plugin's slices are the strategy's
+                    for i in range(tp):
+                        want = (column_shard(a, b, tp, i) if proj.kind == strategies.COLUMN
+                                else row_shard(a, b, n, tp, i))
+                        got = strategy.rank_slice(proj.kind, a, b, n, tp, i)
+                        assert all(torch.equal(x, y) for x, y in zip(got, want)), (cid, name, tp)
+        for tp in (1, 2):
+            if any(e["comm"] for e in lora_shards(hf, cfg, tp)):
+                continue  # the ranks exchange u: a rank's slices alone are not a LoRA
+            for name, (a, b) in hf_factors(tensors, cfg, hf, packed=strategy.has_blocks).items():
+                kind = layout.BY_NAME[name.rsplit(".", 1)[-1]].kind
+                parts = [strategy.rank_slice(kind, a, b, n, tp, i) for i in range(tp)]
+                delta = torch.cat([b_i @ a_i for a_i, b_i in parts],
+                                  dim=0 if kind == strategies.COLUMN else 1)
+                torch.testing.assert_close(cfg.scale * delta, deltas[f"{name}.weight"])

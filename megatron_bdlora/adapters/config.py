@@ -4,6 +4,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from megatron_bdlora.adapters.layout import ALL_TARGETS, HF_PROJECTIONS, HF_TARGETS, check_config
+from megatron_bdlora.adapters.strategies import strategy_of
 from megatron_bdlora.errors import InputError
 
 
@@ -28,7 +29,8 @@ def normalise_targets(names) -> tuple:
 class AdapterConfig:
     """method: bdlora | lora.  layout: canonical (one A per HF projection q,k,v,gate,up, as PEFT,
     vLLM and the paper count) | fused (one A per Megatron module, Megatron-Bridge's default).
-    sharding: how plain LoRA is split under TP (slora | replicated); BD-LoRA is always 'bd'.
+    sharding: how plain LoRA is split under TP (slora | replicated); BD-LoRA is always 'bd'
+    (method and sharding select the strategy: `strategies.for_adapter`).
     target_modules: Megatron modules and/or HF projections (q_proj, ..., down_proj), stored
     normalised (`normalise_targets`); a packed module may be adapted in part (canonical only).
     nblocks: N, the number of diagonal blocks (BD only); a property of the adapter, not of the run.
@@ -68,8 +70,9 @@ class AdapterConfig:
 
     @property
     def strategy(self) -> str:
-        """The TP sharding scheme: bd | slora | replicated."""
-        return "bd" if self.method == "bdlora" else self.sharding
+        """The TP sharding scheme's name (bd | slora | replicated; `strategies.strategy_of(cfg)`
+        is its type)."""
+        return strategy_of(self).name
 
     @property
     def scale(self) -> float:

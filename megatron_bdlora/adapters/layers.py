@@ -1,7 +1,7 @@
 """LoRA / BD-LoRA around Megatron-Core's ColumnParallelLinear and RowParallelLinear.
 
 One self-contained module, `AdapterLinear`, holding this rank's pieces of the factors. How the
-factors are split over TP ranks is the strategy (docs/design.md §2):
+factors are split over TP ranks is the strategy (`strategies.py`; docs/design.md §2):
 
   column layer (x replicated, W split by output rows)
     bd:         A split on r, B block-diagonal (each rank owns whole blocks)  -> no communication
@@ -40,7 +40,11 @@ from megatron_bdlora.adapters.config import AdapterConfig
 from megatron_bdlora.adapters.layer_types import adds_bias_before_return
 from megatron_bdlora.adapters.layout import TargetSpec
 from megatron_bdlora.adapters.lowrank import Geometry, Slot, add_lowrank
+from megatron_bdlora.adapters.strategies import COLUMN, ROW, Factor, a_groups, block_diag, strategy_of
 from megatron_bdlora.te.adapter import base_forward, take_over
+
+# the strategies' collectives on u (`Strategy.u_collective`)
+U_COLLECTIVES = {"all_gather": comm.all_gather_last_dim, "all_reduce": comm.all_reduce_fwd_bwd}
 
 
 def _seed(*key) -> int:
@@ -54,18 +58,9 @@ def _kaiming_uniform(shape, fan_in, key) -> torch.Tensor:
     return torch.empty(shape).uniform_(-bound, bound, generator=gen)
 
 
-def _block_diag(blocks):
-    """(..., n, rows, cols) blocks -> (..., n*rows, n*cols) block-diagonal (differentiable)."""
-    n = blocks.shape[-3]
-    if n == 1:
-        return blocks.squeeze(-3)
-    eye = torch.eye(n, dtype=blocks.dtype, device=blocks.device).view(n, 1, n, 1)
-    return (blocks.unsqueeze(-2) * eye).flatten(-4, -3).flatten(-2)
-
-
 def _take_over_local(base, kind: str) -> None:
     """Switch a local Megatron-Core layer's own TP communication off (the adapter issues it)."""
-    if kind == "column":
+    if kind == COLUMN:
         # The LoRA branch and the base share one input-gradient all-reduce (ours).
         base.disable_grad_reduce = True
         base.allreduce_dgrad = False
@@ -95,14 +90,15 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"{name}: no projection of this module is targeted")
         layout.check_module(spec, cfg, tp_size, name)
         self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.strategy = cfg.strategy
+        self.strategy = strategy_of(cfg)
+        self.u_collective = self.strategy.u_collective.get(spec.kind)
         self.scale = cfg.scale
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.merged = False
         # Under sequence parallelism the adapter owns the layer's one SP collective: the column
         # layer's all-gather (the base's own turned off) and the row layer's reduce-scatter.
         self.sequence_parallel = bool(getattr(base, "sequence_parallel", False))
-        if spec.kind == "row" and adds_bias_before_return(base):  # we reduce after: tp x bias
+        if spec.kind == ROW and adds_bias_before_return(base):  # we reduce after: tp x bias
             raise ValueError(f"{name}: row-parallel layer with a fused bias is not supported")
         if not take_over(base, spec.kind, name):  # TE switches its own TP communication off
             _take_over_local(base, spec.kind)
@@ -110,6 +106,7 @@ class AdapterLinear(nn.Module):
             p.requires_grad_(False)
 
         self.shard_dims = {}
+        self.blocked = set()  # parameters held as diagonal blocks (multiplied dense: `_dense`)
         self.lora_B = nn.ParameterDict()
         device = base.weight.device
         for pname, f in layout.factor_layout(spec, cfg).items():
@@ -124,13 +121,15 @@ class AdapterLinear(nn.Module):
             else:
                 self.lora_B[pname.split(".", 1)[1]] = param
             self.shard_dims[pname] = dim
+            if f.blocks is not None:
+                self.blocked.add(pname)
         self.geometry = self._geometry()
 
     # ---- layout -----------------------------------------------------------------------------
     @property
     def groups(self) -> list:
         """A-factor groups: one per adapted constituent (canonical) or one shared (fused / row)."""
-        return layout.a_groups(self.spec, self.cfg)
+        return a_groups(self.spec, self.cfg)
 
     def group_of(self, constituent: str) -> int:
         groups = self.groups
@@ -147,7 +146,7 @@ class AdapterLinear(nn.Module):
         return {pname: (f.shape, f.shard_dim, self._init(f))
                 for pname, f in layout.factor_layout(self.spec, self.cfg).items()}
 
-    def _init(self, f: layout.Factor):
+    def _init(self, f: Factor):
         """B: zeros. A: kaiming-uniform over its true fan-in, one draw per group / block."""
         key = (self.cfg.seed, self.name)
         if f.fan_in is None:
@@ -160,14 +159,17 @@ class AdapterLinear(nn.Module):
     def _geometry(self) -> Geometry:
         """Where each B factor writes in this rank's base output, and which u columns it reads."""
         t = self.tp_size
-        if self.spec.kind == "row":
-            (b,) = self.lora_B.values()
+        if self.spec.kind == ROW:
+            ((pname, b),) = self.lora_B.items()
             out = self.spec.out_features
-            offset = self.tp_rank * b.shape[0] if self.strategy == "slora" else 0  # this rank's slice
+            # B split on out (S-LoRA) writes this rank's slice of the full-width partial
+            offset = self.tp_rank * b.shape[0] if self.shard_dims[f"lora_B.{pname}"] == 0 else 0
             return Geometry(1, out, (Slot(0, b.shape[1], offset, b.shape[0]),))
         lg = self.local_groups
-        # u holds one block of rank columns per A group; S-LoRA's is gathered to the full rank
-        r_u = self.cfg.rank // t if self.strategy == "bd" else self.cfg.rank
+        # u holds one block of rank columns per A group, as wide as B's (dense) rank columns
+        # (S-LoRA's gathered to the full rank)
+        b = layout.factor_layout(self.spec, self.cfg)[f"lora_B.{self.adapted[0]}"]
+        r_u = b.dense_shape(t)[1]
         slots, offset = [], 0
         for c, out in self.spec.constituents:
             width = out // (lg * t)  # per interleave group, local
@@ -192,7 +194,7 @@ class AdapterLinear(nn.Module):
             factors = self._batch_factors(x)
         elif not self.merged:
             factors = self._dense({k: p.to(x.dtype) for k, p in self.adapter_params().items()})
-        if self.spec.kind == "column":
+        if self.spec.kind == COLUMN:
             x = comm.column_input(x, self.sequence_parallel)
             out, bias, x = base_forward(self.base, x, *args, **kwargs)  # x: the LoRA input
             if multi or not self.merged:
@@ -204,34 +206,31 @@ class AdapterLinear(nn.Module):
         return comm.row_output(partial, self.sequence_parallel), bias
 
     def _dense(self, factors: dict) -> dict:
-        """This rank's block-diagonal factor (BD: B of a column, A of a row layer) as one dense
-        zero-filled matrix: one GEMM instead of one per local block (extra FLOPs only when a
+        """This rank's block-diagonal factors (BD: B of a column, A of a row layer) as dense
+        zero-filled matrices: one GEMM instead of one per local block (extra FLOPs only when a
         rank holds several blocks, TP < N; at TP = N it is a single block)."""
-        if self.strategy != "bd":
-            return factors
-        blocked = "lora_A" if self.spec.kind == "row" else "lora_B."
-        return {k: _block_diag(v) if k.startswith(blocked) else v for k, v in factors.items()}
+        return {k: block_diag(v) if k in self.blocked else v for k, v in factors.items()}
 
     def _rows(self, x, multi):
         return x.transpose(0, 1) if multi else x.reshape(1, -1, x.shape[-1])
 
     def _column_u(self, x, f, multi):
         a = f["lora_A"].flatten(-3, -2)  # (R?, groups*r_local, in)
-        if self.strategy == "replicated" and not multi:
+        if self.shard_dims["lora_A"] is None and not multi:  # whole on every rank
             a = comm.replicated_factor(a)
         u = torch.matmul(self._rows(self.dropout(x), multi), a.transpose(-1, -2))
-        if self.strategy == "slora":  # gather each group's rank shards
-            u = comm.all_gather_last_dim(u.unflatten(-1, (len(self.groups), -1))).flatten(-2)
+        if self.u_collective:  # S-LoRA: gather each group's rank shards
+            u = U_COLLECTIVES[self.u_collective](u.unflatten(-1, (len(self.groups), -1))).flatten(-2)
         return u
 
     def _row_u(self, x, f, multi):
         u = torch.matmul(self._rows(self.dropout(x), multi), f["lora_A"].transpose(-1, -2))
-        return comm.all_reduce_fwd_bwd(u) if self.strategy == "slora" else u
+        return U_COLLECTIVES[self.u_collective](u) if self.u_collective else u
 
     def _add_delta(self, out, u, f, multi):
-        bs = [f[f"lora_B.{c}"] for c in self.adapted]
-        if self.spec.kind == "row" and self.strategy == "replicated" and not multi:
-            bs = [comm.replicated_factor(bs[0])]
+        names = [f"lora_B.{c}" for c in self.adapted]
+        bs = [f[k] if multi or self.shard_dims[k] is not None else comm.replicated_factor(f[k])
+              for k in names]  # a factor whole on every rank: its gradient is reduced over TP
         return add_lowrank(out, u, bs, self.geometry, self.scale, batch_major=multi)
 
     # ---- multi-adapter batching (inference) -------------------------------------------------
@@ -279,26 +278,23 @@ class AdapterLinear(nn.Module):
 
     # ---- merge ------------------------------------------------------------------------------
     def local_delta(self) -> torch.Tensor:
-        """This rank's ΔW shard (the base weight's local shape). Communication only for S-LoRA,
-        whose factors are not aligned with the base shard."""
+        """This rank's ΔW shard (the base weight's local shape). Communication only where the
+        strategy's factors are not aligned with the base shard (S-LoRA: `delta_gathers`)."""
         with torch.no_grad():
-            a, bs = self.lora_A, dict(self.lora_B)
-            if self.strategy == "slora":
-                gathered = self.gather_global()
-                dim_a = 1 if self.spec.kind == "column" else None
-                a = gathered["lora_A"] if dim_a else a
-                if self.spec.kind == "row":
-                    bs = {c: gathered[f"lora_B.{c}"] for c in bs}
-            if self.spec.kind == "column":  # zero rows for the constituents left out
+            f = self._dense(self.adapter_params())
+            gathers = self.strategy.delta_gathers.get(self.spec.kind)
+            if gathers:
+                f.update({k: v for k, v in self._dense(self.gather_global()).items()
+                          if k.startswith(f"lora_{gathers}")})
+            a = f["lora_A"]
+            if self.spec.kind == COLUMN:  # zero rows for the constituents left out
                 geo = self.geometry
                 delta = a.new_zeros(geo.groups, geo.group_size, a.shape[-1])
-                for slot, (c, b) in zip(geo.slots, bs.items()):
-                    b = _block_diag(b) if self.strategy == "bd" else b
+                for slot, c in zip(geo.slots, self.adapted):
                     delta[:, slot.offset:slot.offset + slot.width] = (
-                        b @ a[self.group_of(c)]).view(geo.groups, slot.width, -1)
+                        f[f"lora_B.{c}"] @ a[self.group_of(c)]).view(geo.groups, slot.width, -1)
                 return self.scale * delta.flatten(0, 1)
-            (b,) = bs.values()
-            a = _block_diag(a) if self.strategy == "bd" else a
+            (b,) = (f[f"lora_B.{c}"] for c in self.adapted)
             return self.scale * (b @ a)
 
     def merge(self) -> None:

@@ -5,26 +5,28 @@
   packed order inside a Megatron module (linear_qkv per query group [q, k, v]; linear_fc1
   [gate; up]). Everything else about the projections is derived from this table.
 - `factor_layout` / `adapter_layout`: the TP-independent global factors of every adapted module
-  (docs/design.md §1-§2): shape, TP shard dim, init fan-in and draws, diagonal blocks. The model
-  (`AdapterLinear`), the checkpoints, the exports, PEFT import, the parameter count and the cost
-  and memory models all read their shapes from here.
+  (docs/design.md §1-§2), as the adapter's strategy (`strategies.py`: BD, S-LoRA, replicated)
+  lays them out. The model (`AdapterLinear`), the checkpoints, the exports, PEFT import, the
+  parameter count and the cost and memory models all read their shapes from here.
 - `check(hf, cfg, tp)`: every refusal of an adapter / model / TP combination, one line each
   (InputError naming the fix). The flags, pre-flight, the ranks, checkpoint loading, PEFT import
   and the cost model all call it (or its parts, where the model shape is not known yet).
 - `check_tensors`: the one shape check of loaded tensors against the expected global shapes.
 
 `cfg` is an `adapters.config.AdapterConfig` (duck-typed here: this module imports no part of
-the package but `errors`).
+the package but `errors` and `strategies`).
 """
 
 import math
 from dataclasses import dataclass
 
+from megatron_bdlora.adapters.strategies import COLUMN, METHODS, ROW, STRATEGIES, divisors, strategy_of
+from megatron_bdlora.adapters.strategies import (  # noqa: F401 (the trainer's flags read them here)
+    LORA_SHARDINGS, check_rank_blocks, check_tp_blocks,
+)
 from megatron_bdlora.errors import InputError
 
-METHODS = ("bdlora", "lora")
 LAYOUTS = ("canonical", "fused")
-LORA_SHARDINGS = ("slora", "replicated")
 
 
 # ---- the table -----------------------------------------------------------------------------------
@@ -39,17 +41,17 @@ class Projection:
     @property
     def bd_factor(self) -> str:
         """The factor BD-LoRA makes block-diagonal: B of a column layer, A of a row layer."""
-        return "B" if self.kind == "column" else "A"
+        return STRATEGIES["bd"].blocked[self.kind]
 
 
 PROJECTIONS = (  # model order; within a module, the packed order of its fused output
-    Projection("q_proj", "linear_qkv", "column", "self_attn", "self_attention"),
-    Projection("k_proj", "linear_qkv", "column", "self_attn", "self_attention"),
-    Projection("v_proj", "linear_qkv", "column", "self_attn", "self_attention"),
-    Projection("o_proj", "linear_proj", "row", "self_attn", "self_attention"),
-    Projection("gate_proj", "linear_fc1", "column", "mlp", "mlp"),
-    Projection("up_proj", "linear_fc1", "column", "mlp", "mlp"),
-    Projection("down_proj", "linear_fc2", "row", "mlp", "mlp"),
+    Projection("q_proj", "linear_qkv", COLUMN, "self_attn", "self_attention"),
+    Projection("k_proj", "linear_qkv", COLUMN, "self_attn", "self_attention"),
+    Projection("v_proj", "linear_qkv", COLUMN, "self_attn", "self_attention"),
+    Projection("o_proj", "linear_proj", ROW, "self_attn", "self_attention"),
+    Projection("gate_proj", "linear_fc1", COLUMN, "mlp", "mlp"),
+    Projection("up_proj", "linear_fc1", COLUMN, "mlp", "mlp"),
+    Projection("down_proj", "linear_fc2", ROW, "mlp", "mlp"),
 )
 BY_NAME = {p.name: p for p in PROJECTIONS}
 HF_TARGETS = tuple(p.name for p in PROJECTIONS)
@@ -119,62 +121,10 @@ def module_spec(hf: dict, module: str) -> TargetSpec:
 
 
 # ---- the adapter's global factors ----------------------------------------------------------------
-@dataclass(frozen=True)
-class Factor:
-    """One global (TP-independent) adapter parameter."""
-    shape: tuple
-    shard_dim: int | None     # the dim TP ranks split it along (None: whole on every rank)
-    fan_in: int | None        # kaiming-uniform fan-in of its init (None: zeros)
-    draws: tuple | None = None  # init keys of the slices stacked on dim 0 (None: one draw)
-    blocks: int = 1           # diagonal blocks (BD-LoRA's block-diagonal factor: N)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def local_shape(self, tp: int) -> tuple:
-        if self.shard_dim is None:
-            return self.shape
-        d = self.shard_dim
-        return self.shape[:d] + (self.shape[d] // tp,) + self.shape[d + 1:]
-
-
-def a_groups(spec: TargetSpec, cfg) -> list:
-    """A-factor groups of a module: one per adapted constituent (canonical column layers, row
-    layers) or one shared by all (fused column layers)."""
-    adapted = [c for c, _ in spec.constituents if cfg.adapts(c)]
-    return ["fused"] if spec.kind == "column" and cfg.layout == "fused" else adapted
-
-
 def factor_layout(spec: TargetSpec, cfg) -> dict:
-    """{"lora_A" | "lora_B.<projection>": Factor} of one adapted module (docs/design.md §1-§2):
-
-      column  A (groups, r, in), split on r (replicated: whole);  B per adapted constituent:
-              BD (N, out/N, r/N) blocks | LoRA (out, r), split on out
-      row     A: BD (N, r/N, in/N) blocks, split on blocks | LoRA (r, in), split on in;
-              B (out, r): BD split on r | S-LoRA split on out | replicated whole
-    """
-    r, n, strategy = cfg.rank, cfg.nblocks, cfg.strategy
-    bd = strategy == "bd"
-    fan_in = spec.in_features
-    out = {}
-    if spec.kind == "column":
-        groups = a_groups(spec, cfg)
-        out["lora_A"] = Factor((len(groups), r, fan_in), None if strategy == "replicated" else 1,
-                               fan_in, tuple(groups))
-        for c, o in spec.constituents:
-            if cfg.adapts(c):
-                out[f"lora_B.{c}"] = (Factor((n, o // n, r // n), 0, None, blocks=n) if bd
-                                      else Factor((o, r), 0, None))
-        return out
-    (c, o), = spec.constituents
-    if bd:
-        out["lora_A"] = Factor((n, r // n, fan_in // n), 0, fan_in // n, tuple(range(n)), blocks=n)
-        out[f"lora_B.{c}"] = Factor((o, r), 1, None)
-    else:
-        out["lora_A"] = Factor((r, fan_in), 1, fan_in)
-        out[f"lora_B.{c}"] = Factor((o, r), 0 if strategy == "slora" else None, None)
-    return out
+    """{"lora_A" | "lora_B.<projection>": Factor} of one adapted module: its strategy's
+    (`strategies.Strategy.factors`)."""
+    return strategy_of(cfg).factors(spec, cfg)
 
 
 def adapter_layout(hf: dict, cfg, layers: int | None = None) -> dict:
@@ -196,38 +146,16 @@ def params_per_layer(hf: dict, cfg) -> int:
 
 
 # ---- constraints ---------------------------------------------------------------------------------
-def divisors(n: int) -> list:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def check_rank_blocks(rank: int, nblocks: int) -> None:
-    if nblocks < 1:
-        raise InputError(f"--bd-nblocks must be >= 1, got {nblocks}")
-    if rank % nblocks:
-        raise InputError(f"--lora-rank {rank} is not divisible by --bd-nblocks {nblocks}; use a "
-                         f"multiple of {nblocks}")
-
-
-def check_tp_blocks(nblocks: int, tp: int) -> None:
-    """An adapter with N blocks runs (trains, loads, serves) at any TP dividing N."""
-    if nblocks % tp:
-        raise InputError(f"--tensor-model-parallel-size {tp} does not divide --bd-nblocks {nblocks}: "
-                         f"BD-LoRA with {nblocks} blocks loads at tensor-model-parallel-size in "
-                         f"{divisors(nblocks)}, not {tp}")
-
-
 def check_config(cfg) -> None:
     """What an adapter config refuses on its own (no model, no TP)."""
     if cfg.method not in METHODS:
         raise InputError(f"unknown adapter method {cfg.method!r}; use one of {METHODS}")
     if cfg.layout not in LAYOUTS:
         raise InputError(f"unknown adapter layout {cfg.layout!r}; use one of {LAYOUTS}")
-    if cfg.method == "lora" and cfg.sharding not in LORA_SHARDINGS:
-        raise InputError(f"unknown LoRA sharding {cfg.sharding!r}; use one of {LORA_SHARDINGS}")
+    strategy = strategy_of(cfg)  # refuses an unknown --lora-sharding
     if cfg.rank < 1:
         raise InputError(f"adapter rank must be >= 1, got {cfg.rank}")
-    if cfg.method == "bdlora":
-        check_rank_blocks(cfg.rank, cfg.nblocks)
+    strategy.check_config(cfg)
     partial = [m for m in cfg.modules if len(cfg.module_projections(m)) < len(HF_PROJECTIONS[m])]
     if partial and cfg.layout == "fused":
         raise InputError(f"the fused layout shares one A across {partial[0]}'s projections, so it "
@@ -244,30 +172,11 @@ def check_tp(hf: dict, tp: int) -> None:
                          f"{divisors(math.gcd(heads, groups, ffn))}")
 
 
-def check_strategy(cfg, tp: int) -> None:
-    """The adapter's TP split, independent of the model shape."""
-    if cfg.strategy == "bd":
-        check_tp_blocks(cfg.nblocks, tp)
-    elif cfg.strategy == "slora" and cfg.rank % tp:
-        raise InputError(f"S-LoRA splits the rank over TP ranks: --lora-rank {cfg.rank} must be a "
-                         f"multiple of tensor-model-parallel-size {tp}")
-
-
 def check_module(spec: TargetSpec, cfg, tp: int, name: str) -> None:
     """docs/design.md §1's constraints on one adapted module (`name` for the message)."""
-    check_strategy(cfg, tp)
-    if cfg.strategy != "bd":
-        return
-    n = cfg.nblocks
-    if spec.kind == "column":
-        for c, out in spec.constituents:
-            if out % n and cfg.adapts(c):
-                raise InputError(f"{name}: {c} output size {out} is not divisible by --bd-nblocks {n}")
-        if spec.interleave > 1 and spec.interleave % n:
-            raise InputError(f"{name}: --bd-nblocks {n} must divide num_query_groups "
-                             f"{spec.interleave}; use N in {divisors(spec.interleave)}")
-    elif spec.in_features % n:
-        raise InputError(f"{name}: input size {spec.in_features} is not divisible by --bd-nblocks {n}")
+    strategy = strategy_of(cfg)
+    strategy.check_tp(cfg, tp)
+    strategy.check_module(spec, cfg, tp, name)
 
 
 def check(hf: dict | None, cfg, tp: int) -> None:
@@ -278,7 +187,7 @@ def check(hf: dict | None, cfg, tp: int) -> None:
     if cfg is None:
         return
     check_config(cfg)
-    check_strategy(cfg, tp)
+    strategy_of(cfg).check_tp(cfg, tp)
     if hf is not None:
         for m in cfg.modules:
             check_module(module_spec(hf, m), cfg, tp, m)

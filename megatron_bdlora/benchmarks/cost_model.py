@@ -13,12 +13,11 @@ import math
 from dataclasses import dataclass, replace
 
 from megatron_bdlora.adapters.config import AdapterConfig
-from megatron_bdlora.adapters.layout import (
-    check, factor_layout, head_dim, kv_heads, module_spec, padded_vocab_size,
-)
+from megatron_bdlora.adapters.layout import check, head_dim, kv_heads, module_spec, padded_vocab_size
 from megatron_bdlora.adapters.param_count import adapter_params
+from megatron_bdlora.adapters.strategies import STRATEGIES as ADAPTER_STRATEGIES, strategy_of
 
-STRATEGIES = ("base", "replicated", "slora", "bd")
+STRATEGIES = ("base", "replicated", "slora", "bd")  # no adapter, then the adapter strategies
 BF16 = 2  # bytes per weight, activation and KV entry
 
 
@@ -80,34 +79,19 @@ def with_overrides(hw: Hardware, **values) -> Hardware:
 def lora_shards(hf: dict, cfg: AdapterConfig, tp: int) -> list:
     """What one TP rank holds and does for one adapter in one decoder layer, per Megatron module.
 
-    Each entry: a, b = local A / B parameters (`layout.factor_layout` split over TP); a_io, b_io =
+    Each entry: a, b = local A / B parameters (the strategy's factors split over TP); a_io, b_io =
     (input, output) widths of the shrink / expand kernels; comm = None or (op, width) of the
-    collective between them.
+    collective between them (`strategies.Strategy.kernels`).
     """
     check(hf, cfg, tp)
-    r, t, strategy = cfg.rank, tp, cfg.strategy
+    strategy = strategy_of(cfg)
     out = []
     for module in cfg.modules:
         spec = module_spec(hf, module)
-        factors = factor_layout(spec, cfg)
-        a = math.prod(factors["lora_A"].local_shape(t))
-        b = sum(math.prod(f.local_shape(t)) for k, f in factors.items() if k != "lora_A")
-        fan_in = spec.in_features
-        fan_out = sum(o for c, o in spec.constituents if cfg.adapts(c))
-        if spec.kind == "column":
-            r_col = factors["lora_A"].shape[0] * r  # stacked shrink width (A groups x r)
-            if strategy == "bd":      # A split on r, B block-diagonal: local blocks only
-                e = dict(a_io=(fan_in, r_col // t), b_io=(r_col // t, fan_out // t), comm=None)
-            elif strategy == "slora":  # A split on r -> all-gather -> B split on out
-                e = dict(a_io=(fan_in, r_col // t), b_io=(r_col, fan_out // t), comm=("all_gather", r_col))
-            else:                      # replicated: full A everywhere, B split on out
-                e = dict(a_io=(fan_in, r_col), b_io=(r_col, fan_out // t), comm=None)
-        elif strategy == "bd":        # A block-diagonal, B split on r; partial joins base AR
-            e = dict(a_io=(fan_in // t, r // t), b_io=(r // t, fan_out), comm=None)
-        elif strategy == "slora":      # A split on in -> all-reduce -> B split on out
-            e = dict(a_io=(fan_in // t, r), b_io=(r, fan_out // t), comm=("all_reduce", r))
-        else:                          # replicated: A split on in, full B everywhere
-            e = dict(a_io=(fan_in // t, r), b_io=(r, fan_out), comm=None)
+        factors = strategy.factors(spec, cfg)
+        a = math.prod(factors["lora_A"].local_shape(tp))
+        b = sum(math.prod(f.local_shape(tp)) for k, f in factors.items() if k != "lora_A")
+        e = strategy.kernels(spec, cfg, tp)
         out.append({"module": module, "a": a, "b": b, **e})
     return out
 
@@ -238,9 +222,9 @@ def make_adapter(strategy: str, rank: int, nblocks: int = 8, layout: str = "cano
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
     if strategy == "base":
         return None
-    if strategy == "bd":
-        return AdapterConfig(method="bdlora", rank=rank, nblocks=nblocks, layout=layout)
-    return AdapterConfig(method="lora", rank=rank, layout=layout, sharding=strategy)
+    s = ADAPTER_STRATEGIES[strategy]
+    return AdapterConfig(rank=rank, layout=layout, **s.config_fields(),
+                         **({"nblocks": nblocks} if s.has_blocks else {}))
 
 
 # The paper's end-to-end speed-ups of BD-LoRA (rank factor*r) over S-LoRA (rank r) on 8xA100,

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from megatron_bdlora.adapters.strategies import strategy_of
 from megatron_bdlora.benchmarks.timing import (METHODS, adapter_configs, bar_chart, build_models,
                                                collective_calls, collective_columns, llama_shape,
                                                paired_ratio, random_adapter_states, round_robin,
@@ -202,7 +203,7 @@ def run_serving(cfg: ServingConfig) -> dict:
             "prefill_ratio_to_bd": paired_ratio(prefill[m], prefill["bd"]),
             "adapter": None if acfg is None else {
                 "strategy": acfg.strategy, "rank": acfg.rank, "nblocks": acfg.nblocks if
-                acfg.strategy == "bd" else None, "layout": acfg.layout,
+                strategy_of(acfg).has_blocks else None, "layout": acfg.layout,
                 "params_per_adapter": adapter_params(hf, acfg)},
             "decode_steps_timed": d["n"], "prefills_timed": p["n"],
         }

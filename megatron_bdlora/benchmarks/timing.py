@@ -64,8 +64,8 @@ def build_models(hf: dict, configs: dict, seed: int = 0, sequence_parallel: bool
         p.requires_grad_(False)
     models = {}
     for method, cfg in configs.items():
-        model = ref if method == "base" else build_model(hf, tp=tp, init=False, dtype=dtype,
-                                                          sequence_parallel=sequence_parallel)
+        model = ref if cfg is None else build_model(hf, tp=tp, init=False, dtype=dtype,
+                                                     sequence_parallel=sequence_parallel)
         if model is not ref:
             share_base_weights(model, ref)
             model.to(device())

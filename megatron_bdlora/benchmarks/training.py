@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from megatron_bdlora.adapters.strategies import strategy_of
 from megatron_bdlora.benchmarks.timing import (METHODS, adapter_configs, bar_chart, build_models,
                                                collective_calls, collective_columns,
                                                interleaved_times, llama_shape, paired_ratio,
@@ -145,7 +146,7 @@ def run_training(cfg: TrainingConfig) -> dict:
             "trainable_params_this_rank": sum(p.numel() for p in trainers[m].params),
             "adapter": None if acfg is None else {
                 "strategy": acfg.strategy, "rank": acfg.rank,
-                "nblocks": acfg.nblocks if acfg.strategy == "bd" else None, "layout": acfg.layout,
+                "nblocks": acfg.nblocks if strategy_of(acfg).has_blocks else None, "layout": acfg.layout,
                 "params": adapter_params(hf, acfg)},
             "first_step_loss": losses[m], "steps_timed": s["n"],
         }

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from megatron_bdlora.adapters import layout
+from megatron_bdlora.adapters.strategies import for_adapter, strategy_of
 from megatron_bdlora.benchmarks.cost_model import peak_bf16_flops, training_flops
 from megatron_bdlora.benchmarks.timing import (adapter_configs, bar_chart, build_models, llama_shape,
                                                paired_ratio, round_robin, run_environment, summary_ms,
@@ -94,7 +95,7 @@ def peft_models(hf: dict, cfg: VsPeftConfig, configs: dict, device) -> dict:
         torch.manual_seed(cfg.seed)
         base = LlamaForCausalLM(LlamaConfig(**hf)).to(device=device, dtype=DTYPES[cfg.dtype]).train()
         bd = None
-        if acfg.strategy == "bd":
+        if strategy_of(acfg).has_blocks:
             bd = BdLoraConfig(target_modules_bd_a=list(layout.BD_A),
                               target_modules_bd_b=list(layout.BD_B),
                               nblocks=acfg.nblocks)
@@ -156,7 +157,7 @@ def run_vs_peft(cfg: VsPeftConfig) -> dict:
 
     results = {}
     for kind, (mine, theirs) in ADAPTERS.items():
-        acfg = configs["slora" if kind == "lora" else "bd"]
+        acfg = configs[for_adapter(kind, "slora").name]
         flops = training_flops(hf, cfg.batch, cfg.seq_len, acfg)
         results[kind] = {
             "speedup_vs_peft": paired_ratio(times[theirs], times[mine]),
@@ -164,7 +165,7 @@ def run_vs_peft(cfg: VsPeftConfig) -> dict:
             "flop_ratio": flops["total"] / flops["base"],
             "overhead_bound": 1 + 2 * (flops["total"] / flops["base"] - 1),
             "adapter": {"rank": acfg.rank, "alpha": acfg.alpha, "layout": acfg.layout,
-                        "nblocks": acfg.nblocks if kind == "bdlora" else None,
+                        "nblocks": acfg.nblocks if strategy_of(acfg).has_blocks else None,
                         "params": adapter_params(hf, acfg)},
             "ours": method(mine, flops["total"]), "peft": method(theirs, flops["total"]),
         }

@@ -9,7 +9,7 @@ built in a temp dir next to the output and renamed into place at the end (files.
 any error nothing is left behind, and every file name read from the base model's files resolves
 inside the export.
 
-Factor algebra (docs/design.md §1, `layout.factor_layout`):
+Factor algebra (docs/design.md §1; each strategy's in `adapters/strategies.py`, `to_hf`):
   column (q,k,v / gate,up): A (G, r, in), group g = constituent g (canonical) or one shared A
       (fused, duplicated per projection on export: exact).  B: BD (N, out/N, r/N) blocks ->
       dense block_diag (out, r) | PEFT-packed (out, r/N) = blocks stacked on out;  LoRA (out, r).
@@ -23,8 +23,9 @@ import shutil
 import torch
 
 from megatron_bdlora.adapters.layout import (
-    HF_TARGETS, MODULE_KIND, check_tensors, divisors, expected_global_shapes, hf_key, megatron_key,
+    HF_TARGETS, MODULE_KIND, check_tensors, expected_global_shapes, hf_key, megatron_key,
 )
+from megatron_bdlora.adapters.strategies import COLUMN, strategy_of
 from megatron_bdlora.checkpoint import peft_format
 from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint
 from megatron_bdlora.checkpoint.export_guard import check_export_target, mark_export
@@ -49,24 +50,21 @@ MERGED_COPIES = ("config.json", INDEX_NAME, *TOKENIZER_FILES)
 # ---- declarative mapping -------------------------------------------------------------------------
 def hf_factors(tensors: dict, cfg, hf: dict, packed: bool = False) -> dict:
     """{HF module path: (A, B)} per projection, dense (r, in) / (out, r), or PEFT-packed (BD)."""
-    bd = cfg.method == "bdlora"
-    if packed and not bd:
+    strategy = strategy_of(cfg)
+    if packed and not strategy.has_blocks:
         raise CheckpointError("the packed BD-LoRA format needs a BD-LoRA adapter; this one is plain "
                               "LoRA - export it as hf-peft")
     out = {}
     for layer in range(hf["num_hidden_layers"]):
         for module in cfg.modules:
-            key = megatron_key(layer, module)
+            key, kind = megatron_key(layer, module), MODULE_KIND[module]
             a = tensors[f"{key}.lora_A"]
             for g, proj in enumerate(cfg.module_projections(module)):
+                # column A: one per projection (canonical) or one shared, duplicated (fused)
+                a_p = a[g if cfg.layout == "canonical" else 0] if kind == COLUMN else a
                 b = tensors[f"{key}.lora_B.{proj}"]
-                if MODULE_KIND[module] == "column":
-                    a_p = a[g if cfg.layout == "canonical" else 0]  # fused: shared A duplicated
-                    if bd:
-                        b = peft_format.pack_blocks(b) if packed else torch.block_diag(*b)
-                else:
-                    a_p = (peft_format.pack_blocks(a) if packed else torch.block_diag(*a)) if bd else a
-                out[hf_key(layer, proj)] = (a_p.clone(), b.clone())  # own storage each
+                out[hf_key(layer, proj)] = (strategy.to_hf(kind, "A", a_p, packed).clone(),
+                                            strategy.to_hf(kind, "B", b, packed).clone())  # own storage
     return out
 
 
@@ -92,7 +90,7 @@ def load_for_export(path: str):
 def vllm_max_lora_rank(cfg, requested: int | None = None) -> int:
     """The --max-lora-rank R to serve at: `requested`, or the smallest allowed R >= r; for BD-LoRA
     N must divide R (the plugin gives each TP rank R/t ranks, for every TP size t dividing N)."""
-    r, n = cfg.rank, cfg.nblocks if cfg.method == "bdlora" else 1
+    r, n = cfg.rank, strategy_of(cfg).nblocks(cfg)
     if requested is not None:
         if requested < r:
             raise CheckpointError(f"the adapter's rank r={r} is above --max-lora-rank {requested}; "
@@ -168,7 +166,7 @@ def export_hf_peft(ckpt, tmp: str, base: str | None, dtype=None, **_) -> list:
 
 def export_hf_peft_bd(ckpt, tmp: str, base: str | None, dtype=None, **_) -> list:
     cfg = ckpt.adapter_config
-    if cfg.method != "bdlora":
+    if not strategy_of(cfg).has_blocks:
         raise CheckpointError("hf-peft-bd needs a BD-LoRA adapter; this checkpoint is plain LoRA "
                               f"({cfg.sharding}) - export it as hf-peft")
     write_peft(tmp, ckpt, base, packed=True, dtype=dtype)
@@ -264,13 +262,14 @@ def export_vllm(ckpt, tmp: str, base: str | None, final_dir: str, name: str | No
     write_peft(tmp, ckpt, base, packed=False, dtype=dtype)
     check_vllm_adapter(tmp, max_rank)
     name = name or os.path.basename(os.path.normpath(final_dir))
-    bd = cfg.method == "bdlora"
+    strategy = strategy_of(cfg)
+    bd = strategy.has_blocks
     bd_section = ""
     if bd:  # the hf-peft-bd export: what the plugin serves
         write_peft(os.path.join(tmp, "bd"), ckpt, base, packed=True, dtype=dtype)
         bd_section = VLLM_BD_SECTION.format(
             n=cfg.nblocks, r=cfg.rank, versions=" / ".join(TESTED_VLLM), switch=SWITCH,
-            tps=divisors(cfg.nblocks), base=base or "BASE_MODEL", name=name,
+            tps=strategy.tp_sizes(cfg), base=base or "BASE_MODEL", name=name,
             bd_dir=os.path.join(final_dir, "bd"), max_rank=max_rank,
             pr_rank=f" ({cfg.rank})" if cfg.rank in VLLM_MAX_LORA_RANKS else
             f" (r={cfg.rank} is not one of its ranks: that build cannot load it)")
@@ -285,7 +284,7 @@ def export_vllm(ckpt, tmp: str, base: str | None, final_dir: str, name: str | No
     if bd:
         msgs.append(f"vLLM BD-LoRA sharded: bd/ (r={cfg.rank}) with {SWITCH}=1 (stock vLLM + this "
                     f"package's plugin) --max-lora-rank {max_rank} --tensor-parallel-size in "
-                    f"{divisors(cfg.nblocks)}")
+                    f"{strategy.tp_sizes(cfg)}")
     return msgs
 
 
@@ -327,13 +326,14 @@ def describe(path: str) -> str:
 
     ckpt = AdapterCheckpoint(path)
     cfg, hf = ckpt.adapter_config, ckpt.base_config
+    strategy = strategy_of(cfg)
     stored = sum(t.numel() for t in ckpt.tensors.values())
     lines = [
         f"checkpoint:      {ckpt.dir}",
-        f"method:          {cfg.method}" + (" (BD-LoRA)" if cfg.method == "bdlora" else " (LoRA)"),
+        f"method:          {cfg.method} ({strategy.label})",
         f"rank:            {cfg.rank}",
         f"alpha:           {cfg.alpha}" + (" (rsLoRA)" if cfg.rslora else "") + f"  scale {cfg.scale:g}",
-        f"nblocks (N):     {cfg.nblocks if cfg.method == 'bdlora' else '-'}",
+        f"nblocks (N):     {cfg.nblocks if strategy.has_blocks else '-'}",
         f"layout:          {cfg.layout}",
         f"sharding:        {cfg.strategy}",
         f"target modules:  {', '.join(cfg.target_modules)} -> {', '.join(cfg.projections)}",
@@ -346,8 +346,8 @@ def describe(path: str) -> str:
                      f"layers, hidden {hf.get('hidden_size')})")
     else:
         lines.append(f"parameters:      {stored:,} ({cfg.layout} layout)")
-    if cfg.method == "bdlora":
-        lines.append(f"loads at TP:     {divisors(cfg.nblocks)}")
+    if strategy.tp_sizes(cfg):
+        lines.append(f"loads at TP:     {strategy.tp_sizes(cfg)}")
     lines.append(f"trained steps:   {ckpt.step}")
     lines.append(f"saved at TP:     {ckpt.config.get('saved_at_tp', '?')}")
     return "\n".join(lines)

@@ -1,14 +1,12 @@
 """The Hugging Face PEFT LoRA adapter format, read by export and import alike (docs/design.md §4):
-its file names, its tensor keys, its adapter_config.json and how a block-diagonal factor is packed.
+its file names, its tensor keys and its adapter_config.json.
 
 PEFT's BD-LoRA (`use_bdlora`) stores a block-diagonal factor packed: B (out, r/N) on q/k/v/gate/up
-or A (r, in/N) on o/down, its N blocks stacked on the first dimension. `pack_blocks` /
-`unpack_blocks` convert between that and our per-block stack (N, ., .).
+or A (r, in/N) on o/down, its N blocks stacked on the first dimension; the strategy converts
+between that and our per-block stack (N, ., .) (`adapters/strategies.py` `to_hf` / `from_hf`).
 """
 
 import re
-
-import torch
 
 from megatron_bdlora.adapters.layout import BD_A, BD_B
 
@@ -30,16 +28,6 @@ def parse_key(key: str) -> tuple | None:
     layer; None for any other name."""
     m = _KEY.match(key)
     return (int(m.group(1)), m.group(2), m.group(3), m.group(4)) if m else None
-
-
-def pack_blocks(blocks: torch.Tensor) -> torch.Tensor:
-    """(N, a, b) per-block stack -> PEFT's packed (N·a, b)."""
-    return blocks.flatten(0, 1)
-
-
-def unpack_blocks(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """PEFT's packed (N·a, b) -> (N, a, b)."""
-    return packed.view(n, packed.shape[0] // n, packed.shape[1])
 
 
 def adapter_config(cfg, base: str | None, bd: bool = False) -> dict:

@@ -7,7 +7,7 @@ with no optimizer state, written by `adapter_checkpoint`'s save path: `--eval-on
 
 The PEFT tensors map onto the global factors (`layout.factor_layout`) as the inverse of
 `export.hf_factors`: one A per HF projection (canonical layout); a PEFT-packed block-diagonal
-factor is unpacked to our per-block stack (`peft_format.unpack_blocks`). Everything is checked
+factor is unpacked to our per-block stack (the strategy's `from_hf`). Everything is checked
 before anything is written, adapter_config.json strictly (no NaN, no absurd rank or alpha); the
 output appears atomically (files.atomic_dir), or not at all.
 """
@@ -21,9 +21,10 @@ import torch
 
 from megatron_bdlora.adapters.config import AdapterConfig
 from megatron_bdlora.adapters.layout import (
-    BD_A, BD_B, BY_NAME, HF_TARGETS, check, check_tensors, divisors, expected_global_shapes,
-    megatron_key, projection_shapes,
+    BD_A, BD_B, BY_NAME, HF_TARGETS, check, check_tensors, expected_global_shapes, megatron_key,
+    projection_shapes,
 )
+from megatron_bdlora.adapters.strategies import COLUMN, strategy_of
 from megatron_bdlora.checkpoint import peft_format
 from megatron_bdlora.checkpoint.peft_format import CONFIG as PEFT_CONFIG, WEIGHTS as PEFT_WEIGHTS
 from megatron_bdlora.checkpoint.adapter_checkpoint import build_config, write_checkpoint
@@ -133,29 +134,29 @@ def _projections(peft_dir: str, found: dict, layers: int) -> list:
 def _global_tensors(peft_dir, tensors, found, projections, cfg, hf, layers) -> dict:
     """PEFT tensors -> our global factors (shapes checked against the base first)."""
     shapes = projection_shapes(hf)
-    r, n, bd = cfg.rank, cfg.nblocks, cfg.method == "bdlora"
+    strategy, r = strategy_of(cfg), cfg.rank
+    n = strategy.nblocks(cfg)
     out, groups = {}, {}
     for layer in range(layers):
         for proj in projections:
             module, kind = BY_NAME[proj].module, BY_NAME[proj].kind
             fan_in, fan_out = shapes[proj]
-            packed_a, packed_b = bd and kind == "row", bd and kind == "column"
-            want = {"A": (r, fan_in // n if packed_a else fan_in), "B": (fan_out, r // n if packed_b else r)}
+            want = dict(zip("AB", strategy.hf_shapes(kind, fan_in, fan_out, r, n, packed=True)))
             for side, shape in want.items():
                 t = tensors[found[(layer, proj)][side]]
                 if tuple(t.shape) != shape:
                     raise _fail(peft_dir, f"{found[(layer, proj)][side]} has shape {tuple(t.shape)}; "
                                           f"the base's {proj} ({fan_out}x{fan_in}) with r={r}"
-                                          f"{f', nblocks={n}' if bd else ''} needs {shape}: the adapter "
+                                          f"{f', nblocks={n}' if strategy.has_blocks else ''} needs "
+                                          f"{shape}: the adapter "
                                           "does not fit this base (pass the base it was trained on)")
-            a, b = (tensors[found[(layer, proj)][s]].float() for s in "AB")
+            a, b = (strategy.from_hf(kind, s, tensors[found[(layer, proj)][s]].float(), n) for s in "AB")
             key = megatron_key(layer, module)
-            if kind == "column":
+            if kind == COLUMN:
                 groups.setdefault(key, []).append(a)
-                out[f"{key}.lora_B.{proj}"] = peft_format.unpack_blocks(b, n) if bd else b
             else:
-                out[f"{key}.lora_A"] = peft_format.unpack_blocks(a, n) if bd else a
-                out[f"{key}.lora_B.{proj}"] = b
+                out[f"{key}.lora_A"] = a
+            out[f"{key}.lora_B.{proj}"] = b
     for key, a_list in groups.items():  # canonical layout: one A per projection, in HF order
         out[f"{key}.lora_A"] = torch.stack(a_list)
     return {k: v.contiguous() for k, v in out.items()}
@@ -199,7 +200,7 @@ def trainer_flags(cfg: AdapterConfig) -> list:
         flags.append("--lora-rslora")
     if cfg.dropout:
         flags += ["--lora-dropout", f"{cfg.dropout:g}"]
-    if cfg.method == "bdlora":
+    if strategy_of(cfg).has_blocks:
         flags += ["--bd-nblocks", str(cfg.nblocks)]
     return flags
 
@@ -228,7 +229,7 @@ def load_peft(peft_dir: str, hf: dict) -> tuple:
                               "both factors; the file is incomplete")
     projections = _projections(peft_dir, found, layers)
     cfg = _adapter_config(peft_dir, pcfg, projections)  # stores the targets normalised
-    if cfg.method == "bdlora":
+    if strategy_of(cfg).has_blocks:
         _bd_sides(peft_dir, pcfg["use_bdlora"], projections, layers)
     try:  # the base's shape against the adapter (its blocks), at TP=1 (any TP dividing N loads it)
         check(hf, cfg, 1)
@@ -260,10 +261,10 @@ def import_peft(peft_dir: str, hf_checkpoint: str, out: str) -> list:
     config = build_config(model, 0, run_config, tensors, tp=1)
     with atomic_dir(out, flag="--out") as tmp:
         step_dir = write_checkpoint(tmp, config, tensors, {"step": 0})
-    kind = f"BD-LoRA, N={cfg.nblocks}" if cfg.method == "bdlora" else "LoRA"
+    strategy = strategy_of(cfg)
+    kind = f"{strategy.label}, N={cfg.nblocks}" if strategy.has_blocks else strategy.label
     scale = f"alpha={cfg.alpha:g}{' (rsLoRA)' if cfg.rslora else ''}"
-    tps = (f"TP in {divisors(cfg.nblocks)}"
-           if cfg.method == "bdlora" else "any TP")
+    tps = f"TP in {strategy.tp_sizes(cfg)}" if strategy.tp_sizes(cfg) else "any TP"
     return [f"imported {peft_dir} ({kind}, r={cfg.rank}, {scale}, targets "
             f"{' '.join(cfg.target_modules)}) to {os.path.join(out, os.path.basename(step_dir))}",
             f"loads at {tps}; evaluate: --eval-only --load {out} --hf-checkpoint {base_path}",

@@ -29,20 +29,20 @@ def _take_checkpoint_adapter(args, ckpt) -> None:
     disagrees with it is refused, naming both values."""
     from megatron_bdlora.adapters.config import normalise_targets
     from megatron_bdlora.adapters.flags import FLAG_OF
-    from megatron_bdlora.adapters.layout import divisors
+    from megatron_bdlora.adapters.strategies import strategy_of
 
     cfg = ckpt.adapter_config
     if cfg is None:
         return
     given = set(getattr(args, "given", ()))
     tp = args.tensor_model_parallel_size
-    if cfg.method == "bdlora" and cfg.nblocks % tp:
-        raise InputError(f"the checkpoint {ckpt.dir} has BD-LoRA with N={cfg.nblocks} blocks: it "
-                         f"runs at --tensor-model-parallel-size in {divisors(cfg.nblocks)}, not {tp}")
+    strategy = strategy_of(cfg)
+    tps = strategy.tp_sizes(cfg)
+    if tps and tp not in tps:
+        raise InputError(f"the checkpoint {ckpt.dir} has {strategy.label} with N={cfg.nblocks} blocks: "
+                         f"it runs at --tensor-model-parallel-size in {tps}, not {tp}")
     for field, dest in FLAG_OF.items():
-        if (field == "nblocks" and cfg.method != "bdlora") or (field == "sharding" and
-                                                               cfg.method == "bdlora") or \
-                (field == "rank" and "match_lora_rank_params" in given):
+        if field in strategy.ignores or (field == "rank" and "match_lora_rank_params" in given):
             continue  # a field the adapter does not use, or one the user derives otherwise
         value = getattr(cfg, field)
         if dest not in given:

@@ -9,6 +9,7 @@ import json
 import os
 
 from megatron_bdlora.adapters.layout import BD_A, BD_B, BY_NAME, divisors, projection_shapes
+from megatron_bdlora.adapters.strategies import STRATEGIES
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -17,9 +18,7 @@ SWITCH = "MEGATRON_BDLORA_VLLM"
 
 def packed_shapes(proj: str, in_features: int, out_features: int, r: int, n: int) -> tuple:
     """(A, B) shapes PEFT stores for a use_bdlora projection (its block-diagonal side packed)."""
-    if BY_NAME[proj].kind == "column":
-        return (r, in_features), (out_features, r // n)
-    return (r, in_features // n), (out_features, r)
+    return STRATEGIES["bd"].hf_shapes(BY_NAME[proj].kind, in_features, out_features, r, n, packed=True)
 
 
 def read_adapter(path: str) -> tuple:
