@@ -4,6 +4,8 @@ stock --fully-sharded-loras (S-LoRA) on the same adapter (its dense copy, which 
 and fully sharded, serves with the same tokens). Stock default LoRA holds all R ranks of A on every
 rank; the plugin R/t."""
 
+import pytest
+
 from megatron_bdlora.serving.collectives import per_step
 
 from tests_serving.helpers import MAX_RANK, PROMPTS, dense_copy, engine, generate, lora_request
@@ -11,6 +13,7 @@ from tests_serving.helpers import MAX_RANK, PROMPTS, dense_copy, engine, generat
 NAME = "bd_r8_n2"
 
 
+@pytest.mark.timeout(1800)  # three more engines start here
 def test_bd_collectives_equal_the_base(bd_tp2, base_dir, adapters, references, tmp_path):
     dense = dense_copy(adapters[NAME], str(tmp_path / "dense"))
     bd = lora_request(NAME, adapters[NAME])
