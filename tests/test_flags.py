@@ -48,6 +48,13 @@ def test_refused_megatron_flags_say_why(flag, tmp_path):
         parse_args([*BASE, "--config", cfg])
 
 
+def test_docs_list_the_refused_flags():
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "megatron_flags.md")) as f:
+        doc = f.read()
+    assert all(f"`{name}`" in doc for name in flags.REFUSED)
+    assert all(d in doc for d in flags.megatron_differences([]))
+
+
 def test_megatron_names_and_meanings(tmp_path):
     a = parse_args([*BASE, "--valid-data-path", os.__file__, "--recompute-activations",
                     "--lr-decay-iters", "50", "--lr-warmup-fraction", "0.1", "--adam-eps", "1e-6"])
@@ -105,6 +112,7 @@ def test_exit_conditions():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # no handler when off
     assert exit_status("SIGTERM") == exit_status("exit-interval") == EXIT_RESUME
     assert exit_status(None) == exit_status("exit-after-iters") == 0
+    assert exit_status("SIGTERM", saved=False) == 143 and exit_status("exit-interval", saved=False) == 0
 
 
 def test_timers_and_throughput():
