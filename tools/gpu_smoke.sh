@@ -337,6 +337,7 @@ c = json.load(open(report))["config"]
 flags = ["--model-preset", c["preset"], "--micro-batch-size", c["batch"], "--seq-length", c["seq_len"],
          "--adapter", "bdlora", "--lora-rank", c["bd_rank"], "--bd-nblocks", c["bd_nblocks"],
          "--overhead-gb", 0, "--json"]  # overhead 0: the allocator's part (no CUDA context, NCCL)
+flags += ["--bf16"] if c["dtype"] == "bf16" else []  # the estimator takes the trainer's dtype flag
 est = json.loads(subprocess.check_output([sys.executable, estimator, *map(str, flags)]))
 predicted = est["train_total"]
 record = {"predicted_bytes": predicted, "config": {k: c[k] for k in ("preset", "batch", "seq_len",
