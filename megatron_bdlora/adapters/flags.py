@@ -3,6 +3,7 @@
 from megatron_bdlora.adapters.config import AdapterConfig
 from megatron_bdlora.adapters.layout import check
 from megatron_bdlora.adapters.param_count import adapter_params, match_bd_rank
+from megatron_bdlora.adapters.strategies import for_adapter
 
 # AdapterConfig field -> the trainer flag (argparse dest) that sets it; pre-flight's --load
 # resolution reads the same table
@@ -23,7 +24,7 @@ def adapter_config(args, hf: dict, say=None) -> AdapterConfig | None:
     rank = args.lora_rank
     common = {field: getattr(args, FLAG_OF[field]) for field in _COMMON}
     common.update(target_modules=tuple(common["target_modules"]), seed=args.seed)
-    if args.adapter == "bdlora" and args.match_lora_rank_params:
+    if for_adapter(args.adapter, args.lora_sharding).has_blocks and args.match_lora_rank_params:
         lora = AdapterConfig(method="lora", rank=args.match_lora_rank_params, **common)
         rank = match_bd_rank(hf, lora, args.bd_nblocks)
         if say:
