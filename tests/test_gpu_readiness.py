@@ -5,8 +5,8 @@
   gradient's norm;
 - evaluation sees the same records every call: the first --eval-iters global batches (each
   record once when the set is smaller);
-- --recompute-activations with adapters (frozen base): the loss and every adapter gradient equal
-  the plain run's;
+- full recompute (--recompute-granularity full) and selective (--recompute-activations, Megatron's
+  meaning) with adapters (frozen base): the loss and every adapter gradient equal the plain run's;
 - the RNG state (CPU generator + Megatron's tracker) round-trips through a checkpoint.
 """
 
@@ -122,7 +122,9 @@ def _rank(tmp):
 
     # ---- recompute with adapters vs plain ----
     res = {}
-    for tag, extra in (("plain", []), ("recompute", ["--recompute-activations"])):
+    full = ["--recompute-granularity", "full", "--recompute-method", "uniform",
+            "--recompute-num-layers", 1]
+    for tag, extra in (("plain", []), ("full", full), ("selective", ["--recompute-activations"])):
         seed_model_parallel(1234)  # the same random base for both
         m, _ = trainer.build(_args(tmp, *extra))
         _randomise_b(m)
@@ -172,12 +174,13 @@ def test_gpu_readiness_semantics(tmp_path):
         assert abs(ev["first"]["loss"] - ev["ref_loss"]) <= 1e-5 * ev["ref_loss"]
         assert ev["whole"] == ev["all_tokens"]
 
-        plain, rec = r["recompute"]["plain"], r["recompute"]["recompute"]
-        assert abs(plain["loss"] - rec["loss"]) <= 1e-6 * abs(plain["loss"])
-        assert plain["grads"].keys() == rec["grads"].keys() and len(plain["grads"]) > 0
-        for name, g in plain["grads"].items():
-            assert g.abs().sum() > 0, name
-            torch.testing.assert_close(rec["grads"][name], g, rtol=1e-5, atol=1e-7)
+        plain = r["recompute"]["plain"]
+        for rec in (r["recompute"]["full"], r["recompute"]["selective"]):
+            assert abs(plain["loss"] - rec["loss"]) <= 1e-6 * abs(plain["loss"])
+            assert plain["grads"].keys() == rec["grads"].keys() and len(plain["grads"]) > 0
+            for name, g in plain["grads"].items():
+                assert g.abs().sum() > 0, name
+                torch.testing.assert_close(rec["grads"][name], g, rtol=1e-5, atol=1e-7)
 
         assert torch.equal(r["rng"]["expected"], r["rng"]["again"])
     # DP ranks hold the same (synced) gradient
