@@ -95,12 +95,12 @@ class Strategy:
     (`column`, `row`) and the class facts below; everything else derives from them."""
 
     name: str                   # recorded in checkpoints and benchmarks; --lora-sharding value
-    method: str = "lora"        # AdapterConfig.method / --adapter that selects it
+    method: str                 # AdapterConfig.method / --adapter that selects it
     label: str                  # the method's name in messages
+    ignores: tuple              # AdapterConfig fields it does not read
     blocked: dict = {}          # layer kind -> "A" | "B": the factor kept as N diagonal blocks
     u_collective: dict = {}     # layer kind -> collective on u (between shrink and expand)
     delta_gathers: dict = {}    # layer kind -> "A" | "B": gathered whole for this rank's ΔW
-    ignores: tuple = ("nblocks",)  # AdapterConfig fields it does not read
 
     # ---- factors --------------------------------------------------------------------------
     def column(self, fan_in: int, out: int, r: int, n: int) -> tuple:
@@ -183,8 +183,9 @@ class Strategy:
     def rank_slice(self, kind: str, a, b, n: int, tp: int, rank: int) -> tuple:
         """(A_i, B_i) dense factors TP rank `rank` of `tp` holds of one projection, from its HF
         form (PEFT-packed where blocked): each rank then runs an ordinary LoRA on its shard."""
-        fa, fb = self.projection(kind, a.shape[-1] * (n if self.blocked.get(kind) == "A" else 1),
-                                 b.shape[0], a.shape[0], n)
+        # the Factors give the shard dims and blocks (fan-in unpacked: a packed A holds in/N)
+        fan_in = a.shape[-1] * (n if self.blocked.get(kind) == "A" else 1)
+        fa, fb = self.projection(kind, fan_in, b.shape[0], a.shape[0], n)
         out = []
         for side, f, t in (("A", fa, a), ("B", fb, b)):
             t = self.from_hf(kind, side, t, n)
@@ -260,7 +261,7 @@ class BlockDiagonal(Strategy):
 class _LoRA(Strategy):
     """Plain LoRA: dense A (r, in), B (out, r); its subclasses differ in how they split them."""
 
-    label = "LoRA"
+    method, label, ignores = "lora", "LoRA", ("nblocks",)
 
 
 class SLoRA(_LoRA):
