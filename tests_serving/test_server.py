@@ -1,7 +1,7 @@
 """The OpenAI-compatible server: `vllm serve BASE --enable-lora --lora-modules bd=DIR
 --tensor-parallel-size 2` with MEGATRON_BDLORA_VLLM=1 answers a completion for the BD adapter
 with transformers + PEFT's tokens, through the OpenAI client; loading a refused adapter at run
-time answers an error naming it and the server keeps serving."""
+time answers an error naming it and the server keeps serving (and loads the next adapter)."""
 
 import os
 import socket
@@ -63,8 +63,8 @@ def test_server_answers_a_bd_completion(server, adapters, references):
 
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
 
-    def complete():
-        r = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0,
+    def complete(model=NAME):
+        r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0,
                                       extra_body={"return_token_ids": True, "ignore_eos": True})
         return r.model_dump()["choices"][0]["token_ids"]
 
@@ -73,3 +73,8 @@ def test_server_answers_a_bd_completion(server, adapters, references):
                       json={"lora_name": "dense", "lora_path": adapters["dense"]}, timeout=60)
     assert r.status_code >= 400 and "is a dense LoRA" in r.text, (r.status_code, r.text[:500])
     assert complete() == references[NAME][0]
+    late = "bd_r8_n2"  # a BD adapter loaded at run time after the refusal
+    r = requests.post(f"{server}/v1/load_lora_adapter", json={"lora_name": late, "lora_path": adapters[late]},
+                      timeout=120)
+    assert r.status_code == 200, r.text[:500]
+    assert complete(late) == references[late][0]

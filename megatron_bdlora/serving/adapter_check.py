@@ -1,8 +1,10 @@
 """The BD plugin's refusals of a PEFT adapter directory, one line each (docs/design.md §4, §9).
 
-vLLM runs these in its worker before loading an adapter, so a refused adapter fails its own
-load request (the engine and the server keep serving the others). vLLM's own checks (rank above
---max-lora-rank, DoRA, bias, ...) still run after these.
+The plugin runs `check_dir` in vLLM's engine core before an adapter load reaches the workers
+(a failed worker call at TP > 1 would leave the other workers' replies queued for the next call),
+and again in each worker before it loads one (a request naming an adapter not loaded yet). A
+refused adapter fails its own load request; the engine and the server keep serving the others.
+vLLM's own checks (DoRA, bias, ...) still run after these.
 """
 
 import json
@@ -32,10 +34,16 @@ def read_adapter(path: str) -> tuple:
     return cfg, shapes
 
 
-def check_adapter(name: str, cfg: dict, shapes: dict, hf: dict, tp: int) -> None:
-    """Refuse (ValueError, one line) what the BD layers cannot serve exactly at TP size `tp` on
-    base model `hf` (its config dict): dense adapters, N not divisible by TP, other BD sides, per-
-    module ranks, shapes of another base."""
+def check_dir(name: str, path: str, hf: dict, tp: int, max_rank: int) -> None:
+    """`check_adapter` on an adapter directory (a missing one: vLLM's own not-found error)."""
+    if os.path.isdir(path):
+        check_adapter(name, *read_adapter(path), hf, tp, max_rank)
+
+
+def check_adapter(name: str, cfg: dict, shapes: dict, hf: dict, tp: int, max_rank: int) -> None:
+    """Refuse (ValueError, one line) what the BD layers cannot serve exactly at TP size `tp` and
+    --max-lora-rank `max_rank` on base model `hf` (its config dict): dense adapters, N not
+    divisible by TP, r above max_rank, other BD sides, per-module ranks, another base's shapes."""
     bd = cfg.get("use_bdlora")
     if not bd:
         raise ValueError(f"adapter {name!r} is a dense LoRA: with {SWITCH}=1 vLLM serves BD-LoRA "
@@ -49,6 +57,9 @@ def check_adapter(name: str, cfg: dict, shapes: dict, hf: dict, tp: int) -> None
         raise ValueError(f"adapter {name!r} has {n} blocks, which do not split over "
                          f"--tensor-parallel-size {tp}; serve it at a tensor-parallel size in "
                          f"{divisors(n)}")
+    if r > max_rank:
+        raise ValueError(f"adapter {name!r}: LoRA rank {r} is greater than max_lora_rank {max_rank}; "
+                         f"serve it with --max-lora-rank >= {r}")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise ValueError(f"adapter {name!r}: per-module rank_pattern / alpha_pattern are not "
                          "supported for BD-LoRA; use one r and lora_alpha")

@@ -60,8 +60,10 @@ class CollectiveCounter:
 
 def per_step(llm, run, decode_steps: int = 4) -> dict:
     """{"prefill" | "decode": {op: (calls, bytes)}} per engine step on TP rank 0: `run(max_tokens)`
-    sends one batch (the same each time; no prefix cache), once with 1 token (its prefill step)
-    and once with 1 + decode_steps (the difference: the decode steps)."""
+    sends one request (the same each time; no prefix cache), once for 1 token (its prefill step)
+    and once for 1 + decode_steps (the difference: the decode steps). One request, because the
+    engine may start a step before all of a batch has arrived (then a batch's prefill takes
+    several steps, and decode steps mix with prefill)."""
     def count(max_tokens):
         llm.collective_rpc("bdlora_count_reset")
         run(max_tokens)
