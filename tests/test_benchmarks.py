@@ -166,6 +166,9 @@ def test_training_script_smoke_tp2_dp2(torchrun_tool):
             assert key in v
     res = out["results"]
     assert res["bd"]["tp_collectives_equal_base"] is True
-    # DP: one flat all-reduce of the adapter gradients per step; none for the frozen base
-    assert "grad_sync" not in res["base"]["collectives_per_phase"]
-    assert res["bd"]["collectives_per_phase"]["grad_sync"]["all_reduce"]["calls"] == 1
+    # after the backward (Megatron's finalize_model_grads), over DP: the token count, and for bd
+    # its DDP bucket of adapter gradients; no TP collective (frozen norms)
+    base_sync, bd_sync = (res[m]["collectives_per_phase"]["grad_sync"] for m in ("base", "bd"))
+    assert base_sync["all_reduce[dp]"] == {"calls": 1, "bytes": 4}
+    assert bd_sync["all_reduce[dp]"]["calls"] == 2 and bd_sync["all_reduce[dp]"]["bytes"] > 4
+    assert "all_reduce" not in bd_sync and "optimizer" not in res["base"]["collectives_per_phase"]

@@ -2,7 +2,8 @@
 (training/checkpointing.py), at TP=2 x DP=2 on gloo: the distributed optimizer trains as the
 plain one; its Adam state is saved as global tensors in the TP-independent adapter layout (the
 DP shards put together) and equals the plain optimizer's; a save and load continue bit-exactly
-at the same layout and closely at TP=1 x DP=1 with the plain optimizer."""
+at the same layout and closely at TP=1 x DP=1 with the plain optimizer; a non-finite gradient
+skips the step (--skip-nonfinite) or stops the run."""
 
 import pytest
 import torch
@@ -30,14 +31,15 @@ class _Position:
         self.pos = state["pos"]
 
 
-def _flags(ckpt, distributed):
+def _flags(ckpt, distributed, extra=()):
     from megatron_bdlora.training.arguments import build_parser
 
     return build_parser().parse_args(["--lr", "1e-2", "--lr-warmup-iters", "2", "--clip-grad", "0.5",
-                                      "--save", ckpt] + ["--use-distributed-optimizer"] * distributed)
+                                      "--save", ckpt, *extra]
+                                     + ["--use-distributed-optimizer"] * distributed)
 
 
-def _engine(hf, sd, ckpt, distributed):
+def _engine(hf, sd, ckpt, distributed, extra=()):
     from megatron_bdlora.training.checkpointing import CheckpointManager, TrainState
     from megatron_bdlora.training.engine import Engine
 
@@ -47,7 +49,7 @@ def _engine(hf, sd, ckpt, distributed):
         for n, p in sorted(model.named_parameters()):
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    args = _flags(ckpt, distributed)
+    args = _flags(ckpt, distributed, extra)
     engine = Engine(model, args)
     state = TrainState()
     return engine, state, CheckpointManager(args, engine, _Position(), state, {}, say=lambda *_: None)
@@ -89,6 +91,29 @@ def _tp2dp2(hf, sd, ckpt):
     manager.load(f"{ckpt}/d1")
     out["resumed"] = {"step": state.step, "after": _train(engine, state, 1, mb),
                       "adapter": global_adapter_state(engine.model)}
+    out["nonfinite"] = _nonfinite(hf, sd, ckpt, mb)
+    return out
+
+
+def _nonfinite(hf, sd, ckpt, mb):
+    """A NaN gradient (one adapter factor's, on every rank): the engine skips the step with
+    --skip-nonfinite (weights untouched, on every rank alike), and stops the run naming it without."""
+    from megatron_bdlora.adapters import global_adapter_state
+    from megatron_bdlora.training.nonfinite import NonFiniteError
+
+    out = {}
+    for skip in (True, False):
+        engine, state, _ = _engine(hf, sd, f"{ckpt}/nf", False, ["--skip-nonfinite"] * skip)
+        _train(engine, state, 1, mb)
+        before = global_adapter_state(engine.model)
+        p = next(p for p in engine.model.parameters() if p.requires_grad)
+        p.register_hook(lambda g: g * float("nan"))
+        try:
+            r = engine.step(mb, state.step)
+            out[skip] = {"skipped": r.skipped, "unchanged": all(
+                torch.equal(v, before[k]) for k, v in global_adapter_state(engine.model).items())}
+        except NonFiniteError as e:
+            out[skip] = {"error": str(e)}
     return out
 
 
@@ -143,6 +168,14 @@ def test_optimizer_state_global_and_equal(results):
             for k, v in ref["moments"].items():
                 assert v.abs().max() > 0, k
                 assert _rel(got["moments"][k], v) < 1e-5, (distributed, k)
+
+
+def test_nonfinite_gradient_skipped_or_stops(results):
+    tp2, _ = results
+    for rank in tp2:
+        nf = rank["nonfinite"]
+        assert nf[True] == {"skipped": True, "unchanged": True}
+        assert nf[False]["error"].startswith("step 2: the gradient norm is nan"), nf[False]
 
 
 def test_resume_bit_exact_and_across_tp(results):

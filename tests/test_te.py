@@ -307,7 +307,9 @@ def test_trainer_runs_te_layers(setup):
         assert abs(a - b) <= 1e-5 * abs(a), (local_losses, te_losses)
     assert local_ckpt.keys() == te_ckpt.keys()
     for k, v in local_ckpt.items():
-        assert _close(te_ckpt[k], v), k
+        # 1e-4: Adam's first steps scale each update by 1/sqrt(v), so an element whose gradient
+        # is near zero carries the two layer kinds' fp32 rounding difference into the weights
+        assert _close(te_ckpt[k], v, rtol=1e-4), k
 
 
 def test_te_flag_refused_without_te_in_one_line():
