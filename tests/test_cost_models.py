@@ -169,18 +169,21 @@ def test_recipes_pass_config_validation(recipe):
     assert cfg.method == "bdlora" and cfg.nblocks % args.tensor_model_parallel_size == 0
 
 
-def _local_params(hf, cfg):
-    """(all parameters, trainable parameters) of this rank's model as the trainer builds it:
-    adapters applied (the base frozen), or every weight trained (--adapter none)."""
+def _local_params(hf, configs):
+    """{name: (all parameters, trainable parameters)} of this rank's model as the trainer builds
+    it: adapters applied (the base frozen), or every weight trained (--adapter none)."""
     from megatron_bdlora.adapters import apply_adapters
     from megatron_bdlora.models.llama import build_model
     from megatron_bdlora.parallel import tp_rank_size
 
-    model = build_model(hf, tp=tp_rank_size()[1])
-    if cfg is not None:
-        apply_adapters(model, cfg)
-    return (sum(p.numel() for p in model.parameters()),
-            sum(p.numel() for p in model.parameters() if p.requires_grad))
+    out = {}
+    for name, cfg in configs.items():
+        model = build_model(hf, tp=tp_rank_size()[1])
+        if cfg is not None:
+            apply_adapters(model, cfg)
+        out[name] = (sum(p.numel() for p in model.parameters()),
+                     sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return out
 
 
 def test_memory_estimate_counts_the_built_model():
@@ -194,10 +197,10 @@ def test_memory_estimate_counts_the_built_model():
     hf = get_preset("tiny")
     configs = {"bd": AdapterConfig(method="bdlora", rank=4, nblocks=2),
                "slora": AdapterConfig(method="lora", rank=4, sharding="slora"), "none": None}
+    counts = run_distributed(_local_params, 2, 2, hf, configs)
+    assert counts[0] == counts[1]
     for name, cfg in configs.items():
-        counts = run_distributed(_local_params, 2, 2, hf, cfg)
-        assert counts[0] == counts[1]
-        total, trainable = counts[0]
+        total, trainable = counts[0][name]
         assert mm.base_weight_params(hf, 2) + mm.adapter_local_params(hf, cfg, 2) == total, name
         est = mm.estimate(hf, tp=2, seq=16, adapter=cfg, bf16=True)
         assert est["trainable_params_per_gpu"] == trainable, name
