@@ -21,6 +21,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "wandb>=0.18",
+        "tensorboard>=2.14",  # --tensorboard-dir (torch.utils.tensorboard writes through it)
         "matplotlib>=3.8",
     ],
     extras_require={
