@@ -230,7 +230,8 @@ class Trainer:
             logger.advance()
             logger.log(step, last, show=step % args.log_interval == 0 or step == 1)
             if self.eval_it is not None and args.eval_interval and step % args.eval_interval == 0:
-                ev = evaluate(self.model, self.eval_it, args.eval_iters)
+                with self.timers("eval"):  # in the next step's record (--timing-log-level 2)
+                    ev = evaluate(self.model, self.eval_it, args.eval_iters)
                 last["eval_loss"] = ev["loss"]
                 logger.log(step, {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"]})
             stop = self.checkpoint_or_stop()
