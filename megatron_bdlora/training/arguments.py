@@ -203,9 +203,10 @@ def validate(args, world: int) -> None:
         raise InputError("give --lr-warmup-fraction or --lr-warmup-iters, not both")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world % (tp * pp):
-        raise InputError(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} "
-                         f"does not divide the world size {world}; launch a multiple of {tp * pp} "
-                         "processes")
+        sizes = f"--tensor-model-parallel-size {tp}" + \
+            (f" x --pipeline-model-parallel-size {pp}" if pp > 1 else "")
+        raise InputError(f"{sizes} does not divide the world size {world}; launch a multiple of "
+                         f"{tp * pp} processes")
     dp = world // (tp * pp)
     if pp > 1 or args.num_layers_per_virtual_pipeline_stage:  # the trainer builds one stage
         raise InputError("pipeline parallelism (--pipeline-model-parallel-size > 1, "
