@@ -161,8 +161,17 @@ def test_recipes_pass_config_validation(recipe):
 
     import yaml
 
+    from megatron_bdlora.errors import InputError
+
     pp = yaml.safe_load(recipe.read_text()).get("pipeline-model-parallel-size", 1)
-    args = parse_args(["--config", str(recipe), "--transformer-impl", "local"], world_size=8 * pp)
+    argv = ["--config", str(recipe), "--transformer-impl", "local"]
+    if pp > 1:  # the trainer refuses PP in one line until its pipeline schedule lands (issue 24)
+        try:
+            parse_args(argv, world_size=8 * pp)
+        except InputError as e:
+            assert "pipeline parallelism" in str(e)
+            return
+    args = parse_args(argv, world_size=8 * pp)
     hf = get_preset(recipe.name.split("_")[0])
     assert args.hf_checkpoint.lower().endswith(recipe.name.split("_")[0].replace("llama", "llama-"))
     cfg = adapter_config(args, hf)
