@@ -67,7 +67,7 @@ def per_step(llm, run, decode_steps: int = 4) -> dict:
     def count(max_tokens):
         llm.collective_rpc("bdlora_count_reset")
         run(max_tokens)
-        return llm.collective_rpc("bdlora_count_read")[0]
+        return {op: tuple(v) for op, v in llm.collective_rpc("bdlora_count_read")[0].items()}  # RPC: lists
 
     prefill, total = count(1), count(1 + decode_steps)
     decode = {op: tuple((v - prefill.get(op, (0, 0))[i]) / decode_steps for i, v in enumerate(vals))
