@@ -44,18 +44,20 @@ def test_block_shards_add_up(n):
     arithmetic without an engine)."""
     import torch
 
-    from megatron_bdlora.serving.bd_shards import column_shard, row_shard
+    from megatron_bdlora.adapters.strategies import COLUMN, ROW, STRATEGIES
+
+    bd = STRATEGIES["bd"]
 
     gen = torch.Generator().manual_seed(n)
     r, nb, out, inp = 8, 4, 16, 12
     a, b_packed = torch.randn(r, inp, generator=gen), torch.randn(out, r // nb, generator=gen)
     full = torch.block_diag(*b_packed.chunk(nb, 0)) @ a  # column: (out, in)
     t = 2 * n if nb % (2 * n) == 0 else 2
-    rows = [(lambda ab: ab[1] @ ab[0])(column_shard(a, b_packed, t, i)) for i in range(t)]
+    rows = [(lambda ab: ab[1] @ ab[0])(bd.rank_slice(COLUMN, a, b_packed, nb, t, i)) for i in range(t)]
     torch.testing.assert_close(torch.cat(rows), full)
     a_packed, b = torch.randn(r, inp // nb, generator=gen), torch.randn(out, r, generator=gen)
     full = b @ torch.block_diag(*a_packed.chunk(nb, 0))  # row: (out, in)
-    parts = [row_shard(a_packed, b, nb, t, i) for i in range(t)]
+    parts = [bd.rank_slice(ROW, a_packed, b, nb, t, i) for i in range(t)]
     x = torch.randn(3, inp, generator=gen)
     got = sum(xi @ ai.T @ bi.T for xi, (ai, bi) in zip(x.chunk(t, 1), parts))
     torch.testing.assert_close(got, x @ full.T)

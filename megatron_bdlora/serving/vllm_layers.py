@@ -2,7 +2,7 @@
 
 Subclasses of vLLM's stock merged-QKV, merged gate/up and row-parallel LoRA layers: they
 allocate buffers of R/t ranks (R = --max-lora-rank, t = the TP size) and `set_lora` stores only
-this rank's blocks (`bd_shards`); the stock `apply` / `forward` do the math, so the column
+this rank's blocks (`adapters/strategies.py` `rank_slice`); the stock `apply` / `forward` do the math, so the column
 outputs stay local and the row outputs join the base layer's own all-reduce: no collective is
 added. Adapters reach `set_lora` checked (`adapter_check`); the only other input is vLLM's
 warm-up dummy, whose zero factors leave a slot empty.
@@ -16,7 +16,10 @@ from vllm.lora.layers import (
 )
 
 from megatron_bdlora.serving.adapter_check import SWITCH
-from megatron_bdlora.serving.bd_shards import column_shard, row_shard
+from megatron_bdlora.adapters.strategies import COLUMN, ROW, STRATEGIES
+
+# what one TP rank holds of a PEFT-packed adapter: the strategy type owns it (docs/design.md §9)
+_BD = STRATEGIES["bd"]
 
 
 def _rank_per_tp(layer, lora_config) -> int:
@@ -64,7 +67,8 @@ class _BDColumn:
         for s, (a, b) in enumerate(zip(lora_a, lora_b)):
             if _is_empty(a, b):
                 continue
-            a_i, b_i = column_shard(a, b, self.tp_size, self.output_ids[s])
+            nblocks = a.shape[0] // b.shape[1]  # packed B: (out, r/N)
+            a_i, b_i = _BD.rank_slice(COLUMN, a, b, nblocks, self.tp_size, self.output_ids[s])
             _store(self.lora_a_stacked[s], index, a_i)
             _store(self.lora_b_stacked[s], index, b_i)
 
@@ -100,7 +104,7 @@ class BDRowParallelLinearWithLoRA(RowParallelLinearWithLoRA):
         if _is_empty(lora_a, lora_b):
             return
         nblocks = self.input_size * self.tp_size // lora_a.shape[1]  # packed A: (r, in/N)
-        a_i, b_i = row_shard(lora_a, lora_b, nblocks, self.tp_size, self.tp_rank)
+        a_i, b_i = _BD.rank_slice(ROW, lora_a, lora_b, nblocks, self.tp_size, self.tp_rank)
         _store(self.lora_a_stacked[0], index, a_i)
         _store(self.lora_b_stacked[0], index, b_i)
 
