@@ -1,11 +1,15 @@
-"""Transformer Engine layers (`--transformer-impl transformer_engine`) on CPU, against the TE
-STAND-IN (megatron_bdlora/te/standin.py: real TE needs CUDA). tests/gpu/test_te_gpu.py runs real TE.
+"""Transformer Engine layers (`--transformer-impl transformer_engine`) on CPU: Megatron-Core's
+own TE wrappers over a FAKE TE (tests/fake_te: real TE needs CUDA). tests/gpu/test_te_gpu.py runs
+real TE.
 
 One spawn per TP size (1, 2, 4) runs, with SP off and on: every strategy/layout on the TE spec
 against the local spec (loss, adapter grads, embedding grad, collectives), the column layers'
-input gradient against a dense reference, HF import/export, merge/unmerge, a multi-adapter batch
-and, at TP=2, adapter checkpoints moving between TE and local layers.
+input gradient against a dense reference, HF import/export, merge/unmerge, a multi-adapter batch,
+LoRA dropout (TP-invariant, with and without recompute), bf16 and, at TP=2, adapter checkpoints
+moving between TE and local layers.
 """
+
+import dataclasses
 
 import os
 import subprocess
@@ -27,18 +31,19 @@ TP_SIZES = (1, 2, 4)
 # SP off and on at TP=2; TP=4 runs SP on (the harder path) and, on local layers, only the base
 # and one BD adapter: 4 ranks share 2 cores, and the file must stay well under a minute.
 SP_RUNS = {1: (False,), 2: (False, True), 4: (True,)}
+DROPOUT = dataclasses.replace(CORE_CONFIGS["bd-canonical"], dropout=0.1)
 LOCAL_AT_TP4 = ("base", "bd-canonical")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _model(hf, sd, impl, sp, cfg=None, factors=None):
+def _model(hf, sd, impl, sp, cfg=None, factors=None, **kw):
     from megatron_bdlora.adapters import apply_adapters, load_global_adapter_state
     from megatron_bdlora.checkpoint.hf_mapping import load_base_weights, tensor_reader
     from megatron_bdlora.models.llama import build_model
     from megatron_bdlora.parallel import tp_rank_size
 
     model = build_model(hf, tp=tp_rank_size()[1], init=False, sequence_parallel=sp,
-                        transformer_impl=impl)
+                        transformer_impl=impl, **kw)
     load_base_weights(model, tensor_reader(sd), hf)
     if cfg is not None:
         apply_adapters(model, cfg)
@@ -95,9 +100,9 @@ def _worker(hf, sd, factors, ckpt_dir):
     from megatron_bdlora.inference.multi_adapter import adapter_batch, load_adapter_stack
     from megatron_bdlora.models.llama import forward_logits, gather_logits
     from megatron_bdlora.parallel import tp_rank_size
-    from megatron_bdlora.te import standin
+    from tests.fake_te import install
 
-    standin.install()
+    install()
     tp = tp_rank_size()[1]
     ids, labels = batch()
     vocab = hf["vocab_size"]
@@ -117,6 +122,10 @@ def _worker(hf, sd, factors, ckpt_dir):
                     "embedding_grad": model.embedding.word_embeddings.weight.grad.clone()}
         te = _model(hf, sd, "transformer_engine", sp, CONFIGS["bd-canonical"], factors["bd-canonical"])
         out[(sp, "input_grads")] = _column_input_grads(te, sp)
+        if tp < 4:
+            out.update(_dropout_runs(hf, sd, factors["bd-canonical"], sp, tp == 2 and sp))
+    if tp == 2:
+        out["bf16"] = _bf16_runs(hf, sd, factors["bd-canonical"])
 
     te = _model(hf, sd, "transformer_engine", False, CONFIGS["bd-fused"], factors["bd-fused"])
     out["te_names"] = sorted(n for n, _ in te.named_parameters())
@@ -142,6 +151,42 @@ def _worker(hf, sd, factors, ckpt_dir):
     if tp == 2:
         out["cross_load"] = _cross_load(hf, sd, factors["bd-canonical"], ckpt_dir, ids)
         out["trainer"] = _train(ckpt_dir)  # last: the trainer re-initialises parallel state
+    return out
+
+
+def _dropout_runs(hf, sd, factors, sp, recompute):
+    """One step with --lora-dropout 0.1 on local and TE layers (and, with `recompute`, full
+    activation recompute on TE layers), each from the same RNG seeds: loss, adapter grads and the
+    collectives."""
+    from megatron_bdlora.adapters import global_adapter_state
+    from megatron_bdlora.benchmarks.collectives import step_collectives
+    from megatron_bdlora.parallel.cpu_compat import seed_model_parallel
+
+    ids, labels = batch()
+    runs = [(impl, False) for impl in IMPLS] + [("transformer_engine", True)] * recompute
+    out = {}
+    for impl, rc in runs:
+        model = _model(hf, sd, impl, sp, DROPOUT, factors, recompute=rc)
+        seed_model_parallel(1234)
+        loss, counts = step_collectives(model, ids, labels)
+        out[(sp, impl, "dropout", rc)] = {"loss": loss.item(), "counts": counts,
+                                         "grads": global_adapter_state(model, lambda p: p.grad)}
+    return out
+
+
+def _bf16_runs(hf, sd, factors):
+    """TE vs local layers in bf16 (TP=2, SP): the fake TE checks every TE parameter has the
+    input's dtype, as TE does. Loss and adapter gradients (fp32)."""
+    from megatron_bdlora.adapters import global_adapter_state
+    from megatron_bdlora.models.llama import lm_loss
+
+    ids, labels = batch()
+    out = {}
+    for impl in IMPLS:
+        model = _model(hf, sd, impl, True, CONFIGS["bd-canonical"], factors, dtype=torch.bfloat16)
+        loss, _ = lm_loss(model, ids, labels)
+        loss.backward()
+        out[impl] = (loss.item(), global_adapter_state(model, lambda p: p.grad))
     return out
 
 
@@ -254,6 +299,35 @@ def test_te_collectives(setup):
             assert r[(sp, "transformer_engine", name)]["counts"] == base, (tp, sp, name)
 
 
+def test_lora_dropout_is_tp_invariant(setup):
+    """--lora-dropout 0.1: TP=2 (SP off and on) equals TP=1 on local and TE layers (every TP rank
+    applies TP=1's mask, adapters/dropout.py), full activation recompute redraws the same mask,
+    dropout changes the step, and BD-LoRA's collectives stay the base's (no mask is shared)."""
+    _, _, _, results = setup
+    ref = results[1][0][(False, "local", "dropout", False)]
+    no_dropout = results[1][0][(False, "local", "bd-canonical")]["loss"]
+    assert abs(ref["loss"] - no_dropout) > 1e-4 * abs(no_dropout)
+    for tp, sp in ((1, False), (2, False), (2, True)):
+        for r in results[tp]:
+            runs = {k: v for k, v in r.items() if k[:1] == (sp,) and k[2:3] == ("dropout",)}
+            assert len(runs) == (3 if tp == 2 and sp else 2)
+            for key, got in runs.items():
+                assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (tp, key)
+                for k, g in ref["grads"].items():
+                    assert _close(got["grads"][k], g), (tp, key, k)
+                if tp > 1 and not key[3]:  # (recompute repeats the forward's in backward)
+                    assert got["counts"] == r[(sp, key[1], "base")]["counts"], (tp, key)
+
+
+def test_te_bf16(setup):
+    """bf16 (TP=2, SP): TE and local layers agree within bf16 rounding."""
+    (l_loss, l_grads), (t_loss, t_grads) = (setup[3][2][0]["bf16"][impl] for impl in IMPLS)
+    assert abs(t_loss - l_loss) <= 1e-2 * abs(l_loss), (t_loss, l_loss)
+    for k, g in l_grads.items():
+        cos = torch.nn.functional.cosine_similarity(t_grads[k].flatten(), g.flatten(), dim=0)
+        assert g.abs().max() > 0 and cos > 0.99, (k, cos.item())
+
+
 def test_column_input_grad_includes_lora(setup):
     """Under SP the column layer's norm runs after our one all-gather, inside TE: its input
     gradient carries the LoRA branch's part (summed before the one reduce-scatter)."""
@@ -336,13 +410,17 @@ def test_te_flag_refused_without_te_in_one_line():
 
 
 def _layer_checks():
-    """Single TE (stand-in) layers under AdapterLinear: TE's returned bias comes back as the
-    bias, not added; a fused row bias and tp_comm_overlap are refused."""
+    """Megatron-Core's TE wrappers (over the fake TE) under AdapterLinear: TE's returned bias
+    comes back as the bias, not added; a fused row bias and the config real TE is not checked
+    under are refused; TE's collectives with and without the take-over (tests/te_checks.py)."""
+    from megatron.core.extensions.transformer_engine import (TELayerNormColumnParallelLinear,
+                                                             TERowParallelLinear)
     from megatron.core.transformer import TransformerConfig
 
     from megatron_bdlora.adapters.layers import AdapterLinear
     from megatron_bdlora.adapters.layer_types import TargetSpec
-    from megatron_bdlora.te import standin
+    from megatron_bdlora.te.adapter import REFUSED
+    from tests.te_checks import te_collective_calls
 
     def config(**kw):
         return TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
@@ -359,34 +437,53 @@ def _layer_checks():
             return type(e).__name__, str(e)
 
     def row(cfg, **kw):
-        return standin.StandInRowParallelLinear(16, 16, config=cfg, init_method=torch.nn.init.normal_,
-                                                input_is_parallel=True, is_expert=False, **kw)
+        return TERowParallelLinear(16, 16, config=cfg, init_method=torch.nn.init.normal_,
+                                   input_is_parallel=True, is_expert=False, **kw)
 
-    out = {"overlap": refusal(lambda: wrap(row(config(tp_comm_overlap=True), bias=False,
-                                                  skip_bias_add=True), "row")),
-           "fused_row_bias": refusal(lambda: wrap(row(config(), bias=True, skip_bias_add=False),
+    def column(cfg, **kw):
+        return TELayerNormColumnParallelLinear(16, 16, config=cfg, init_method=torch.nn.init.normal_,
+                                               gather_output=False, is_expert=False, **kw)
+
+    out = {"fused_row_bias": refusal(lambda: wrap(row(config(), bias=True, skip_bias_add=False),
                                                   "row"))}
-    column = standin.StandInLayerNormColumnParallelLinear(
-        16, 16, config=config(), init_method=torch.nn.init.normal_, gather_output=False, bias=True,
-        skip_bias_add=True, is_expert=False)
+    for flag in REFUSED:  # set after construction: the fake TE mirrors none of these
+        cfg = config()
+        layer = column(cfg, bias=False, skip_bias_add=True)
+        setattr(cfg, flag, True)
+        out[flag] = refusal(lambda: wrap(layer, "column"))
+    layer = column(config(), bias=True, skip_bias_add=True)
     with torch.no_grad():
-        column.bias.normal_()
-    adapted = wrap(column, "column")
+        layer.bias.normal_()
+    adapted = wrap(layer, "column")
     x = torch.randn(3, 2, 16)
     y, bias = adapted(x)
-    ln = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + column.eps)  # norm weight ones
-    out["returned_bias"] = (bias is column.bias, (y - ln @ column.weight.t()).abs().max().item())
+    ln = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layer.eps)  # norm weight ones
+    out["returned_bias"] = (bias is layer.bias, (y - ln @ layer.weight.t()).abs().max().item())
+    out["collectives"] = {take: te_collective_calls(take) for take in (False, True)}
     return out
 
 
 def test_te_bias_return_and_refusals(setup):
     checks = setup[3][1][0]["layer_checks"]
-    kind, msg = checks["overlap"]
-    assert kind == "InputError" and "tp_comm_overlap" in msg and "\n" not in msg
+    from megatron_bdlora.te.adapter import REFUSED
+
+    for flag in REFUSED:
+        kind, msg = checks[flag]
+        assert kind == "InputError" and flag in msg and "\n" not in msg, (flag, msg)
     assert checks["fused_row_bias"] == (
         "ValueError", "layer.row: row-parallel layer with a fused bias is not supported")
     is_param, err = checks["returned_bias"]
     assert is_param and err < 1e-5  # returned to the caller (bias-dropout-add), not added
+
+
+def test_take_over_leaves_te_no_collective(setup):
+    """TE's own collectives (patched to record calls): the expected ones without the take-over,
+    none with it. tests/gpu/test_te_gpu.py runs the same check on real TE."""
+    from tests.te_checks import TE_OWN
+
+    calls = setup[3][1][0]["layer_checks"]["collectives"]
+    assert calls[False] == TE_OWN
+    assert calls[True] == {"forward": {}, "backward": {}}
 
 
 BROKEN_TE = '''raise RuntimeError("libcudart.so.12: cannot open shared object file")\n'''

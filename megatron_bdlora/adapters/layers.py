@@ -37,6 +37,7 @@ import torch.nn as nn
 from megatron_bdlora.adapters import comm
 from megatron_bdlora.adapters import layout
 from megatron_bdlora.adapters.config import AdapterConfig
+from megatron_bdlora.adapters.dropout import LoRADropout
 from megatron_bdlora.adapters.layer_types import adds_bias_before_return
 from megatron_bdlora.adapters.layout import TargetSpec
 from megatron_bdlora.adapters.lowrank import Geometry, Slot, add_lowrank
@@ -93,7 +94,9 @@ class AdapterLinear(nn.Module):
         self.strategy = strategy_of(cfg)
         self.u_collective = self.strategy.u_collective.get(spec.kind)
         self.scale = cfg.scale
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        # TP-invariant (dropout.py): a row layer's input is this rank's chunk of the columns
+        self.dropout = (LoRADropout(cfg.dropout, *((tp_rank, tp_size) if spec.kind == ROW else ()))
+                        if cfg.dropout > 0 else nn.Identity())
         self.merged = False
         # Under sequence parallelism the adapter owns the layer's one SP collective: the column
         # layer's all-gather (the base's own turned off) and the row layer's reduce-scatter.

@@ -159,14 +159,18 @@ def seed_model_parallel(seed: int) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import random as mrandom
 
+    from megatron_bdlora.adapters.dropout import add_rng_state
+
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         mrandom.model_parallel_cuda_manual_seed(seed)
-        return
-    tracker = mrandom.get_cuda_rng_tracker()
-    tracker.reset()
-    # Same offsets as Megatron-Core: TP ranks differ for dropout inside TP regions.
-    tracker.add("model-parallel-rng", seed + 2718 + ps.get_tensor_model_parallel_rank())
-    tracker.add("data-parallel-rng", seed)
-    tracker.add("expert-parallel-rng", seed + 1024 + 100 * ps.get_expert_model_parallel_rank()
-                + ps.get_expert_tensor_parallel_rank())
+    else:
+        tracker = mrandom.get_cuda_rng_tracker()
+        tracker.reset()
+        # Same offsets as Megatron-Core: TP ranks differ for dropout inside TP regions.
+        tracker.add("model-parallel-rng", seed + 2718 + ps.get_tensor_model_parallel_rank())
+        tracker.add("data-parallel-rng", seed)
+        tracker.add("expert-parallel-rng", seed + 1024 + 100 * ps.get_expert_model_parallel_rank()
+                    + ps.get_expert_tensor_parallel_rank())
+    # LoRA dropout's own state, seeded alike on every TP rank (adapters/dropout.py)
+    add_rng_state(mrandom.get_cuda_rng_tracker(), seed)

@@ -4,9 +4,9 @@
   guarded isinstance checks (without TE, Megatron-Core's TE names are MagicMock objects);
 - `spec`: the decoder block spec of either implementation (`decoder_block_spec`);
 - `adapter`: what AdapterLinear needs from a TE layer (`take_over`: TE's own TP communication
-  off; `base_forward`: the base output and the LoRA input, a fused-norm layer's norm output);
-- `standin`: a CPU stand-in for the two TE classes, for tests only (never used unless a test
-  calls `standin.install()`).
+  off; `base_forward`: the base output and the LoRA input, a fused-norm layer's norm output).
+
+The CPU tests run Megatron-Core's TE wrappers over a fake TE (tests/fake_te, never installed).
 
 Nothing here imports Megatron-Core or TE at import time.
 """

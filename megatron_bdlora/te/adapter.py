@@ -16,20 +16,36 @@ from megatron_bdlora.errors import InputError
 from megatron_bdlora.te.guard import te_parallel_kind
 
 
+# Config under which TE would compute something the CPU tests (over a fake TE) do not check.
+REFUSED = {
+    "tp_comm_overlap": "TE userbuffer overlap of the TP collectives, which the adapters issue "
+                       "themselves; turn --tp-comm-overlap off",
+    "gradient_accumulation_fusion": "TE's wgrad fused into main_grad, a path the adapters' tests "
+                                    "never run",
+    "layernorm_zero_centered_gamma": "TE's norm would scale by 1 + weight, while HF norm weights "
+                                     "are the scale itself",
+}
+
+
 def take_over(base, kind: str, name: str) -> bool:
     """Switch a TE layer's own TP communication off; False (nothing done) for non-TE layers."""
     if te_parallel_kind(base) is None:
         return False
-    if base.config.tp_comm_overlap:
-        raise InputError(f"{name}: tp_comm_overlap (TE userbuffer overlap of the TP collectives) is "
-                         "not supported with adapters, which issue each layer's one collective "
-                         "themselves; turn --tp-comm-overlap off")
-    base.parallel_mode = None
-    base.sequence_parallel = False
-    if getattr(base, "layer_norm_weight", None) is not None:
-        base.return_layernorm_output = True
-        base.return_layernorm_output_gathered = False
+    for flag, why in REFUSED.items():
+        if getattr(base.config, flag):
+            raise InputError(f"{name}: {flag} ({why}) is not supported with adapters")
+    comm_off(base)
     return True
+
+
+def comm_off(layer) -> None:
+    """TE's own TP communication off (it reads these at every forward and keeps them for the
+    backward); a fused-norm layer returns its norm output, the LoRA input."""
+    layer.parallel_mode = None
+    layer.sequence_parallel = False
+    if getattr(layer, "layer_norm_weight", None) is not None:
+        layer.return_layernorm_output = True
+        layer.return_layernorm_output_gathered = False
 
 
 def base_forward(base, x, *args, **kwargs):

@@ -16,7 +16,7 @@ from megatron_bdlora.errors import InputError
 
 EXTRA = "pip install 'megatron-bdlora[gpu]'"
 _status = None     # "ok" | "absent" | "<exception>: <first line>" (installed but broken)
-_injected = ()     # (column class, row class): the stand-in, when a test installed it
+_injected = ()     # (column class, row class) a test installed (tests/fake_te)
 
 
 def probe() -> str:
@@ -62,7 +62,7 @@ def require_te() -> None:
 
 def layer_classes() -> tuple:
     """(fused-norm column class, row class) for the TE layer spec: Megatron-Core's
-    TELayerNormColumnParallelLinear / TERowParallelLinear, or the stand-in a test installed."""
+    TELayerNormColumnParallelLinear / TERowParallelLinear, or the classes a test installed."""
     if _injected:
         return _injected
     require_te()
@@ -85,6 +85,7 @@ def te_parallel_kind(module) -> str | None:
 
 
 def inject(column_cls, row_cls) -> None:
-    """Use these classes as the TE layers in this process (megatron_bdlora.te.standin only)."""
+    """Use these classes as the TE layers in this process, TE's import and CUDA checks skipped
+    (tests only: tests/fake_te.install, Megatron-Core's wrappers over a fake TE on CPU)."""
     global _injected
     _injected = (column_cls, row_cls)

@@ -1,9 +1,12 @@
 """Real Transformer Engine on a CUDA GPU (tools/gpu_smoke.sh stage `te`); skipped without both.
 
-TP=1, one process: TE vs local logits and adapter gradients within bf16 tolerance, TE's own
-collectives (none: the adapters switched them off, and TE issues the same as local layers),
-an FP8 forward/backward on Hopper that stays finite, and training tokens/s TE vs local on the
-Llama-3.2-1B shape (printed; run pytest with -s to see it).
+TP=1, one process: the adapters' take-over silences TE's own collectives (a column-parallel SP
+LayerNormLinear at tp_size=2, its collectives patched to record calls: the expected ones without
+the take-over, none with it; tests/te_checks.py, also run on the fake TE on CPU), TE vs local
+logits and adapter gradients within bf16 tolerance, and training tokens/s TE vs local on the
+Llama-3.2-1B shape (printed; run pytest with -s to see it). FP8 is not claimed: Megatron-Core
+keeps TE's first FP8 weight cache for the whole run without `config.fp8`, which the trainer does
+not set.
 """
 
 import os
@@ -73,6 +76,13 @@ def _batch(hf, b, s):
     return ids, torch.roll(ids, -1, 1)
 
 
+def test_take_over_silences_te_collectives():
+    from tests.te_checks import TE_OWN, te_collective_calls
+
+    assert te_collective_calls(False, "cuda") == TE_OWN
+    assert te_collective_calls(True, "cuda") == {"forward": {}, "backward": {}}
+
+
 def test_te_matches_local_and_issues_no_collectives():
     from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
 
@@ -101,26 +111,6 @@ def test_te_matches_local_and_issues_no_collectives():
     for k, g in l_grads.items():
         cos = torch.nn.functional.cosine_similarity(t_grads[k].flatten(), g.flatten(), dim=0)
         assert g.abs().max() > 0 and cos > 0.99, (k, cos.item())
-
-
-def test_fp8_forward_backward_finite_on_hopper():
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("FP8 needs Hopper (compute capability 9.0) or newer")
-    import transformer_engine.pytorch as tep
-    from transformer_engine.common.recipe import DelayedScaling
-
-    from megatron_bdlora.adapters import adapter_modules
-    from megatron_bdlora.models.llama import lm_loss
-
-    hf = {**LLAMA_1B, "num_hidden_layers": 2}
-    _, te = _pair(hf, _cfg())
-    ids, labels = _batch(hf, 2, 256)
-    with tep.fp8_autocast(enabled=True, fp8_recipe=DelayedScaling()):
-        loss, _ = lm_loss(te, ids, labels)
-    loss.backward()
-    grads = [p.grad for m in adapter_modules(te).values() for p in m.adapter_params().values()]
-    print(f"FP8 loss {loss.item():.4f}")
-    assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 def test_tokens_per_second_te_vs_local():
