@@ -142,6 +142,9 @@ def estimate(hf: dict, tp: int = 1, dp: int = 1, micro_batch: int = 1, seq: int 
         acts = full_acts
     in_flight = min(pp, num_microbatches)
     if layers_per_virtual_stage and pp > 1:
+        if stage_layers % layers_per_virtual_stage:
+            raise ValueError(f"--num-layers-per-virtual-pipeline-stage {layers_per_virtual_stage} "
+                             f"does not divide the {stage_layers} layers of a pipeline stage")
         vp = stage_layers // layers_per_virtual_stage
         in_flight *= 1 + (pp - 1) / (pp * vp)
     stages = stage_base_params(hf, tp, pp)
