@@ -2,7 +2,7 @@
 
 The ranks of each world size start once per test session and serve every later call: starting a
 rank (importing torch, Megatron-Core, transformers) costs seconds on 2 cores, more than most
-checks. Each call sets up its TP x DP groups and seeds as a fresh process would. Ranks are not
+checks. Each call sets up its TP x DP x PP groups and seeds as a fresh process would. Ranks are not
 reused after a call that failed, tore the process group down (the trainer's train() does) or
 rebound a global of the package (the TE stand-in, a monkeypatch it did not undo).
 """
@@ -56,10 +56,10 @@ def _serve(rank, world, port, tasks, results):
             continue
         if task is None:
             break
-        fn, tp, args = pickle.loads(task)
+        fn, tp, pp, vpp, args = pickle.loads(task)
         before = {}
         try:
-            init_distributed(tp, seed=1234)
+            init_distributed(tp, seed=1234, pipeline_parallel_size=pp, virtual_pipeline_size=vpp)
             before = _package_globals()
             # Plain pickle bytes: torch's queue pickler would share tensors through file
             # descriptors that vanish when this process exits before the parent has read them.
@@ -91,9 +91,10 @@ class _Ranks:
         for p in self.procs:
             p.start()
 
-    def run(self, fn, tp: int, args, timeout: float) -> tuple[list, bool]:
-        """fn(*args)'s per-rank results (rank order) and whether every rank can serve again."""
-        task = pickle.dumps((fn, tp, args))
+    def run(self, fn, layout: tuple, args, timeout: float) -> tuple[list, bool]:
+        """fn(*args)'s per-rank results (rank order) at `layout` (tp, pp, vpp) and whether every
+        rank can serve again."""
+        task = pickle.dumps((fn, *layout, args))
         for q in self.tasks:
             q.put(task)
         results, reusable = {}, True
@@ -120,14 +121,16 @@ _LOCK = threading.Lock()
 MAX_IDLE_RANKS = 7  # worlds 1, 2 and 4; an idle rank holds ~0.4 GB
 
 
-def run_distributed(fn, world_size: int, tp: int | None = None, *args, timeout: float = 600):
-    """Run fn(*args) on every rank; return the list of per-rank results (rank order)."""
+def run_distributed(fn, world_size: int, tp: int | None = None, *args, pp: int = 1,
+                    vpp: int | None = None, timeout: float = 600):
+    """Run fn(*args) on every rank; return the list of per-rank results (rank order). `tp`
+    (default: the world) x `pp` pipeline stages (`vpp` virtual stages per rank) x DP: the rest."""
     with _LOCK:  # taken out while in use: a concurrent call of the same size starts its own
         ranks = _IDLE.pop(world_size, None)
     ranks = ranks or _Ranks(world_size)
     reusable = False
     try:
-        out, reusable = ranks.run(fn, tp or world_size, args, timeout)
+        out, reusable = ranks.run(fn, (tp or world_size // pp, pp, vpp), args, timeout)
         return out
     finally:
         spare = []

@@ -9,44 +9,56 @@ from megatron_bdlora.adapters.layout import check_tensors
 from megatron_bdlora.errors import InputError
 
 
-def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> list:
-    """Wrap every target linear of `model` in an AdapterLinear; freeze everything else.
+def _chunks(model) -> list:
+    """A model or a pipeline rank's list of model chunks, as a list."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def apply_adapters(model, cfg: AdapterConfig) -> list:
+    """Wrap every target linear of `model` (a GPTModel, or this pipeline rank's list of chunks)
+    in an AdapterLinear; freeze everything else. Each adapter is named (and seeded) by its
+    global layer (models.llama.global_name): the names are the PP=1 ones at any PP.
 
     Raises if a target pattern matches nothing (a typo must not train a silently empty adapter).
     """
     from megatron.core import parallel_state as ps
 
+    from megatron_bdlora.models.llama import global_name
+
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    config = model.config
     found = {t: 0 for t in cfg.modules}
     wrappers = []
-    for name, module in list(model.named_modules()):
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf not in found or isinstance(module, AdapterLinear):
-            continue
-        parent = model.get_submodule(name.rsplit(".", 1)[0])
-        wrapper = AdapterLinear(module, target_spec(leaf, module, config), cfg, name, tp_rank, tp_size)
-        setattr(parent, leaf, wrapper)
-        wrappers.append(wrapper)
-        found[leaf] += 1
-    missing = [t for t, n in found.items() if n == 0]
+    for chunk in _chunks(model):
+        for p in chunk.parameters():
+            p.requires_grad_(False)
+        for name, module in list(chunk.named_modules()):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in found or isinstance(module, AdapterLinear):
+                continue
+            parent = chunk.get_submodule(name.rsplit(".", 1)[0])
+            wrapper = AdapterLinear(module, target_spec(leaf, module, chunk.config), cfg,
+                                    global_name(chunk, name), tp_rank, tp_size)
+            setattr(parent, leaf, wrapper)
+            wrappers.append(wrapper)
+            found[leaf] += 1
+        chunk.adapter_config = cfg
+    missing = [t for t, n in found.items() if n == 0]  # every stage holds decoder layers
     if missing:
         raise ValueError(f"adapter target modules {missing} match no module of the model; "
                          f"check --lora-target-modules")
-    model.adapter_config = cfg
     return wrappers
 
 
-def adapter_modules(model: nn.Module) -> dict:
-    """{module name: AdapterLinear}, names as in the unwrapped model (TP-independent)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
+def adapter_modules(model) -> dict:
+    """{module name: AdapterLinear} of a model or a pipeline rank's chunks, names as in the
+    unwrapped PP=1 model (TP- and PP-independent)."""
+    return {m.name: m for chunk in _chunks(model) for m in chunk.modules()
+            if isinstance(m, AdapterLinear)}
 
 
-def trainable_param_count(model: nn.Module) -> int:
-    """Parameters this rank trains (a BD-LoRA parameter lives on exactly one TP rank)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def trainable_param_count(model) -> int:
+    """Parameters this rank trains (a BD-LoRA parameter lives on exactly one TP and PP rank)."""
+    return sum(p.numel() for chunk in _chunks(model) for p in chunk.parameters() if p.requires_grad)
 
 
 def global_adapter_state(model: nn.Module, tensor_of=lambda p: p.detach()) -> dict:

@@ -7,6 +7,7 @@ transformers does (llama3 scaling constants from the config, never defaults), an
 """
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,8 @@ def rope_inv_freq(hf: dict) -> torch.Tensor:
 
 def transformer_config(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32,
                        recompute: bool | dict = False, init: bool = True,
-                       sequence_parallel: bool = False):
+                       sequence_parallel: bool = False, pp: int = 1, vpp: int | None = None):
+    """`pp` pipeline stages, `vpp` model chunks (virtual stages) per stage or None."""
     from megatron.core.transformer import TransformerConfig
 
     if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -78,6 +80,9 @@ def transformer_config(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        # the p2p buffers' dtype between stages (the activations')
+        pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
+        pipeline_dtype=dtype,
         sequence_parallel=sequence_parallel, perform_initialization=init,
         # Every fusion off on both devices, so a GPU runs the path the CPU tests run: RoPE,
         # gradient-accumulation and persistent-norm fusion need TE or apex; Megatron-Core's jit
@@ -93,35 +98,96 @@ def transformer_config(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32
     )
 
 
+def pipeline_layout() -> tuple[int, int | None]:
+    """(pipeline stages, virtual stages per pipeline rank or None) of this process's Megatron
+    parallel state (init_distributed); (1, None) before it."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 1, None
+    return (ps.get_pipeline_model_parallel_world_size(),
+            ps.get_virtual_pipeline_model_parallel_world_size())
+
+
 def build_model(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32,
                 recompute: bool | dict = False, init: bool = True, attention_backend: str = "sdpa",
-                sequence_parallel: bool = False, transformer_impl: str = "local"):
+                sequence_parallel: bool = False, transformer_impl: str = "local",
+                vp_stage: int | None = None):
     """A Megatron-Core GPTModel for a Llama config, this rank's TP shard (local layer spec with
     `attention_backend` core attention: sdpa or Megatron's local DotProductAttention; with
     `transformer_impl="transformer_engine"` its linears are TE's, megatron_bdlora/te/spec.py).
 
+    With pipeline parallelism (init_distributed's pipeline_parallel_size) it is this rank's
+    stage: virtual stage `vp_stage` (0.. with virtual stages, else None) holds only its decoder
+    layers (each with its global `layer_number`), the embedding on the first stage, the final
+    norm and output layer on the last (build_model_chunks builds a rank's chunks).
+
     `sequence_parallel` (TP > 1): activations outside the TP regions split along the sequence,
     so sequence lengths must be multiples of TP. Generation (KV-cached decode of one token) runs
     on a model built without it; the adapter is the same either way."""
+    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     from megatron_bdlora.te.spec import decoder_block_spec
 
     _cpu_compat()
-    cfg = transformer_config(hf, tp, dtype, recompute, init, sequence_parallel)
+    pp, vpp = pipeline_layout()
+    cfg = transformer_config(hf, tp, dtype, recompute, init, sequence_parallel, pp, vpp)
+    stage = {} if pp == 1 else dict(
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage)
     model = GPTModel(
-        cfg, decoder_block_spec(cfg, attention_backend, transformer_impl),
+        cfg, stage_block_spec(decoder_block_spec(cfg, attention_backend, transformer_impl), cfg,
+                              vp_stage),
         vocab_size=padded_vocab_size(hf["vocab_size"], tp),
         max_sequence_length=hf.get("max_position_embeddings", 8192),
         position_embedding_type="rope", rotary_base=int(hf_field(hf, "rope_theta", 10000.0)),
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
-        parallel_output=True,
+        parallel_output=True, **stage,
     )
     model.rotary_pos_emb.inv_freq = rope_inv_freq(hf).to(model.rotary_pos_emb.inv_freq.device)
     model.hf_config = dict(hf)
     if not init:
         _mark_tensor_parallel(model)
     return model
+
+
+def stage_block_spec(spec, cfg, vp_stage: int | None):
+    """The block spec (every layer's spec listed) cut to this pipeline stage's layers, as
+    Megatron-Core's get_gpt_decoder_block_spec does."""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    if cfg.pipeline_model_parallel_size == 1:
+        return spec
+    first = get_transformer_layer_offset(cfg, vp_stage)
+    layers = spec.layer_specs[first:first + get_num_layers_to_build(cfg, vp_stage)]
+    return dataclasses.replace(spec, layer_specs=layers)
+
+
+def build_model_chunks(hf: dict, **kw) -> list:
+    """This rank's model chunks (build_model's keywords): one per virtual stage, in order (one
+    GPTModel without virtual stages), what Megatron-Core's schedules and DDP take as `model`."""
+    _, vpp = pipeline_layout()
+    return [build_model(hf, vp_stage=v, **kw) for v in (range(vpp) if vpp else [None])]
+
+
+_LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def global_name(model, name: str) -> str:
+    """`name` (a module or parameter of the chunk `model`) with its decoder layer index made
+    global ("decoder.layers.<i>." counts from this chunk's first layer; Megatron's own
+    `layer_number` is global, 1-based): the PP=1 name, so what is named this way is
+    PP-independent."""
+    m = _LOCAL_LAYER.match(name)
+    if not m:
+        return name
+    layer = model.decoder.layers[int(m.group(1))].layer_number - 1
+    return f"decoder.layers.{layer}.{name[m.end():]}"
 
 
 def _mark_tensor_parallel(model) -> None:
@@ -148,6 +214,16 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     `model`: the GPTModel or Megatron's DDP around it (the training engine's)."""
     from megatron.core.utils import unwrap_model
 
+    logits = stage_forward(model, input_ids, attention_mask)
+    return _mask_padded_vocab(logits, unwrap_model(model).hf_config["vocab_size"])
+
+
+def stage_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """The model's (a pipeline stage's) output: the last stage's raw logits, another stage's
+    hidden states (s, b, h) for the next one; a stage after the first reads its input from
+    `set_input_tensor` (the pipeline schedule sets it), not from `input_ids`."""
+    from megatron.core.utils import unwrap_model
+
     b, s = input_ids.shape
     gpt = unwrap_model(model)
     tp = gpt.config.tensor_model_parallel_size
@@ -155,8 +231,7 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         raise ValueError(f"--sequence-parallel splits the sequence over {tp} TP ranks: sequence "
                          f"length {s} must be a multiple of {tp} (set --seq-length)")
     position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-    logits = model(input_ids, position_ids, attention_mask)
-    return _mask_padded_vocab(logits, gpt.hf_config["vocab_size"])
+    return model(input_ids, position_ids, attention_mask)
 
 
 def _mask_padded_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:

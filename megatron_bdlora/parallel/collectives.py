@@ -10,6 +10,11 @@ An op on the tensor-parallel group is recorded by its name ("all_reduce"); on an
 with the group's name appended: "all_reduce[dp]" (data parallel: the engine's gradient reduce and
 token count), "all_reduce[mp]" (model parallel: the grad norm), "broadcast[pp]", "[embd]",
 "[world]", "[other]".
+
+Pipeline point-to-point traffic goes through `batch_isend_irecv` (Megatron-Core's default
+`batch_p2p_comm`, which the model config keeps): each op in a batch is recorded as "send[pp]"
+or "recv[pp]" with its tensor's bytes. (`isend`/`irecv` themselves cannot be wrapped: `P2POp`
+accepts only the original functions.)
 """
 
 import contextlib
@@ -115,6 +120,16 @@ def count_collectives():
             return _fn(*args, **kwargs)
 
         setattr(dist, op, wrapper)
+    batch_p2p = originals["batch_isend_irecv"] = dist.batch_isend_irecv
+
+    def batch_wrapper(ops, *args, **kwargs):
+        for p2p in ops:
+            name = names.get(id(p2p.group), "other")
+            kind = "send" if p2p.op is dist.distributed_c10d.isend else "recv"
+            counts.record(f"{kind}[{name}]", _nbytes(p2p.tensor))
+        return batch_p2p(ops, *args, **kwargs)
+
+    dist.batch_isend_irecv = batch_wrapper
     # Megatron's mappings and layers (the SP gathers of trainable linears) bind these two at
     # import time; point the aliases at the wrappers.
     from megatron.core.tensor_parallel import layers, mappings

@@ -8,7 +8,9 @@ RoPE's ``inv_freq``), the default causal mask (built on "cuda"), the CUDA RNG tr
 (attention dropout and activation recompute fork the CUDA generator; on CPU they fork the CPU one),
 and the training engine's literal ``device="cuda"`` tensors (the schedules' token count, the
 optimizers', clipping's and the local multi-tensor l2 norm's small buffers) clipping's assertion that gradients are CUDA tensors, and the optimizers' sorting of
-parameters by CUDA type name.
+parameters by CUDA type name; with pipeline parallelism, the p2p code's
+``torch.cuda.synchronize`` after batched sends (nothing to wait for on CPU) and the tied
+embedding's copy to the GPU before its first-to-last-stage all-reduce.
 """
 
 import torch
@@ -113,6 +115,22 @@ def _cuda_type_names(init):
     return wrapped
 
 
+def _tensor_cuda_is_identity(fn):
+    """`fn` (LanguageModule.setup_embeddings_and_output_layer, which moves the tied embedding
+    ``.cuda()`` before all-reducing it over the first and last stages) with ``.cuda()`` leaving
+    a CPU tensor where it is."""
+
+    def wrapped(*a, **k):
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self
+        try:
+            return fn(*a, **k)
+        finally:
+            torch.Tensor.cuda = original
+
+    return wrapped
+
+
 def apply() -> None:
     """Install the CPU accommodations once; inert when CUDA is present."""
     global _applied
@@ -124,6 +142,7 @@ def apply() -> None:
     import megatron.core.transformer.utils as mutils
 
     torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *a, **k: None
 
     def causal_mask(sq: int) -> torch.Tensor:
         return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
@@ -152,6 +171,10 @@ def apply() -> None:
 
     for cls in (DistributedOptimizer, moptimizer.Float16OptimizerWithFloat16Params):
         cls.__init__ = _cuda_type_names(cls.__init__)
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    LanguageModule.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(
+        LanguageModule.setup_embeddings_and_output_layer)
 
 
 def seed_model_parallel(seed: int) -> None:

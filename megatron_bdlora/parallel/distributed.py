@@ -24,8 +24,11 @@ def check_local_devices() -> None:
                          "(--nproc-per-node) or check CUDA_VISIBLE_DEVICES")
 
 
-def init_distributed(tensor_parallel_size: int = 1, seed: int = 1234, timeout_minutes: int = 10) -> None:
-    """Initialise the process group (NCCL with GPUs, gloo without) and TP x DP groups.
+def init_distributed(tensor_parallel_size: int = 1, seed: int = 1234, timeout_minutes: int = 10,
+                     pipeline_parallel_size: int = 1, virtual_pipeline_size: int | None = None) -> None:
+    """Initialise the process group (NCCL with GPUs, gloo without) and Megatron-Core's TP x DP x PP
+    groups (`virtual_pipeline_size`: model chunks per pipeline rank, None without virtual stages;
+    Megatron-LM's --virtual-pipeline-model-parallel-size).
 
     Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as torchrun sets them;
     a plain `python script.py` is treated as a world of one. `timeout_minutes`: the collective
@@ -48,15 +51,20 @@ def init_distributed(tensor_parallel_size: int = 1, seed: int = 1234, timeout_mi
             kw["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(kw["device_id"])
         dist.init_process_group("nccl" if kw else "gloo", timeout=timedelta(minutes=timeout_minutes), **kw)
-    world = dist.get_world_size()
-    if world % tensor_parallel_size:
+    world, mp = dist.get_world_size(), tensor_parallel_size * pipeline_parallel_size
+    if world % mp:
         raise ValueError(
-            f"tensor-model-parallel-size {tensor_parallel_size} does not divide the world size "
-            f"{world}; launch a multiple of {tensor_parallel_size} processes"
+            f"tensor-model-parallel-size {tensor_parallel_size} x pipeline-model-parallel-size "
+            f"{pipeline_parallel_size} does not divide the world size {world}; launch a multiple "
+            f"of {mp} processes"
         )
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size,
+        distributed_timeout_minutes=timeout_minutes)
     cpu_compat.seed_model_parallel(seed)
 
 

@@ -7,6 +7,11 @@ The loss is normalised by the supervised tokens of the whole global batch: the l
 returns each micro-batch's summed token loss and token count, the schedule adds the counts and
 `finalize_model_grads` divides the DP-reduced gradients by their DP sum
 (`calculate_per_token_loss`), so TP x DP with gradient accumulation trains as one large batch.
+
+With pipeline parallelism the engine holds this rank's model chunks (one per virtual stage):
+Megatron's schedule (1F1B, interleaved with virtual stages) sends activations between stages,
+the last stage computes the loss, and `finalize_model_grads` also all-reduces a tied
+embedding's gradient over the first and last stages (the embedding group).
 """
 
 import contextlib
@@ -32,13 +37,25 @@ class StepResult:
     skipped: bool
 
     def global_loss(self) -> tuple[float, int]:
-        """(mean token loss of the global batch, its tokens): one DP all-reduce, one host sync."""
+        """(mean token loss of the global batch, its tokens) on every rank: one DP all-reduce
+        (after a broadcast from the last pipeline stage, which computed them), one host sync."""
         from megatron.core import parallel_state as ps
 
-        both = torch.stack([self.loss_sum.double(), self.tokens.double()])
+        both = last_stage_broadcast(torch.stack([self.loss_sum.double(), self.tokens.double()]))
         dist.all_reduce(both, group=ps.get_data_parallel_group())
         loss_sum, tokens = both.tolist()
         return loss_sum / max(tokens, 1), int(tokens)
+
+
+def last_stage_broadcast(t: torch.Tensor) -> torch.Tensor:
+    """`t` as the last pipeline stage holds it, on every stage (Megatron-LM's way for the loss
+    its logs report); `t` itself without pipeline parallelism."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return t
 
 
 def device_batch(batch) -> tuple:
@@ -66,14 +83,40 @@ def loss_func(labels, losses):
 
 
 def forward_step(phase, data_iterator, model):
-    """Megatron's forward-step contract: the model's output (per-token losses) and the loss
-    function to reduce it."""
-    from megatron_bdlora.models.llama import token_losses
+    """Megatron's forward-step contract: the model's output (per-token losses on the last
+    pipeline stage, the hidden states for the next stage on another) and the loss function to
+    reduce it (called on the last stage only). Every stage reads the micro-batch: the first
+    embeds its ids, each needs the attention mask, the last the labels."""
+    from megatron.core.utils import unwrap_model
+
+    from megatron_bdlora.models.llama import stage_forward, token_losses
 
     ids, labels, docs = next(data_iterator)
+    mask = attention_mask(docs, ids.device)
     with phase("forward"):
-        losses = token_losses(model, ids, labels, attention_mask(docs, ids.device))
-    return losses, partial(loss_func, labels)
+        out = token_losses(model, ids, labels, mask) if unwrap_model(model).post_process else \
+            stage_forward(model, ids, mask)
+    return out, partial(loss_func, labels)
+
+
+def run_schedule(chunks, batches, forward_only: bool, phase=no_phase) -> torch.Tensor:
+    """Megatron's forward(-backward) schedule over `chunks` (this rank's model chunks, or their
+    DDP wrappers) on `batches` [(ids, labels, document ids)]: the summed token loss and token
+    count of the micro-batches (double, on the device), on every pipeline stage."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_bdlora.parallel import device
+
+    ids = batches[0][0]
+    # the interleaved schedule walks one iterator per chunk
+    data = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
+    reported = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, phase), data_iterator=data, model=list(chunks),
+        num_microbatches=len(batches), seq_length=ids.shape[1], micro_batch_size=ids.shape[0],
+        forward_only=forward_only)
+    stats = torch.stack([r["lm loss"] for r in reported]).sum(0).double() if reported else \
+        torch.zeros(2, dtype=torch.float64, device=device())  # not the last stage: no loss
+    return stats
 
 
 def optimizer_config(args):
@@ -97,8 +140,9 @@ def lr_steps(args) -> tuple[int, int]:
 
 
 class Engine:
-    """Megatron-Core's DDP, optimizer and scheduler around a built model (adapters applied),
-    and `step`: one optimizer step on a global batch's micro-batches."""
+    """Megatron-Core's DDP, optimizer and scheduler around a built model (adapters applied) or
+    this pipeline rank's list of model chunks, and `step`: one optimizer step on a global
+    batch's micro-batches."""
 
     def __init__(self, model, args):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -107,21 +151,26 @@ class Engine:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.args = args
-        self.model = model  # the GPTModel (what checkpoints read and write)
-        config = model.config
+        # the GPTModel chunks (what checkpoints read and write); `model`: the first (PP=1: the model)
+        self.chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.model = self.chunks[0]
+        config = self.model.config
         config.calculate_per_token_loss = True
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
             use_distributed_optimizer=args.use_distributed_optimizer)
-        self.ddp = DistributedDataParallel(config, ddp_config, model)
-        config.no_sync_func = self.ddp.no_sync
+        # Megatron-LM's get_model: the chunks after the first have no buckets of their own
+        self.ddp = [DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
+                    for i, chunk in enumerate(self.chunks)]
+        no_sync = [d.no_sync for d in self.ddp]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self._phase = no_phase
         # the schedule calls this after the last backward; named so counting can see it
         config.finalize_model_grads_func = self._finalize
         self._finalize_model_grads = finalize_model_grads
-        self.trainable = any(p.requires_grad for p in model.parameters())
+        self.trainable = any(p.requires_grad for c in self.chunks for p in c.parameters())
         # a frozen model (the benchmarks' base) has no optimizer: nothing to step
-        self.optimizer = get_megatron_optimizer(optimizer_config(args), [self.ddp]) \
+        self.optimizer = get_megatron_optimizer(optimizer_config(args), self.ddp) \
             if self.trainable else None
         warmup, decay = lr_steps(args)
         self.scheduler = OptimizerParamScheduler(
@@ -143,25 +192,20 @@ class Engine:
 
     def step(self, batches, step: int, phase=no_phase) -> StepResult:
         """One optimizer step (`step` counted from 0) on `batches`, this DP rank's micro-batches
-        [(ids, labels, document ids)]: forward and backward through Megatron's schedule, the DP
+        [(ids, labels, document ids)]: forward and backward through Megatron's schedule (with
+        PP: the pipelined one, StepResult's loss is the last stage's until `global_loss`), the DP
         gradient reduce and token normalisation, grad norm, the non-finite check (may raise
         NonFiniteError), clipping, Adam, the LR schedule's advance. `phase(name)` is a context
         manager around each part (collective counting: forward, backward, grad_sync, optimizer)."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         lr = self.lr
-        self.ddp.zero_grad_buffer()
+        for d in self.ddp:
+            d.zero_grad_buffer()
         if self.optimizer is not None:
             self.optimizer.zero_grad()
         self._phase = phase
-        ids = batches[0][0]
         with phase("backward"):  # forward_step names its own part "forward"
-            reported = get_forward_backward_func()(
-                forward_step_func=partial(forward_step, phase), data_iterator=iter(batches),
-                model=[self.ddp], num_microbatches=len(batches), seq_length=ids.shape[1],
-                micro_batch_size=ids.shape[0], forward_only=False)
+            stats = run_schedule(self.ddp, batches, forward_only=False, phase=phase)
         self._phase = no_phase
-        stats = torch.stack([r["lm loss"] for r in reported]).sum(0)
         grad_norm, skipped = 0.0, False
         if self.optimizer is not None:
             with phase("optimizer"):
