@@ -6,14 +6,15 @@ Layout of a checkpoint root (the directory a run saves into):
     ROOT/step_00000100/
         config.json                  format + version, step, adapter config, base model
                                      (config + where it came from), the full run config,
-                                     TP at save time, the adapter tensor names and shapes
+                                     TP and PP at save time, the adapter tensor names and shapes
         adapter.safetensors          global adapter factors (AdapterLinear.global_layout())
         trainer_state.json           extra_state: scheduler, data position, step, RNG, ...
         trainer_state.safetensors    the tensors inside extra_state (RNG states), if any
         optimizer.safetensors        optimizer state, already in global (TP-independent) form
         optimizer.json               optimizer metadata (param groups, step counts, ...)
 
-A save gathers the global factors (a collective over TP: call on every rank), rank 0 writes
+A save gathers the global factors (a collective over TP, and over PP to rank 0: call on every
+rank; names are the PP=1 ones, checkpoint/stages.py), rank 0 writes
 everything into ROOT/.tmp-step_XXXXXXXX-<pid>, fsyncs the files and the directory, renames it
 to ROOT/step_XXXXXXXX, fsyncs ROOT, then replaces `latest` atomically and prunes to the last K.
 A crash at any point leaves the previous checkpoint and `latest` intact; stale temp dirs are
@@ -33,13 +34,14 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_bdlora.adapters.layout import check, check_tensors
+from megatron_bdlora.adapters.layout import check, check_tensors, expected_global_shapes
 from megatron_bdlora.adapters.strategies import strategy_of
 from megatron_bdlora.checkpoint.files import (
     atomic_dir, disk_error, excerpt, inside, read_json, whole_number, write_atomic_text,
     write_json, write_tensors,
 )
 from megatron_bdlora.checkpoint.hf_import import base_config_mismatch, check_sizes, open_safetensors
+from megatron_bdlora.checkpoint.stages import gather_stages
 from megatron_bdlora.errors import CheckpointError, InputError
 
 FORMAT = "megatron-bdlora-adapter"
@@ -113,7 +115,7 @@ def _base_info(model, run_config: dict) -> dict:
             "tokenizer_path": getattr(model, "tokenizer_path", None), "config": hf}
 
 
-def build_config(model, step: int, run_config: dict, tensors: dict, tp: int) -> dict:
+def build_config(model, step: int, run_config: dict, tensors: dict, tp: int, pp: int = 1) -> dict:
     cfg = getattr(model, "adapter_config", None)
     if cfg is None:
         raise CheckpointError("the model has no adapters (apply_adapters was not called); nothing to save")
@@ -123,6 +125,7 @@ def build_config(model, step: int, run_config: dict, tensors: dict, tp: int) -> 
         "base_model": _base_info(model, run_config),
         "run_config": run_config,
         "saved_at_tp": tp,
+        "saved_at_pp": pp,
         "adapter_tensors": {k: list(v.shape) for k, v in sorted(tensors.items())},
     }
 
@@ -130,9 +133,10 @@ def build_config(model, step: int, run_config: dict, tensors: dict, tp: int) -> 
 def save_checkpoint(root: str, model, extra_state: dict | None = None, run_config: dict | None = None,
                     step: int | None = None, optimizer_tensors: dict | None = None,
                     optimizer_meta: dict | None = None, keep_last: int | None = 3) -> str | None:
-    """Save the adapter (+ training state) TP-independently under ROOT/step_XXXXXXXX.
+    """Save the adapter (+ training state) TP- and PP-independently under ROOT/step_XXXXXXXX.
 
-    Collective: every rank must call it (the adapter is gathered over TP). `extra_state`,
+    Collective: every rank must call it (the adapter is gathered over TP, its pipeline stages to
+    rank 0; `model`: a GPTModel or a pipeline rank's chunks). `extra_state`,
     `optimizer_tensors` (already global, e.g. gathered with `global_adapter_state(model,
     tensor_of=...)`) and `optimizer_meta` are taken from global rank 0. `step` defaults to
     extra_state["step"]. Keeps the newest `keep_last` checkpoints (None: all). Returns the
@@ -140,20 +144,23 @@ def save_checkpoint(root: str, model, extra_state: dict | None = None, run_confi
     import torch.distributed as dist
 
     from megatron_bdlora.adapters import global_adapter_state
+    from megatron_bdlora.adapters.model import _chunks
+    from megatron_bdlora.models.llama import pipeline_layout
     from megatron_bdlora.parallel import is_main_rank
 
     extra_state = dict(extra_state or {})
     run_config = dict(run_config or {})
     if step is None:
         step = extra_state.get("step", 0)
-    tensors = global_adapter_state(model)  # collective over TP
+    tensors = gather_stages(global_adapter_state(model))  # collective over TP, then PP
     target = None
     failed = torch.zeros(1, dtype=torch.int64)
     error = None
     if is_main_rank():
         try:
             tp = getattr(next(iter(_adapter_modules(model).values()), None), "tp_size", 1)
-            config = build_config(model, step, run_config, tensors, tp)
+            config = build_config(_chunks(model)[0], step, run_config, tensors, tp,
+                                  pipeline_layout()[0])
             target = write_checkpoint(root, config, tensors, extra_state, optimizer_tensors,
                                       optimizer_meta, keep_last)
         except BaseException as e:  # tell the other ranks, then re-raise
@@ -432,26 +439,39 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(path: str, model, load_optimizer: bool = True) -> LoadedCheckpoint:
-    """Load an adapter checkpoint (root or step dir) into `model` at the current TP size.
+    """Load an adapter checkpoint (root or step dir) into `model` (a GPTModel or a pipeline
+    rank's chunks: each takes its own layers) at the current TP and PP sizes.
 
-    Any TP dividing N loads a BD-LoRA adapter, any TP a plain LoRA one. Applies the checkpoint's
-    adapter config first when the model has no adapters yet (an S-LoRA adapter whose rank the TP
-    size does not divide is then run 'replicated'; the factors are the same). Every rank reads
-    the files (no collectives)."""
+    Any TP dividing N loads a BD-LoRA adapter, any TP a plain LoRA one, at any PP. Applies the
+    checkpoint's adapter config first when the model has no adapters yet (an S-LoRA adapter whose
+    rank the TP size does not divide is then run 'replicated'; the factors are the same). Every
+    rank reads the files (no collectives)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_bdlora.adapters import apply_adapters, load_global_adapter_state
+    from megatron_bdlora.adapters import (apply_adapters, global_adapter_layout,
+                                          load_global_adapter_state)
+    from megatron_bdlora.adapters.model import _chunks
 
     ckpt = AdapterCheckpoint(path)
     tp = ps.get_tensor_model_parallel_world_size()
-    check_compatible(ckpt, model, tp)
-    if getattr(model, "adapter_config", None) is None:
+    first = _chunks(model)[0]
+    check_compatible(ckpt, first, tp)
+    cfg = getattr(first, "adapter_config", None)
+    if cfg is None:
         cfg = loadable_config(ckpt.adapter_config, tp)
         if cfg is not ckpt.adapter_config:
             warnings.warn(f"S-LoRA rank {cfg.rank} is not divisible by TP {tp}: loading {ckpt.dir} "
                           "with sharding 'replicated' (same adapter, different TP split)")
         apply_adapters(model, cfg)
-    load_global_adapter_state(model, ckpt.tensors, os.path.join(ckpt.dir, ADAPTER), CheckpointError)
+    # the whole adapter checked, then this rank's pipeline stage takes its own layers
+    where = os.path.join(ckpt.dir, ADAPTER)
+    check_tensors(ckpt.tensors, expected_global_shapes(getattr(first, "hf_config", None) or
+                                                       ckpt.base_config, cfg),
+                  where, f"it does not fit this base model and adapter config; {_CORRUPT}",
+                  CheckpointError)
+    stage = global_adapter_layout(model)
+    load_global_adapter_state(model, {k: v for k, v in ckpt.tensors.items() if k in stage}, where,
+                              CheckpointError)
     opt_tensors, opt_meta = ckpt.optimizer_state() if load_optimizer else (None, None)
     return LoadedCheckpoint(ckpt.dir, ckpt.step, ckpt.config, ckpt.adapter_config,
                             ckpt.config.get("run_config", {}), ckpt.extra_state(), opt_tensors,

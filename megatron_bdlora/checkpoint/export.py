@@ -350,4 +350,5 @@ def describe(path: str) -> str:
         lines.append(f"loads at TP:     {strategy.tp_sizes(cfg)}")
     lines.append(f"trained steps:   {ckpt.step}")
     lines.append(f"saved at TP:     {ckpt.config.get('saved_at_tp', '?')}")
+    lines.append(f"saved at PP:     {ckpt.config.get('saved_at_pp', 1)}")
     return "\n".join(lines)

@@ -10,13 +10,16 @@ from megatron_bdlora.parallel import is_main_rank
 
 def save_hf_base(model, out_dir: str, tokenizer: str | None = None, tensor_of=lambda p: p,
                  write_extra=None) -> None:
-    """Collective over TP; rank 0 writes config.json, model.safetensors and the tokenizer files,
-    into a temp dir renamed into place, so a crash never leaves a half-written checkpoint.
+    """Collective over TP and PP (`model`: a GPTModel or a pipeline rank's chunks); rank 0
+    writes config.json, model.safetensors and the tokenizer files, into a temp dir renamed into
+    place, so a crash never leaves a half-written checkpoint.
     `tensor_of(p)`: the weights to write for parameter p (the trainer's fp32 main parameters);
     `write_extra(dir)`: more files for the same directory (the trainer's state), on rank 0."""
     import torch.distributed as dist
 
-    hf = model.hf_config
+    from megatron_bdlora.adapters.model import _chunks
+
+    hf = _chunks(model)[0].hf_config
     state = hf_state_from_model(model, hf, tensor_of)
     if is_main_rank():
         with atomic_dir(out_dir, flag="--save") as tmp:

@@ -236,12 +236,30 @@ def check_hf_checkpoint(name_or_path: str) -> tuple[str, dict]:
 
 def load_hf_llama(model_dir_or_hub_name: str, tp: int | None = None, dtype: torch.dtype = torch.float32,
                   recompute: bool | dict = False, attention_backend: str = "sdpa",
-                  sequence_parallel: bool = False, transformer_impl: str = "local"):
-    """Build this rank's GPTModel shard for a HF Llama checkpoint and load its weights.
+                  sequence_parallel: bool = False, transformer_impl: str = "local",
+                  vp_stage: int | None = None):
+    """Build this rank's GPTModel shard for a HF Llama checkpoint and load its weights: with
+    pipeline parallelism its stage (virtual stage `vp_stage`), which reads only its own layers
+    (load_hf_llama_chunks: all of this rank's chunks).
 
     `tp` defaults to the initialised TP size (it must equal it). The returned model carries
     `hf_config`, `hf_path` (the resolved local directory) and `tokenizer_path` (or None).
     Needs Megatron-Core parallel state (`megatron_bdlora.parallel.init_distributed`)."""
+    return _load(model_dir_or_hub_name, tp, [vp_stage], dict(
+        dtype=dtype, recompute=recompute, attention_backend=attention_backend,
+        sequence_parallel=sequence_parallel, transformer_impl=transformer_impl))[0]
+
+
+def load_hf_llama_chunks(model_dir_or_hub_name: str, tp: int | None = None, **kw) -> list:
+    """load_hf_llama for every model chunk of this pipeline rank (one per virtual stage, in
+    order; one without virtual stages): what Megatron-Core's schedules and DDP take."""
+    from megatron_bdlora.models.llama import pipeline_layout
+
+    _, vpp = pipeline_layout()
+    return _load(model_dir_or_hub_name, tp, list(range(vpp)) if vpp else [None], kw)
+
+
+def _load(model_dir_or_hub_name: str, tp: int | None, vp_stages: list, build_kw: dict) -> list:
     from megatron.core import parallel_state as ps
 
     from megatron_bdlora.models.llama import build_model
@@ -254,15 +272,15 @@ def load_hf_llama(model_dir_or_hub_name: str, tp: int | None = None, dtype: torc
         if tp is not None and tp != world_tp:
             raise CheckpointError(f"load_hf_llama(tp={tp}) but tensor-model-parallel-size is "
                                   f"{world_tp}; initialise parallel state with the same TP")
-        model = build_model(hf, tp=world_tp, dtype=dtype, recompute=recompute, init=False,
-                            attention_backend=attention_backend,
-                            sequence_parallel=sequence_parallel, transformer_impl=transformer_impl)
-        if torch.cuda.is_available():  # filled in place on the GPU, slice by slice
-            model.cuda()
-        load_base_weights(model, ckpt.read, hf)
-    model.hf_path = os.path.abspath(model_dir)
-    model.tokenizer_path = tokenizer_dir(model_dir)
-    return model
+        chunks = [build_model(hf, tp=world_tp, init=False, vp_stage=v, **build_kw)
+                  for v in vp_stages]
+        for model in chunks:
+            if torch.cuda.is_available():  # filled in place on the GPU, slice by slice
+                model.cuda()
+            load_base_weights(model, ckpt.read, hf)
+            model.hf_path = os.path.abspath(model_dir)
+            model.tokenizer_path = tokenizer_dir(model_dir)
+    return chunks
 
 
 def base_config_mismatch(a: dict, b: dict) -> str | None:

@@ -30,7 +30,9 @@ def local_shard(name: str, read, hf: dict, tp: int, rank: int, padded_vocab: int
     ffn = hf["intermediate_size"]
 
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        hf_name = "model.embed_tokens.weight" if name.startswith("embedding") else "lm_head.weight"
+        # a tied output layer (its own copy on the last stage with PP) is the embedding
+        head = name == "output_layer.weight" and not hf.get("tie_word_embeddings")
+        hf_name = "lm_head.weight" if head else "model.embed_tokens.weight"
         per = padded_vocab // tp
         lo, hi = rank * per, min((rank + 1) * per, hf["vocab_size"])
         shard = torch.zeros(per, h, dtype=torch.float32)  # padded rows stay zero
@@ -70,26 +72,33 @@ def local_shard(name: str, read, hf: dict, tp: int, rank: int, padded_vocab: int
 
 
 def base_param_names(model) -> dict:
-    """{Megatron name as in the unwrapped model: parameter} for the frozen base weights."""
+    """{Megatron name as in the unwrapped PP=1 model: parameter} for the base weights of a
+    (possibly adapter-wrapped) GPTModel or a pipeline rank's list of chunks: decoder layers by
+    their global index (models.llama.global_name), so a stage names only its own layers."""
+    from megatron_bdlora.adapters.model import _chunks
+    from megatron_bdlora.models.llama import global_name
+
     out = {}
-    for n, p in model.named_parameters():
-        if ".lora_" in n:
-            continue
-        out[n.replace(".base.", ".")] = p
+    for chunk in _chunks(model):
+        for n, p in chunk.named_parameters():
+            if ".lora_" not in n:
+                out[global_name(chunk, n.replace(".base.", "."))] = p
     return out
 
 
 def load_base_weights(model, read, hf: dict, tensor_of=lambda p: p) -> None:
-    """Fill every base parameter of a (possibly adapter-wrapped) GPTModel from HF slices
-    (`tensor_of(p)`: where parameter p's slice goes, e.g. its Adam moment)."""
+    """Fill every base parameter of a (possibly adapter-wrapped) GPTModel or pipeline rank's
+    chunks from HF slices, reading only this rank's (`tensor_of(p)`: where parameter p's slice
+    goes, e.g. its Adam moment). A tied output layer's copy on the last stage (PP > 1; Megatron
+    syncs it from the embedding at build) is the embedding's slice."""
     from megatron.core import parallel_state as ps
 
+    from megatron_bdlora.adapters.layout import padded_vocab_size
+
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    padded = model.embedding.word_embeddings.weight.shape[0] * tp
+    padded = padded_vocab_size(hf["vocab_size"], tp)
     with torch.no_grad():
         for name, p in base_param_names(model).items():
-            if name == "output_layer.weight" and hf.get("tie_word_embeddings"):
-                continue
             t = local_shard(name, read, hf, tp, rank, padded)
             if tuple(t.shape) != tuple(p.shape):
                 raise ValueError(f"{name}: Hugging Face slice has shape {tuple(t.shape)}, the model "
@@ -113,13 +122,17 @@ def tensor_reader(state_dict: dict):
 
 
 def hf_state_from_model(model, hf: dict, tensor_of=lambda p: p) -> dict:
-    """The full HF Llama state dict of a GPTModel's base weights (collective over TP); with
-    `tensor_of`, of a tensor shaped like each weight instead (e.g. its Adam moment).
+    """The full HF Llama state dict of the base weights of a GPTModel or a pipeline rank's
+    chunks, complete on global rank 0 (collective over TP, then over PP to rank 0: save time
+    only; another rank gets its stage's part); with `tensor_of`, of a tensor shaped like each
+    weight instead (e.g. its Adam moment).
 
     The inverse of `local_shard`: each TP shard is gathered and un-interleaved, so a base trained
-    with `--adapter none` at any TP is saved as an ordinary HF checkpoint."""
+    with `--adapter none` at any TP and PP is saved as an ordinary HF checkpoint."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
+
+    from megatron_bdlora.checkpoint.stages import gather_stages
 
     tp = ps.get_tensor_model_parallel_world_size()
     h, heads = hf["hidden_size"], hf["num_attention_heads"]
@@ -162,6 +175,6 @@ def hf_state_from_model(model, hf: dict, tensor_of=lambda p: p) -> dict:
                 out[pre + "mlp.up_proj.weight"] = torch.cat([u for _, u in halves])
             elif rest == "mlp.linear_fc2.weight":
                 out[pre + "mlp.down_proj.weight"] = torch.cat(parts, 1)
-    if hf.get("tie_word_embeddings"):
+    if hf.get("tie_word_embeddings"):  # the last stage's copy of the embedding (PP > 1)
         out.pop("lm_head.weight", None)
-    return {k: v.contiguous() for k, v in out.items()}
+    return gather_stages({k: v.contiguous() for k, v in out.items()})

@@ -3,8 +3,10 @@ CheckpointManager is the model): the adapter (or, --adapter none, the whole mode
 optimizer's Adam moments, the LR scheduler, the data position, the RNG and the train state
 (step, skipped steps).
 
-Everything is saved TP-independently, never as per-rank shards, also with the distributed
-optimizer (its DP shards are put together first), so a run resumes at any TP (and DP) size:
+Everything is saved TP- and PP-independently, never as per-rank shards, also with the distributed
+optimizer (its DP shards are put together first) and with pipeline stages (each stage's layers
+under their global names, put together on rank 0 at save time: checkpoint/stages.py), so a run
+resumes at any TP, PP (and DP) size:
 an adapter run in checkpoint/adapter_checkpoint.py's format (the adapter and the Adam moments
 as global tensors in the adapter's layout); --adapter none in SAVE/hf, an ordinary Hugging Face
 checkpoint of the fp32 main weights with the Adam moments (in HF names) and the trainer's state
@@ -58,6 +60,13 @@ def _main_params(optimizer) -> dict:
     return out
 
 
+def _trainable(model) -> list:
+    """The trainable parameters of a GPTModel or a pipeline rank's chunks."""
+    from megatron_bdlora.adapters.model import _chunks
+
+    return [p for chunk in _chunks(model) for p in chunk.parameters() if p.requires_grad]
+
+
 def _gather_full(model, optimizer, keys) -> tuple[dict, int]:
     """({key: {trainable parameter: its whole tensor on this TP rank, fp32}}, Adam's step count)
     for keys "param" (the fp32 main parameter) and the Adam moments. Collective over DP with
@@ -67,7 +76,7 @@ def _gather_full(model, optimizer, keys) -> tuple[dict, int]:
     from megatron_bdlora.parallel.distributed import all_reduce_flat
 
     parts = _main_params(optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = _trainable(model)
     full = {k: {p: torch.zeros(p.numel(), dtype=torch.float32, device=p.device) for p in params}
             for k in keys}
     step = torch.zeros(1, dtype=torch.float64)
@@ -102,20 +111,22 @@ def _set_full(optimizer, local: dict, step: int) -> None:
 
 
 def global_optimizer_state(model, optimizer) -> tuple[dict, dict]:
-    """Adam moments as global tensors in the TP-independent adapter layout, and their step
-    count. Collective: over DP (the distributed optimizer's shards) and TP (the adapter gather)."""
+    """Adam moments as global tensors in the TP- and PP-independent adapter layout (complete on
+    rank 0), and their step count. Collective: over DP (the distributed optimizer's shards), TP
+    (the adapter gather) and PP (the stages to rank 0)."""
     from megatron_bdlora.adapters import global_adapter_state
+    from megatron_bdlora.checkpoint.stages import gather_stages
 
     full, step = _gather_full(model, optimizer, MOMENTS)
     tensors = {}
     for m in MOMENTS:
         state = global_adapter_state(model, lambda p: full[m][p])
         tensors.update({f"{m}/{k}": v for k, v in state.items()})
-    return tensors, {"step": step}
+    return gather_stages(tensors), {"step": step}
 
 
 def load_optimizer_state(model, optimizer, tensors: dict, meta: dict) -> None:
-    """Set the Adam moments from global ones (any TP, DP, distributed optimizer or not)."""
+    """Set the Adam moments from global ones (any TP, PP, DP, distributed optimizer or not)."""
     from megatron_bdlora.adapters import local_shards
 
     local = {m: local_shards(model, {k.split("/", 1)[1]: v for k, v in tensors.items()
@@ -139,8 +150,9 @@ def full_checkpoint_dir(path: str) -> str | None:
 
 
 def _save_full(model, optimizer, out_dir: str, extra: dict, tokenizer) -> None:
-    """SAVE/hf: the fp32 main weights as an ordinary HF checkpoint (TP-independent, atomic),
-    with the Adam moments in HF names and the trainer's state beside them."""
+    """SAVE/hf: the fp32 main weights as an ordinary HF checkpoint (TP- and PP-independent,
+    atomic), with the Adam moments in HF names and the trainer's state beside them."""
+    from megatron_bdlora.adapters.model import _chunks
     from megatron_bdlora.checkpoint.adapter_checkpoint import (OPTIMIZER, OPTIMIZER_META,
                                                                TRAINER_STATE, TRAINER_TENSORS,
                                                                _split_state)
@@ -149,8 +161,9 @@ def _save_full(model, optimizer, out_dir: str, extra: dict, tokenizer) -> None:
     from megatron_bdlora.checkpoint.hf_mapping import hf_state_from_model
 
     full, step = _gather_full(model, optimizer, ("param",) + MOMENTS)
+    hf = _chunks(model)[0].hf_config
     moments = {f"{m}/{k}": v for m in MOMENTS
-               for k, v in hf_state_from_model(model, model.hf_config, full[m].__getitem__).items()}
+               for k, v in hf_state_from_model(model, hf, full[m].__getitem__).items()}
 
     def write_state(tmp):
         state_tensors = {}
@@ -165,8 +178,9 @@ def _save_full(model, optimizer, out_dir: str, extra: dict, tokenizer) -> None:
 
 
 def _load_full(model, optimizer, ckpt_dir: str) -> dict:
-    """Weights, fp32 main weights and Adam moments from `_save_full`'s directory at this TP;
-    returns the trainer's state."""
+    """Weights, fp32 main weights and Adam moments from `_save_full`'s directory at this TP and
+    PP (each stage reads its own layers); returns the trainer's state."""
+    from megatron_bdlora.adapters.model import _chunks
     from safetensors.torch import load_file
 
     from megatron_bdlora.checkpoint.adapter_checkpoint import (OPTIMIZER, OPTIMIZER_META,
@@ -176,9 +190,8 @@ def _load_full(model, optimizer, ckpt_dir: str) -> dict:
     from megatron_bdlora.checkpoint.hf_import import SafetensorsCheckpoint
     from megatron_bdlora.checkpoint.hf_mapping import load_base_weights, tensor_reader
 
-    hf = model.hf_config
-    params = [p for p in model.parameters() if p.requires_grad]
-    local = {k: {p: torch.empty(p.shape, dtype=torch.float32) for p in params}
+    hf = _chunks(model)[0].hf_config
+    local = {k: {p: torch.empty(p.shape, dtype=torch.float32) for p in _trainable(model)}
              for k in ("param",) + MOMENTS}
     fix = "it is not a complete --adapter none checkpoint; save it again"
     with SafetensorsCheckpoint(ckpt_dir) as weights:
@@ -210,8 +223,8 @@ class CheckpointManager:
     def save(self) -> str | None:
         """Save at the current step into --save (collective: every rank calls it). --adapter
         none: the whole model and its state in SAVE/hf (a Hugging Face checkpoint)."""
-        model, step = self.engine.model, self.train_state.step
-        if getattr(model, "adapter_config", None) is None:
+        model, step = self.engine.chunks, self.train_state.step
+        if getattr(self.engine.model, "adapter_config", None) is None:
             out = os.path.join(self.args.save, FULL_DIR)
             _save_full(model, self.engine.optimizer, out, self._extra(),
                        self.run_config.get("tokenizer_path"))
@@ -236,12 +249,12 @@ class CheckpointManager:
 
                 raise CheckpointError(f"{path} holds no --adapter none checkpoint (hf/ with "
                                       "trainer_state.json); pass the --save dir of such a run")
-            extra, step = _load_full(engine.model, engine.optimizer, where), None
+            extra, step = _load_full(engine.chunks, engine.optimizer, where), None
         else:
-            state = load_checkpoint(path, engine.model)
+            state = load_checkpoint(path, engine.chunks)
             engine.optimizer.reload_model_params()  # main parameters from the loaded weights
             if state.optimizer_tensors is not None:
-                load_optimizer_state(engine.model, engine.optimizer, state.optimizer_tensors,
+                load_optimizer_state(engine.chunks, engine.optimizer, state.optimizer_tensors,
                                      state.optimizer_meta)
             extra, step, where = state.extra_state or {}, state.step, state.dir
             if "data" not in extra:
