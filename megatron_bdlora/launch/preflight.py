@@ -11,6 +11,7 @@ import os
 from types import SimpleNamespace
 
 from megatron_bdlora.errors import CheckpointError, InputError
+from megatron_bdlora.training.arguments import virtual_pipeline_size
 
 JSON_LINES = (".jsonl", ".json")
 
@@ -94,7 +95,7 @@ def resolve_checkpoint_flags(args, say=None) -> None:
         args.tokenizer = args.tokenizer or base.get("tokenizer_path") or run.get("tokenizer_path")
 
 
-def _model_config(args) -> tuple[dict, str | None]:
+def model_config(args) -> tuple[dict, str | None]:
     """(HF config dict, tokenizer path or None) without building the model."""
     from megatron_bdlora.checkpoint.hf_import import check_hf_checkpoint, tokenizer_dir
     from megatron_bdlora.models.presets import PRESETS, get_preset
@@ -237,6 +238,7 @@ def _check_flags_against_model(args, hf: dict) -> None:
     if args.match_lora_rank_params and args.adapter != "bdlora":
         raise InputError(f"--match-lora-rank-params sets a BD-LoRA rank; with --adapter "
                          f"{args.adapter} it would be ignored: drop it, or use --adapter bdlora")
+    virtual_pipeline_size(args, hf["num_hidden_layers"])  # the pipeline layout fits the layers
     limit = hf.get("max_position_embeddings")
     if limit and args.seq_length > limit:
         raise InputError(f"--seq-length {args.seq_length} is above the model's "
@@ -254,7 +256,7 @@ def preflight(args, check_lock: bool = True) -> None:
     _check_dirs(args)
     if args.save and check_lock:
         check_unlocked(args.save)
-    hf, tokenizer_path = _model_config(args)
+    hf, tokenizer_path = model_config(args)
     _check_flags_against_model(args, hf)
     _check_adapter(args, hf)
     if not tokenizer_path:

@@ -208,10 +208,9 @@ def validate(args, world: int) -> None:
         raise InputError(f"{sizes} does not divide the world size {world}; launch a multiple of "
                          f"{tp * pp} processes")
     dp = world // (tp * pp)
-    if pp > 1 or args.num_layers_per_virtual_pipeline_stage:  # the trainer builds one stage
-        raise InputError("pipeline parallelism (--pipeline-model-parallel-size > 1, "
-                         "--num-layers-per-virtual-pipeline-stage) is not implemented in the "
-                         "trainer yet; train with TP x DP (tools/estimate_memory.py models PP)")
+    if args.num_layers_per_virtual_pipeline_stage and pp == 1:
+        raise InputError("--num-layers-per-virtual-pipeline-stage splits pipeline stages into "
+                         "virtual ones: it needs --pipeline-model-parallel-size > 1")
     if args.sequence_parallel and tp == 1:
         raise InputError("--sequence-parallel splits activations over TP ranks: it needs "
                          "--tensor-model-parallel-size > 1")
@@ -223,10 +222,35 @@ def validate(args, world: int) -> None:
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise InputError(f"--global-batch-size {args.global_batch_size} is not divisible by "
                          f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
+    micro = args.global_batch_size // (args.micro_batch_size * dp)
+    if args.num_layers_per_virtual_pipeline_stage and micro % pp:
+        # Megatron-Core's interleaved schedule runs the micro-batches in groups of PP
+        raise InputError(f"the interleaved pipeline schedule (--num-layers-per-virtual-pipeline-"
+                         f"stage) needs the micro-batches per step ({micro}: --global-batch-size "
+                         f"/ (--micro-batch-size x data-parallel size {dp})) to be a multiple of "
+                         f"--pipeline-model-parallel-size {pp}")
     if not args.load:  # else resolve_checkpoint_flags does it, with the checkpoint's adapter
         adapter_flag_defaults(args)
     if args.save_interval is None:
         args.save_interval = args.train_iters
+
+
+def virtual_pipeline_size(args, num_layers: int) -> int | None:
+    """Model chunks per pipeline rank (Megatron-LM's --virtual-pipeline-model-parallel-size) for
+    a model of `num_layers` decoder layers, None without virtual stages; one line for a layout
+    that does not divide the layers (launch/preflight.py checks it before any rank starts)."""
+    pp, per_virtual = args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
+    if num_layers % pp:
+        raise InputError(f"--pipeline-model-parallel-size {pp} does not divide the model's "
+                         f"{num_layers} layers; pick a divisor of {num_layers}")
+    if not per_virtual:
+        return None
+    per_stage = num_layers // pp
+    if per_stage % per_virtual:
+        raise InputError(f"--num-layers-per-virtual-pipeline-stage {per_virtual} does not divide "
+                         f"the {per_stage} layers of each of the {pp} pipeline stages; pick a "
+                         f"divisor of {per_stage}")
+    return per_stage // per_virtual if per_stage > per_virtual else None
 
 
 def recompute_config(args) -> dict:

@@ -30,8 +30,10 @@ def no_phase(name):
 
 @dataclass
 class StepResult:
-    loss_sum: torch.Tensor  # this DP rank's summed token loss (device)
-    tokens: torch.Tensor    # this DP rank's supervised tokens (device)
+    # this DP rank's summed token loss and supervised tokens (device); with PP computed on the
+    # last stage (zeros on the others until global_loss)
+    loss_sum: torch.Tensor
+    tokens: torch.Tensor
     lr: float
     grad_norm: float
     skipped: bool

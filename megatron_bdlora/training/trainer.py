@@ -1,4 +1,4 @@
-"""The fine-tuning job: model + adapter + data on Megatron-Core's engine over TP x DP,
+"""The fine-tuning job: model + adapter + data on Megatron-Core's engine over TP x PP x DP,
 checkpoints, eval, logging."""
 
 import contextlib
@@ -9,13 +9,15 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_bdlora.adapters import apply_adapters
+from megatron_bdlora.adapters import apply_adapters, trainable_param_count
 from megatron_bdlora.adapters.flags import adapter_config
 from megatron_bdlora.errors import InputError
 from megatron_bdlora.parallel import destroy_distributed, init_distributed, is_main_rank
-from megatron_bdlora.training.arguments import parse_args, recompute_config, run_config
+from megatron_bdlora.launch.preflight import model_config
+from megatron_bdlora.training.arguments import (parse_args, recompute_config, run_config,
+                                                virtual_pipeline_size)
 from megatron_bdlora.training.checkpointing import CheckpointManager, TrainState
-from megatron_bdlora.training.engine import Engine, attention_mask, device_batch
+from megatron_bdlora.training.engine import Engine, device_batch, last_stage_broadcast, run_schedule
 from megatron_bdlora.training.exit_conditions import ExitConditions, exit_status
 from megatron_bdlora.training.metrics import MetricsLogger
 from megatron_bdlora.training.throughput import Throughput
@@ -28,9 +30,9 @@ def log0(*a):
 
 
 def build(args):
-    """Model (with adapter), tokenizer path."""
-    from megatron_bdlora.checkpoint.hf_import import load_hf_llama
-    from megatron_bdlora.models.llama import build_model
+    """This rank's model chunks (with adapter; one per virtual pipeline stage), tokenizer path."""
+    from megatron_bdlora.checkpoint.hf_import import load_hf_llama_chunks
+    from megatron_bdlora.models.llama import build_model_chunks
     from megatron_bdlora.models.presets import get_preset
 
     from megatron_bdlora.models.attention import pin_kernel
@@ -38,30 +40,26 @@ def build(args):
     pin_kernel(args.sdpa_backend)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     recompute = recompute_config(args)  # Megatron-LM's recompute flags, its meanings
+    kw = dict(dtype=dtype, recompute=recompute, attention_backend=args.attention_backend,
+              sequence_parallel=args.sequence_parallel, transformer_impl=args.transformer_impl)
     if args.hf_checkpoint:
-        model = load_hf_llama(args.hf_checkpoint, dtype=dtype, recompute=recompute,
-                              attention_backend=args.attention_backend,
-                              sequence_parallel=args.sequence_parallel,
-                              transformer_impl=args.transformer_impl)
-        tokenizer = args.tokenizer or model.tokenizer_path
+        chunks = load_hf_llama_chunks(args.hf_checkpoint, **kw)
+        tokenizer = args.tokenizer or chunks[0].tokenizer_path
     else:
-        hf = get_preset(args.model_preset)
-        model = build_model(hf, tp=args.tensor_model_parallel_size, dtype=dtype,
-                            recompute=recompute,
-                            attention_backend=args.attention_backend,
-                            sequence_parallel=args.sequence_parallel,
-                            transformer_impl=args.transformer_impl)
+        chunks = build_model_chunks(get_preset(args.model_preset),
+                                    tp=args.tensor_model_parallel_size, **kw)
         tokenizer = args.tokenizer
     # --eval-only: load_checkpoint applies the checkpoint's own adapter config (the adapter flags'
     # defaults would otherwise not match it)
-    cfg = None if args.eval_only else adapter_config(args, model.hf_config, say=log0)
+    cfg = None if args.eval_only else adapter_config(args, chunks[0].hf_config, say=log0)
     if cfg is not None:
-        apply_adapters(model, cfg)
-        if recompute:
-            backward_to_embedding(model)
+        apply_adapters(chunks, cfg)
+        if recompute and chunks[0].pre_process:
+            backward_to_embedding(chunks[0])
     if torch.cuda.is_available():
-        model.cuda()
-    return model, tokenizer
+        for chunk in chunks:
+            chunk.cuda()
+    return chunks, tokenizer
 
 
 def data_iterator(args, tokenizer, path, seed_offset=0):
@@ -85,26 +83,27 @@ def data_iterator(args, tokenizer, path, seed_offset=0):
     return DataIterator(rows, sampler), rows.stats
 
 
-def evaluate(model, it, iters: int) -> dict:
+def evaluate(chunks, it, iters: int) -> dict:
     """Token-weighted mean loss over the first `iters` global batches of `it`'s data (fewer if
-    it has fewer; summed over DP ranks): a fresh pass from the start every call, so every
-    evaluation sees the same records."""
+    it has fewer; summed over DP ranks), through Megatron's schedule forward only (pipeline
+    stages pass activations; the last stage's loss reaches every rank): a fresh pass from the
+    start every call, so every evaluation sees the same records."""
     from megatron.core import parallel_state as ps
 
-    from megatron_bdlora.models.llama import lm_loss
     from megatron_bdlora.parallel import device
 
     it.sampler.set_epoch(0)
-    model.eval()
+    for chunk in chunks:
+        chunk.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device())
     with torch.no_grad():
-        for _ in range(min(iters, it.sampler.global_batches) * it.sampler.micro_per_global):
-            ids, labels, docs = device_batch(next(it))
-            loss_sum, n = lm_loss(model, ids, labels, attention_mask(docs, ids.device),
-                                  reduction="sum")
-            total += torch.stack([loss_sum.double(), n.double()])
+        for _ in range(min(iters, it.sampler.global_batches)):
+            batches = [device_batch(next(it)) for _ in range(it.sampler.micro_per_global)]
+            total += run_schedule(chunks, batches, forward_only=True)
+    total = last_stage_broadcast(total)
     dist.all_reduce(total, group=ps.get_data_parallel_group())
-    model.train()
+    for chunk in chunks:
+        chunk.train()
     loss_sum, n = total.tolist()
     loss = loss_sum / max(n, 1)
     return {"loss": loss, "ppl": float(torch.exp(torch.tensor(loss))), "tokens": int(n)}
@@ -133,9 +132,15 @@ class Trainer:
         self.exit = ExitConditions(args)
         self.timers = Timers(args.timing_log_level)
         self.stop_reason = self.last_checkpoint = None
+        hf, _ = model_config(args)
         init_distributed(args.tensor_model_parallel_size, seed=args.seed,
-                         timeout_minutes=args.distributed_timeout_minutes)
-        self.model, tokenizer_path = build(args)
+                         timeout_minutes=args.distributed_timeout_minutes,
+                         pipeline_parallel_size=args.pipeline_model_parallel_size,
+                         virtual_pipeline_size=virtual_pipeline_size(args, hf["num_hidden_layers"]))
+        # this rank's model chunks (one per virtual pipeline stage); `model`: the first, which
+        # answers for all (hf_config, adapter_config)
+        self.chunks, tokenizer_path = build(args)
+        self.model = self.chunks[0]
         if not tokenizer_path:
             raise InputError("no tokenizer: the checkpoint has none; pass --tokenizer DIR")
         self.tokenizer = load_tokenizer(tokenizer_path)
@@ -144,7 +149,7 @@ class Trainer:
         self.state = TrainState()
         if args.eval_only:
             return
-        self.engine = Engine(self.model, args)
+        self.engine = Engine(self.chunks, args)
         self.train_it, stats = data_iterator(args, self.tokenizer, args.data_path)
         log0(f"data: {stats.summary()}")
         self.eval_it = (data_iterator(args, self.tokenizer, args.eval_data_path, 1)[0]
@@ -155,9 +160,9 @@ class Trainer:
             self.checkpointer.load(args.load)
         self.dp = ps.get_data_parallel_world_size()
         self.micro_steps = args.global_batch_size // (args.micro_batch_size * self.dp)
-        n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        log0(f"trainable parameters on rank 0: {n_trainable:,}; "
-             f"TP={ps.get_tensor_model_parallel_world_size()} DP={self.dp}")
+        log0(f"trainable parameters on rank 0: {trainable_param_count(self.chunks):,}; "
+             f"TP={ps.get_tensor_model_parallel_world_size()} "
+             f"PP={ps.get_pipeline_model_parallel_world_size()} DP={self.dp}")
         self.throughput = Throughput(
             self.model.hf_config, getattr(self.model, "adapter_config", None),
             args.global_batch_size, args.seq_length, dist.get_world_size(), args.bf16,
@@ -168,9 +173,9 @@ class Trainer:
         from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint
 
         args = self.args
-        load_checkpoint(args.load, self.model, load_optimizer=False)
+        load_checkpoint(args.load, self.chunks, load_optimizer=False)
         it, _ = data_iterator(args, self.tokenizer, args.eval_data_path or args.data_path, 1)
-        result = evaluate(self.model, it, args.eval_iters)
+        result = evaluate(self.chunks, it, args.eval_iters)
         log0(json.dumps(result))
         return result
 
@@ -221,8 +226,9 @@ class Trainer:
         logger = MetricsLogger(args, self.config, args.train_iters, self.state.step)
         last = {}
         if self.eval_it is not None and self.state.step == 0:  # for before/after comparisons
-            logger.log(0, {"eval_loss": evaluate(self.model, self.eval_it, args.eval_iters)["loss"]})
-        self.model.train()
+            logger.log(0, {"eval_loss": evaluate(self.chunks, self.eval_it, args.eval_iters)["loss"]})
+        for chunk in self.chunks:
+            chunk.train()
         stop = self.state.step >= args.train_iters
         while not stop:
             last = self.train_step()
@@ -231,7 +237,7 @@ class Trainer:
             logger.log(step, last, show=step % args.log_interval == 0 or step == 1)
             if self.eval_it is not None and args.eval_interval and step % args.eval_interval == 0:
                 with self.timers("eval"):  # in the next step's record (--timing-log-level 2)
-                    ev = evaluate(self.model, self.eval_it, args.eval_iters)
+                    ev = evaluate(self.chunks, self.eval_it, args.eval_iters)
                 last["eval_loss"] = ev["loss"]
                 logger.log(step, {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"]})
             stop = self.checkpoint_or_stop()
@@ -240,7 +246,7 @@ class Trainer:
         if self.stop_reason is not None:  # stopped early: the step is saved (with --save)
             return self._stopped(logger, last)
         if self.eval_it is not None:
-            last["eval"] = evaluate(self.model, self.eval_it, args.eval_iters)
+            last["eval"] = evaluate(self.chunks, self.eval_it, args.eval_iters)
         logger.close()
         log0(f"done: step {self.state.step}, loss {last.get('loss', float('nan')):.4f}")
         return {"step": self.state.step, **last}
