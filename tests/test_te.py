@@ -129,6 +129,8 @@ def _worker(hf, sd, factors, ckpt_dir):
 
     te = _model(hf, sd, "transformer_engine", False, CONFIGS["bd-fused"], factors["bd-fused"])
     out["te_names"] = sorted(n for n, _ in te.named_parameters())
+    out["te_classes"] = sorted({f"{type(m.base).__module__}.{type(m.base).__name__}"
+                                for m in te.modules() if hasattr(m, "base")})
     out["state_dict_keys"] = sorted(te.state_dict())
     out["hf_export"] = hf_state_from_model(te, hf)
     logits = gather_logits(forward_logits(te, ids), vocab).detach()
@@ -260,6 +262,9 @@ def test_te_matches_local_spec(setup, name):
     _, _, _, results = setup
     ref = results[1][0][(False, "local", name)]
     for tp, sp in _runs(results):
+        # TP=4's four-way fp32 sums: S-LoRA's gradients differ from TP=1's by up to 2.6e-5 of
+        # their largest entry, on local layers as on TE layers
+        rtol = 5e-5 if tp == 4 else 2e-5
         for rank, r in enumerate(results[tp]):
             local, te = r.get((sp, "local", name)), r[(sp, "transformer_engine", name)]
             for got in (local, te) if local else (te,):
@@ -267,7 +272,7 @@ def test_te_matches_local_spec(setup, name):
                 assert set(got["grads"]) == set(ref["grads"])
                 for k, g in ref["grads"].items():
                     assert g.abs().max() > 0, k
-                    assert _close(got["grads"][k], g), (tp, sp, k)
+                    assert _close(got["grads"][k], g, rtol), (tp, sp, k)
             ref_emb = (local["embedding_grad"] if local else  # this rank's vocabulary rows
                        results[1][0][(False, "local", name)]["embedding_grad"].chunk(tp)[rank])
             assert _close(te["embedding_grad"], ref_emb), (tp, sp)
@@ -349,6 +354,9 @@ def test_hf_import_export_merge_multi(setup):
     ref = results[1][0]
     for tp in TP_SIZES:
         r = results[tp][0]
+        ext = "megatron.core.extensions.transformer_engine"  # Megatron-Core's wrappers, fake TE
+        assert r["te_classes"] == [f"{ext}.TELayerNormColumnParallelLinear",
+                                   f"{ext}.TERowParallelLinear"]
         assert "decoder.layers.0.self_attention.linear_qkv.base.layer_norm_weight" in r["te_names"]
         assert not any("input_layernorm" in n or "pre_mlp_layernorm" in n for n in r["te_names"])
         assert any(k.endswith("linear_qkv.base._extra_state") for k in r["state_dict_keys"])
