@@ -55,6 +55,21 @@ def _counts(chunks) -> dict:
             "trainable": sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)}
 
 
+def _read_by(chunks, hf_dir) -> list:
+    """The HF tensors loading this rank's chunks reads (the layers by global index)."""
+    from megatron_bdlora.checkpoint.hf_import import SafetensorsCheckpoint, read_hf_config
+    from megatron_bdlora.checkpoint.hf_mapping import load_base_weights
+
+    names = set()
+    with SafetensorsCheckpoint(hf_dir) as ckpt:
+        def read(name, rows=None, cols=None):
+            names.add(name)
+            return ckpt.read(name, rows, cols)
+
+        load_base_weights(chunks, read, read_hf_config(hf_dir))
+    return sorted(names)
+
+
 def _run(run, hf_dir, save, load, distributed):
     """One run on this rank's stage chunks of the HF model at `hf_dir`: "adapter" (BD-LoRA, the
     factors seeded per global name) or "full" fine-tuning. Fresh: STEPS steps, save, one more
@@ -69,7 +84,7 @@ def _run(run, hf_dir, save, load, distributed):
     from megatron_bdlora.training.engine import Engine, last_stage_broadcast, run_schedule
 
     chunks = load_hf_llama_chunks(hf_dir)
-    out = {"pp_rank": ps.get_pipeline_model_parallel_rank()}
+    out = {"pp_rank": ps.get_pipeline_model_parallel_rank(), "read": _read_by(chunks, hf_dir)}
     with torch.no_grad():
         loss_sum, tokens = last_stage_broadcast(run_schedule(chunks, _micro_batches(), True)).tolist()
     out["import_loss"] = loss_sum / tokens
@@ -169,6 +184,23 @@ def test_hf_import_per_stage(env):
                 got, want = rank[run]["import_loss"], env["refs"][run][0]
                 assert abs(got - want) <= RTOL * want, (name, run, got, want)
                 print(f"[pp import] {name} {run}: |ours - transformers| = {abs(got - want):.1e}")
+
+
+def test_hf_import_reads_own_layers(env):
+    """A stage reads its own layers' tensors only: the embedding on the first, the final norm
+    and the LM head (tied: the embedding) on the last; with 2 virtual stages every other layer."""
+    def layers(names):
+        return sorted({int(n.split(".")[2]) for n in names if n.startswith("model.layers.")})
+
+    for name, own in (("pp2", [[0, 1], [2, 3]]), ("pp1_to_vpp", [[0, 2], [1, 3]])):
+        for rank in env["runs"][name]:
+            for run in RUNS:
+                got, stage = rank[run]["read"], rank[run]["pp_rank"]
+                assert layers(got) == own[stage], (name, run, stage)
+                ends = {n for n in got if not n.startswith("model.layers.")}
+                head = "model.embed_tokens.weight" if run == "full" else "lm_head.weight"
+                assert ends == ({"model.embed_tokens.weight"} if stage == 0 else
+                                {"model.norm.weight", head}), (name, run, stage, ends)
 
 
 def test_checkpoints_pp_independent(env):
