@@ -4,7 +4,7 @@ Everything that can be wrong with the files is checked before the model is built
 one-line `CheckpointError` naming the file and the fix: config.json, the safetensors files and
 their index, truncated or corrupt files, tensors missing from the index, shapes that disagree with
 config.json. Then every rank reads only its own slices (`safe_open(...).get_slice(name)[lo:hi]`)
-and `hf_mapping.load_base_weights` fills the model.
+of its own pipeline stage's layers and `hf_mapping.load_base_weights` fills the model.
 """
 
 import contextlib
