@@ -162,13 +162,15 @@ def _close(a, b):
 
 
 @pytest.fixture(scope="module")
-def results(tiny_llama):
+def results(tiny_llama, together):
     hf, sd, _ = tiny_llama
     shapes = layouts(hf, CONFIGS)
     factors = {n: random_factors(lay, seed=i) for i, (n, lay) in enumerate(shapes.items())}
     stacks = {n: [random_factors(lay, seed=100 + 10 * i + k) for k in range(3)]
               for i, (n, lay) in enumerate(shapes.items())}
-    return {tp: run_distributed(_worker, tp, tp, hf, sd, factors, stacks)[0] for tp in (1, 2)}
+    tp1, tp2 = together(*[lambda tp=tp: run_distributed(_worker, tp, tp, hf, sd, factors, stacks)[0]
+                          for tp in (1, 2)])
+    return {1: tp1, 2: tp2}
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from examples.run_commands import LAUNCHER, alive, clean_env, descendants, make_demo_data
+from examples.run_commands import LAUNCHER, alive, clean_env, descendants
 from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint, list_checkpoints
 
 
@@ -42,16 +42,17 @@ def _snapshot(*dirs) -> dict:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, launch):
-    d = tmp_path_factory.mktemp("bad")
-    make_demo_data(d, num_train=48, num_eval=16, num_pretrain=16)
+def work(work, launch, together, tmp_path_factory):
+    """(conftest's `work` (the demo data) with two 1-step checkpoints and the bad files, a data
+    cache outside it)."""
+    d = work
     cache = str(tmp_path_factory.mktemp("cache"))
     one_step = ["--model-preset", "tiny", "--tokenizer", "data/tokenizer", "--data-path",
                 "data/train.jsonl", "--seq-length", 32, "--micro-batch-size", 4, "--train-iters", 1,
                 "--data-cache-dir", cache]
-    launch([*one_step, "--lora-rank", 4, "--save", "ckpt"], d)
-    # BD-LoRA N=2 at TP=1, r=8 (resumed at TP=4; exported for vLLM at --max-lora-rank 4)
-    launch([*one_step, "--lora-rank", 8, "--bd-nblocks", 2, "--save", "ckpt_n2"], d)
+    # LoRA r=4, and BD-LoRA N=2 at TP=1, r=8 (resumed at TP=4; exported for vLLM at rank 4)
+    together(lambda: launch([*one_step, "--lora-rank", 4, "--save", "ckpt"], d),
+             lambda: launch([*one_step, "--lora-rank", 8, "--bd-nblocks", 2, "--save", "ckpt_n2"], d))
     _write_bad_files(d)
     return d, cache
 
@@ -316,12 +317,14 @@ def test_yaml_values_typed_like_the_cli(work, tmp_path):
     assert args.lora_rank == 16 and args.prompt_template == "-> {prompt}"
 
 
-def test_launcher_script_bad_inputs_one_line(work, launch):
+def test_launcher_script_bad_inputs_one_line(work, launch, together):
     """The literal shell command: one line on stderr, status 2, for a flag and a data error."""
     d, cache = work
-    for argv, needle in (([*B, "--keep-last", "0"], "--keep-last: must be >= 1"),
-                         ([*B, "--data-path", "maskstr.jsonl"], "'loss_mask' must be a list")):
-        r = launch([*argv, "--data-cache-dir", cache], d, nproc=2, check=False, timeout=120)
+    cases = (([*B, "--keep-last", "0"], "--keep-last: must be >= 1"),
+             ([*B, "--data-path", "maskstr.jsonl"], "'loss_mask' must be a list"))
+    runs = together(*[lambda argv=argv: launch([*argv, "--data-cache-dir", cache], d, nproc=2,
+                                               check=False, timeout=120) for argv, _ in cases])
+    for r, (_, needle) in zip(runs, cases):
         _assert_one_error_line(r.returncode, r.stderr, needle)
 
 

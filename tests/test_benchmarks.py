@@ -1,7 +1,8 @@
 """Inference and measured benchmarks: KV cache vs full recompute, multi-adapter batching vs each
 request alone, BD-LoRA decode collectives == base, and smoke runs of the two benchmark scripts.
 
-One TP=2 spawn computes everything the in-process tests check (starting ranks costs seconds).
+One TP=2 spawn computes everything the in-process tests check (starting ranks costs seconds);
+the two scripts' smoke runs share one fixture, running at the same time.
 """
 
 import pytest
@@ -140,8 +141,16 @@ def test_decode_collectives(results):
     assert slora["all_reduce"]["calls"] - base["decode"]["all_reduce"]["calls"] == 2 * layers
 
 
-def test_serving_script_smoke(torchrun_tool):
-    out = torchrun_tool("benchmark_serving.py", 2)
+@pytest.fixture(scope="module")
+def smokes(together, torchrun_tool):
+    """The two benchmark scripts' smoke runs, at the same time: (serving, training TP=2 x DP=2)."""
+    return together(lambda: torchrun_tool("benchmark_serving.py", 2, timeout=300),
+                    lambda: torchrun_tool("benchmark_training.py", 4, "--tensor-model-parallel-size",
+                                          "2", timeout=300))
+
+
+def test_serving_script_smoke(smokes):
+    out = smokes[0]
     assert set(out) == {"config", "results"}
     assert out["config"]["tp"] == 2
     assert set(out["results"]) == {"base", "replicated", "slora", "bd"}
@@ -156,8 +165,8 @@ def test_serving_script_smoke(torchrun_tool):
     assert bd["collectives_per_decode_step"] == out["results"]["base"]["collectives_per_decode_step"]
 
 
-def test_training_script_smoke_tp2_dp2(torchrun_tool):
-    out = torchrun_tool("benchmark_training.py", 4, "--tensor-model-parallel-size", "2")
+def test_training_script_smoke_tp2_dp2(smokes):
+    out = smokes[1]
     assert set(out) == {"config", "results"}
     assert (out["config"]["tp"], out["config"]["dp"]) == (2, 2)
     assert set(out["results"]) == {"base", "replicated", "slora", "bd"}

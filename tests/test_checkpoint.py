@@ -215,7 +215,7 @@ def _save_hf(path, seed, max_shard_size=None, v4_config=False, **overrides):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, together):
     base = tmp_path_factory.mktemp("ckpt")
     dirs = {"kv2": str(base / "hf_kv2"), "kv4": str(base / "hf_kv4")}
     refs = {
@@ -230,8 +230,8 @@ def env(tmp_path_factory):
     ckpt_root, scratch = str(base / "ckpts"), str(base / "scratch")
     os.makedirs(scratch)
     tp2 = run_distributed(_run_tp2, 2, 2, dirs, ckpt_root)[0]
-    tp1 = run_distributed(_run_tp1, 1, 1, dirs, ckpt_root, scratch)[0]
-    tp4 = run_distributed(_run_tp4, 4, 4, dirs, ckpt_root)[0]
+    tp1, tp4 = together(lambda: run_distributed(_run_tp1, 1, 1, dirs, ckpt_root, scratch)[0],
+                        lambda: run_distributed(_run_tp4, 4, 4, dirs, ckpt_root)[0])
     return dict(base=base, dirs=dirs, refs=refs, ckpts=ckpt_root, scratch=scratch,
                 runs={1: tp1, 2: tp2, 4: tp4})
 

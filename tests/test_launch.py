@@ -1,7 +1,7 @@
 """The launch lines users type: `torchrun ... pretrain_scripts/finetune_llama.sh FLAGS` (the file is
-both the bash launcher and the Python entry torchrun runs), `torchrun --no-python ...`, and two
-launchers on this machine acting as two nodes (TP=2 in a node, DP=2 across), with a resume.
-Tiny model, a few steps: 4 ranks share 2 cores.
+both the bash launcher and the Python entry torchrun runs), `torchrun --no-python ...`, and a
+rank's one-line error. Two launchers acting as two nodes are tests/test_training.py's end to end
+run. Tiny model, a few steps.
 """
 
 import json
@@ -9,20 +9,11 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from examples.run_commands import LAUNCHER, clean_env, make_demo_data
+from examples.run_commands import LAUNCHER, clean_env
 from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint
 from megatron_bdlora.parallel.distributed import free_port
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp("launch")
-    make_demo_data(d, num_train=64, num_eval=16, num_pretrain=16)
-    return d
 
 
 def flags(work, *extra):
@@ -38,56 +29,32 @@ def _run(cmd, cwd, env=None, timeout=300):
     return r
 
 
-def test_torchrun_runs_the_script_as_typed(work):
-    # exactly the documented line: torchrun executes the .sh file with its own Python
-    _run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()), LAUNCHER,
-          *flags(work, "--tensor-model-parallel-size", 2, "--train-iters", 2, "--save", "tr2")], work)
+def test_torchrun_runs_the_script_as_typed(work, together):
+    # exactly the documented line: torchrun executes the .sh file with its own Python; and
+    # --no-python: torchrun execs the file (bash), which runs the rank on torchrun's interpreter
+    # even with no python on PATH. Two independent runs, at the same time.
+    no_python = clean_env(PATH="/usr/bin:/bin")
+    del no_python["PYTHON"]
+    ports = [str(free_port()), str(free_port())]
+    together(lambda: _run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", ports[0], LAUNCHER,
+                           *flags(work, "--tensor-model-parallel-size", 2, "--train-iters", 2,
+                                  "--save", "tr2")], work),
+             lambda: _run([*TORCHRUN, "--nproc-per-node", "1", "--master-port", ports[1],
+                           "--no-python", LAUNCHER,
+                           *flags(work, "--train-iters", 1, "--save", "np1")], work, env=no_python))
+    assert AdapterCheckpoint(str(work / "np1")).step == 1
     ck = AdapterCheckpoint(str(work / "tr2"))
     assert ck.step == 2 and ck.config["saved_at_tp"] == 2 and ck.adapter_config.nblocks == 2
     umask = os.umask(0)
     os.umask(umask)
     for f in os.listdir(ck.dir):  # as the umask allows (safetensors alone writes 0600)
         assert os.stat(os.path.join(ck.dir, f)).st_mode & 0o777 == 0o666 & ~umask, f
-    # --no-python: torchrun execs the file (bash), which runs the rank on torchrun's interpreter
-    # even with no python on PATH
-    env = clean_env(PATH="/usr/bin:/bin")
-    del env["PYTHON"]
-    _run([*TORCHRUN, "--nproc-per-node", "1", "--master-port", str(free_port()), "--no-python",
-          LAUNCHER, *flags(work, "--train-iters", 1, "--save", "np1")], work, env=env)
-    assert AdapterCheckpoint(str(work / "np1")).step == 1
     # --eval-only --load takes the base model and tokenizer recorded in the checkpoint
     r = _run(["bash", LAUNCHER, "--eval-only", "--load", "tr2", "--eval-data-path",
               "data/eval.jsonl", "--seq-length", "32", "--micro-batch-size", "2", "--eval-iters", "2",
               "--data-cache-dir", str(work / "cache")], work)
     result = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
     assert result["tokens"] > 0 and 0 < result["loss"] < 20
-
-
-def test_two_nodes_tp2_dp2_train_and_resume(work):
-    """Two launchers as node 0 and node 1 (--nnodes 2, master 127.0.0.1): TP=2 in each node,
-    DP=2 across them; save at step 2, then resume both nodes to step 3 (the same command)."""
-    def both_nodes(*extra):
-        port = str(free_port())
-        procs = [subprocess.Popen(
-            ["bash", LAUNCHER, "--nproc-per-node", "2", "--nnodes", "2", "--node-rank", str(node),
-             "--master-addr", "127.0.0.1", "--master-port", port,
-             *flags(work, "--tensor-model-parallel-size", 2, "--save", "mn", *extra)],
-            cwd=work, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for node in (0, 1)]
-        outs = [p.communicate(timeout=400) for p in procs]
-        for p, (out, err) in zip(procs, outs):
-            assert p.returncode == 0, f"{out[-2000:]}\n{err[-4000:]}"
-        return outs[0][0]
-
-    # --load X --save X on a first run: a fresh start with a notice (Megatron-LM's habit)
-    out = both_nodes("--train-iters", 3, "--exit-after-iters", 2, "--load", "mn")
-    assert "TP=2 DP=2" in out and "no checkpoint in mn yet: starting fresh" in out
-    assert AdapterCheckpoint(str(work / "mn")).step == 2
-    out = both_nodes("--train-iters", 3, "--load", "mn")
-    assert "resumed from" in out and AdapterCheckpoint(str(work / "mn")).step == 3
-    steps = [r["step"] for r in map(json.loads, (work / "mn" / "metrics.jsonl").read_text().splitlines())
-             if "loss" in r]  # the stop at 2 is a record of its own
-    assert steps == [1, 2, 3]
 
 
 RANK_ERROR = """

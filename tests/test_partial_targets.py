@@ -82,14 +82,17 @@ def _worker(hf, sd, factors, ckpt_root):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_llama):
+def setup(tmp_path_factory, tiny_llama, together):
     hf, sd, hf_model = tiny_llama
     root = tmp_path_factory.mktemp("partial")
     base_dir = str(root / "base")
     hf_model.save_pretrained(base_dir)
     factors = {n: random_factors(lay, seed=i) for i, (n, lay) in enumerate(layouts(hf, CONFIGS).items())}
-    results = {tp: run_distributed(_worker, tp, tp, hf, sd, factors, str(root / "ckpt"))[0]
-               for tp in (2, 1, 4)}  # TP=2 first: it saves the checkpoints the others load
+    def run(tp):
+        return run_distributed(_worker, tp, tp, hf, sd, factors, str(root / "ckpt"))[0]
+
+    results = {2: run(2)}  # first: it saves the checkpoints the others load
+    results[1], results[4] = together(lambda: run(1), lambda: run(4))
     return hf, sd, hf_model, factors, results, base_dir, str(root / "ckpt")
 
 

@@ -4,7 +4,8 @@ save), each mid-run. Each time every rank finishes its step, the step is saved (
 the launcher exits 75 ("saved, resume me"), and the same command resumes; the adapter of the
 last interrupted step equals an uninterrupted run's at that step bit for bit (the reference
 saves every step), and so does every logged loss. The uninterrupted run also checks the logs a
-Megatron-LM user reads (TensorBoard, timers, TFLOP/s). Tiny model, TP=2, 3 launches.
+Megatron-LM user reads (TensorBoard, timers, TFLOP/s). Tiny model, TP=2, 3 launches (the
+reference beside the first attempt).
 """
 
 import contextlib
@@ -14,21 +15,13 @@ import signal
 import subprocess
 import time
 
-import pytest
 import torch
 
-from examples.run_commands import LAUNCHER, clean_env, descendants, make_demo_data
+from examples.run_commands import LAUNCHER, clean_env, descendants
 from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint, list_checkpoints
 from megatron_bdlora.errors import EXIT_RESUME
 
 ITERS = 12
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp("preempt")
-    make_demo_data(d, num_train=64, num_eval=16, num_pretrain=16)
-    return d
 
 
 def job(save, *extra):
@@ -79,21 +72,29 @@ def interrupt(cwd, cmd, save, after: int, everyone: bool, flood: bool = False):
 
 
 def test_preempted_run_saves_its_step_and_resumes_bit_exact(work):
-    # the uninterrupted reference, with the logs a Megatron-LM user reads
-    ref = subprocess.run(job("ref", "--tensorboard-dir", "tb", "--timing-log-level", 1,
-                             "--log-throughput", "--save-interval", 1, "--keep-last", ITERS),
-                         cwd=work, env=clean_env(NPROC=2),
-                         capture_output=True, text=True, timeout=400)
-    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
-    assert "defaults that differ from Megatron-LM's" in ref.stdout
+    # the uninterrupted reference, with the logs a Megatron-LM user reads; it runs beside the
+    # first attempt (an independent job)
+    with open(work / "ref.log", "w") as log:
+        ref = subprocess.Popen(job("ref", "--tensorboard-dir", "tb", "--timing-log-level", 1,
+                                   "--log-throughput", "--save-interval", 1, "--keep-last", ITERS),
+                               cwd=work, env=clean_env(NPROC=2), stdout=log,
+                               stderr=subprocess.STDOUT)
+    try:
+        # 1. SIGTERM to the launcher alone
+        rc, out, at, _ = interrupt(work, job("run"), "run", after=3, everyone=False)
+        ref.wait(timeout=400)
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+    ref_out = (work / "ref.log").read_text()
+    assert ref.returncode == 0, ref_out[-5000:]
+    assert "defaults that differ from Megatron-LM's" in ref_out
     step2 = records(work / "ref")[1]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "time_data_ms",
             "time_forward_backward_ms", "time_optimizer_ms", "time_save_ms"} <= set(step2)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(work / "tb"))
 
     run = str(work / "run")
-    # 1. SIGTERM to the launcher alone
-    rc, out, at, _ = interrupt(work, job("run"), "run", after=3, everyone=False)
     assert rc == EXIT_RESUME, out[-3000:]
     first = AdapterCheckpoint(run).step
     assert first == last_step(run) < ITERS and first >= at  # the interrupted step, none lost

@@ -14,13 +14,12 @@ MEGATRON_BDLORA_SKIP_REAL=1 says to skip them. Sequences are short: the model is
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests.dist_utils import run_distributed
-from examples.run_commands import LAUNCHER, ROOT, clean_env
+from examples.run_commands import LAUNCHER, clean_env
 
 CHAT = [{"role": "system", "content": "Answer in one line."},
         {"role": "user", "content": "What is the capital of France?"},
@@ -71,12 +70,13 @@ def _our_logits(model_dir, ids):
         return gather_logits(forward_logits(model, ids), model.hf_config["vocab_size"]).clone()
 
 
-def test_hf_import_logits_match_transformers_tp1_tp3(model_dir, tokenizer):
+def test_hf_import_logits_match_transformers_tp1_tp3(model_dir, tokenizer, together):
     ids = _chat_ids(tokenizer)
     with torch.no_grad():
         ref = _hf_model(model_dir)(ids).logits
-    for tp in (1, 3):
-        ours = run_distributed(_our_logits, tp, tp, model_dir, ids)
+    runs = together(*[lambda tp=tp: run_distributed(_our_logits, tp, tp, model_dir, ids)
+                      for tp in (1, 3)])
+    for tp, ours in zip((1, 3), runs):
         for rank, logits in enumerate(ours):
             err = (logits - ref).abs().max().item()
             print(f"[real model] TP={tp} rank {rank}: max |logit - transformers| = {err:.2e}")
@@ -141,10 +141,11 @@ def test_eval_only_on_imported_peft_adapter_equals_peft_loss(model_dir, tokenize
             nll += torch.nn.functional.cross_entropy(logits[keep], torch.tensor(ids[1:])[keep],
                                                      reduction="sum").item()
             n += int(keep.sum())
+    from tools import convert_checkpoint
+
     ckpt = tmp_path / "ckpt"
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "import",
-                    "--peft", str(tmp_path / "peft"), "--hf-checkpoint", model_dir, "--out",
-                    str(ckpt)], check=True, capture_output=True, text=True)
+    assert convert_checkpoint.main(["import", "--peft", str(tmp_path / "peft"), "--hf-checkpoint",
+                                    model_dir, "--out", str(ckpt)]) == 0
     r = subprocess.run(["bash", LAUNCHER, "--tensor-model-parallel-size", "3", "--eval-only",
                         "--load", str(ckpt), "--eval-data-path", str(tmp_path / "eval.jsonl"),
                         "--seq-length", "64", "--micro-batch-size", "2", "--eval-iters", "1",

@@ -71,16 +71,16 @@ def _worker(path, factors_by_cfg, sp):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_llama):
+def setup(tmp_path_factory, tiny_llama, together):
     hf, _, hf_model = tiny_llama
     path = str(tmp_path_factory.mktemp("tiny_llama"))
     hf_model.save_pretrained(path)  # built through load_hf_llama(..., sequence_parallel=...)
     factors = {name: random_factors(layout, seed=i)
                for i, (name, layout) in enumerate(layouts(hf, CONFIGS).items())}
-    results = {1: run_distributed(_worker, 1, 1, path, factors, False)}
-    for tp in TP_SIZES:
-        results[tp] = run_distributed(_worker, tp, tp, path, factors, True)
-    return hf, results
+    runs = together(lambda: run_distributed(_worker, 1, 1, path, factors, False),
+                    *[lambda tp=tp: run_distributed(_worker, tp, tp, path, factors, True)
+                      for tp in TP_SIZES])
+    return hf, dict(zip((1, *TP_SIZES), runs))
 
 
 def _close(a, b, rtol=2e-5):
