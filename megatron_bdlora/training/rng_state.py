@@ -48,5 +48,8 @@ def restore(state: dict, seed: int, say=print) -> None:
     else:
         if "cuda" in state:
             torch.cuda.set_rng_state(state["cuda"])
-        get_cuda_rng_tracker().set_states(dict(trackers[ps.get_tensor_model_parallel_rank()]))
+        # a state the checkpoint predates (LoRA dropout's, added later) keeps its fresh seed
+        states = dict(get_cuda_rng_tracker().get_states())
+        states.update(trackers[ps.get_tensor_model_parallel_rank()])
+        get_cuda_rng_tracker().set_states(states)
     torch.set_rng_state(state["cpu"])
