@@ -49,7 +49,7 @@ def _runs(data, root):
 
     # One step by hand on the bf16 model: what lives in which dtype.
     args = parse_args(_flags(data, os.path.join(root, "x"), True))
-    model, _ = trainer.build(args)
+    (model,), _ = trainer.build(args)  # one model chunk (PP=1)
     params = [p for p in model.parameters() if p.requires_grad]
     engine = Engine(model, args)
     g = torch.Generator().manual_seed(0)

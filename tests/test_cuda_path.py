@@ -96,7 +96,7 @@ def _rank(tmp):
     args = parse_args(["--model-preset", "tiny", "--adapter", "lora", "--lora-rank", 4, "--bf16",
                        "--data-path", data, "--seq-length", 24, "--micro-batch-size", 1,
                        "--global-batch-size", 8, "--attention-backend", "local"], world_size=4)
-    model, _ = trainer.build(args)
+    (model,), _ = trainer.build(args)  # one model chunk (PP=1)
     engine = Engine(model, args)
     params = [p for p in model.parameters() if p.requires_grad]
     norms = {str(m.weight.dtype) for m in model.modules() if isinstance(m, torch.nn.RMSNorm)}

@@ -68,7 +68,7 @@ def _rank(tmp):
 
     # ---- token-normalised loss over DP x accumulation ----
     args = _args(tmp, "--clip-grad", "1e-3")  # clips: every grad scaled to norm 1e-3
-    model, _ = trainer.build(args)
+    (model,), _ = trainer.build(args)  # one model chunk (PP=1)
     _randomise_b(model)
     params = [p for p in model.parameters() if p.requires_grad]
     batches = _batches(4, model.hf_config["vocab_size"])
@@ -108,15 +108,15 @@ def _rank(tmp):
     sampler = DistributedBatchSampler(len(rows), MICRO, dp_rank=dp_rank, dp_size=2,
                                       global_batch_size=8, seed=5)
     it = DataIterator(rows, sampler)
-    first = trainer.evaluate(model, it, 1)
+    first = trainer.evaluate([model], it, 1)
     next(it)  # training-style consumption in between must not move the eval window
-    second = trainer.evaluate(model, it, 1)
+    second = trainer.evaluate([model], it, 1)
     chosen = sampler._order(0)[:8].tolist()  # the first global batch, all DP ranks
     ids = torch.stack([rows[i]["input_ids"] for i in chosen])
     labels = torch.stack([rows[i]["labels"] for i in chosen])
     with torch.no_grad():
         s, n = lm_loss(model, ids, labels, reduction="sum")
-    whole = trainer.evaluate(model, it, 100)  # more than the set holds: each record once
+    whole = trainer.evaluate([model], it, 100)  # more than the set holds: each record once
     out["eval"] = {"first": first, "second": second, "ref_loss": float(s / n), "ref_tokens": int(n),
                    "whole": whole["tokens"], "all_tokens": sum(int((rows[i]["labels"] != -100).sum()) for i in range(len(rows)))}
 
@@ -126,7 +126,7 @@ def _rank(tmp):
             "--recompute-num-layers", 1]
     for tag, extra in (("plain", []), ("full", full), ("selective", ["--recompute-activations"])):
         seed_model_parallel(1234)  # the same random base for both
-        m, _ = trainer.build(_args(tmp, *extra))
+        (m,), _ = trainer.build(_args(tmp, *extra))
         _randomise_b(m)
         ids, labels, _ = batches[1]
         loss, _ = lm_loss(m, ids, labels)

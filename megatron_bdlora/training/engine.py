@@ -104,7 +104,8 @@ def forward_step(phase, data_iterator, model):
 def run_schedule(chunks, batches, forward_only: bool, phase=no_phase) -> torch.Tensor:
     """Megatron's forward(-backward) schedule over `chunks` (this rank's model chunks, or their
     DDP wrappers) on `batches` [(ids, labels, document ids)]: the summed token loss and token
-    count of the micro-batches (double, on the device), on every pipeline stage."""
+    count of the micro-batches (fp32, on the device) on the last pipeline stage, zeros on the
+    others (last_stage_broadcast)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_bdlora.parallel import device
@@ -116,9 +117,8 @@ def run_schedule(chunks, batches, forward_only: bool, phase=no_phase) -> torch.T
         forward_step_func=partial(forward_step, phase), data_iterator=data, model=list(chunks),
         num_microbatches=len(batches), seq_length=ids.shape[1], micro_batch_size=ids.shape[0],
         forward_only=forward_only)
-    stats = torch.stack([r["lm loss"] for r in reported]).sum(0).double() if reported else \
-        torch.zeros(2, dtype=torch.float64, device=device())  # not the last stage: no loss
-    return stats
+    return torch.stack([r["lm loss"] for r in reported]).sum(0) if reported else \
+        torch.zeros(2, device=device())  # not the last stage: no loss
 
 
 def optimizer_config(args):
