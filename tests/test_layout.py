@@ -17,6 +17,7 @@ from megatron_bdlora.adapters import layout
 from megatron_bdlora.adapters import strategies
 from megatron_bdlora.adapters.strategies import Factor
 from megatron_bdlora.errors import InputError
+from megatron_bdlora.models import shape
 from megatron_bdlora.models.presets import PRESETS
 
 # The presets, plus SmolLM2-135M's shape (docs/design.md §7: 9 heads / 3 KV heads allow TP=3).
@@ -147,7 +148,7 @@ def test_padded_vocab_is_the_models():
     from megatron_bdlora.benchmarks import memory_model
 
     hf = PRESETS["llama3.1-8b"]
-    assert layout.padded_vocab_size(128256, 8) == 128256  # not 128 * 8 = 1024's multiple 129024
+    assert shape.padded_vocab_size(128256, 8) == 128256  # not 128 * 8 = 1024's multiple 129024
     per_rank = memory_model.base_weight_params(hf, 8) - memory_model.base_weight_params(
         {**hf, "vocab_size": 0}, 8)
     assert per_rank == 2 * 128256 * hf["hidden_size"] / 8
@@ -196,7 +197,7 @@ def test_strategy_facts_agree_across_consumers():
         for packed in {False, strategy.has_blocks}:
             for name, (a, b) in hf_factors(tensors, cfg, hf, packed=packed).items():
                 proj = layout.BY_NAME[name.rsplit(".", 1)[-1]]
-                fan_in, out = layout.projection_shapes(hf)[proj.name]
+                fan_in, out = shape.projection_shapes(hf)[proj.name]
                 assert (a.shape, b.shape) == strategy.hf_shapes(proj.kind, fan_in, out, cfg.rank, n,
                                                                 packed), (cid, name)
                 if not packed:

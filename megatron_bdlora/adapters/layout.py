@@ -14,17 +14,17 @@
 - `check_tensors`: the one shape check of loaded tensors against the expected global shapes.
 
 `cfg` is an `adapters.config.AdapterConfig` (duck-typed here: this module imports no part of
-the package but `errors` and `strategies`).
+the package but `errors`, `strategies` and the base model's shape, `models/shape.py`).
 """
 
-import math
 from dataclasses import dataclass
 
-from megatron_bdlora.adapters.strategies import COLUMN, METHODS, ROW, STRATEGIES, divisors, strategy_of
+from megatron_bdlora.adapters.strategies import COLUMN, METHODS, ROW, STRATEGIES, strategy_of
 from megatron_bdlora.adapters.strategies import (  # noqa: F401 (the trainer's flags read them here)
     LORA_SHARDINGS, check_rank_blocks, check_tp_blocks,
 )
 from megatron_bdlora.errors import InputError
+from megatron_bdlora.models.shape import check_tp, kv_heads, projection_shapes
 
 LAYOUTS = ("canonical", "fused")
 
@@ -71,30 +71,6 @@ def megatron_key(layer: int, module: str) -> str:
 def hf_key(layer: int, proj: str) -> str:
     """The projection's name in a LlamaForCausalLM."""
     return f"model.layers.{layer}.{BY_NAME[proj].hf_parent}.{proj}"
-
-
-# ---- model shapes --------------------------------------------------------------------------------
-def head_dim(hf: dict) -> int:
-    return hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-
-
-def kv_heads(hf: dict) -> int:
-    return hf.get("num_key_value_heads") or hf["num_attention_heads"]
-
-
-def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
-    """The model's vocabulary, padded to a multiple of lcm(multiple, tp): TP-independent for
-    Llama's 128256 and any tp | 128 (Megatron's --make-vocab-size-divisible-by is 128)."""
-    step = math.lcm(multiple, tp)
-    return -(-vocab // step) * step
-
-
-def projection_shapes(hf: dict) -> dict:
-    """{HF projection: (in_features, out_features)} of one decoder layer."""
-    h, heads, d, ffn = hf["hidden_size"], hf["num_attention_heads"], head_dim(hf), hf["intermediate_size"]
-    kv = kv_heads(hf) * d
-    return {"q_proj": (h, heads * d), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (heads * d, h),
-            "gate_proj": (h, ffn), "up_proj": (h, ffn), "down_proj": (ffn, h)}
 
 
 @dataclass(frozen=True)
@@ -161,15 +137,6 @@ def check_config(cfg) -> None:
         raise InputError(f"the fused layout shares one A across {partial[0]}'s projections, so it "
                          f"cannot adapt only {', '.join(cfg.module_projections(partial[0]))}; "
                          "use --lora-layout canonical or target the whole module")
-
-
-def check_tp(hf: dict, tp: int) -> None:
-    """The base model splits over TP ranks by whole heads, KV groups and FFN columns."""
-    heads, groups, ffn = hf["num_attention_heads"], kv_heads(hf), hf["intermediate_size"]
-    if heads % tp or groups % tp or ffn % tp:
-        raise InputError(f"--tensor-model-parallel-size {tp} must divide the attention heads "
-                         f"({heads}), KV heads ({groups}) and FFN size ({ffn}); use TP in "
-                         f"{divisors(math.gcd(heads, groups, ffn))}")
 
 
 def check_module(spec: TargetSpec, cfg, tp: int, name: str) -> None:

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 from megatron_bdlora.errors import InputError
+from megatron_bdlora.models.shape import divisors
 
 COLUMN, ROW = "column", "row"  # how the base layer splits over TP: output rows | input columns
 
@@ -61,10 +62,6 @@ def block_diag(blocks):
         return blocks.squeeze(-3)
     eye = blocks.new_ones(n).diag().view(n, 1, n, 1)
     return (blocks.unsqueeze(-2) * eye).flatten(-4, -3).flatten(-2)
-
-
-def divisors(n: int) -> list:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def check_rank_blocks(rank: int, nblocks: int) -> None:

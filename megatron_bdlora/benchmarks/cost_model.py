@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass, replace
 
 from megatron_bdlora.adapters.config import AdapterConfig
-from megatron_bdlora.adapters.layout import check, head_dim, kv_heads, module_spec, padded_vocab_size
+from megatron_bdlora.adapters.layout import check, module_spec
+from megatron_bdlora.models.shape import head_dim, kv_heads, padded_vocab_size
 from megatron_bdlora.adapters.param_count import adapter_params
 from megatron_bdlora.adapters.strategies import STRATEGIES as ADAPTER_STRATEGIES, strategy_of
 

@@ -4,7 +4,7 @@ Training, per GPU, as the trainer runs (training/engine.py: Megatron-Core DDP wi
 buffers, its optimizer with fp32 main parameters, Adam):
   base weights   the model's parameters in their dtype (--bf16: 2 bytes, else 4), this rank's shard:
                  every linear / TP, vocab-parallel embedding and LM head on the padded vocab
-                 (layout.padded_vocab_size), norms replicated; with PP the worst stage (the
+                 (models/shape.padded_vocab_size), norms replicated; with PP the worst stage (the
                  first holds the embedding, the last the LM head, each L/PP layers).
   adapter        the rank's local LoRA factors (cost_model.lora_shards: BD owns exactly 1/TP,
                  replicated keeps full copies) in fp32 (no bf16 copy), fp32 gradients, Adam
@@ -43,7 +43,8 @@ Serving: base shard + one bf16 adapter per request + KV cache 2*L*(g/t)*d*seq*ba
 import math
 
 from megatron_bdlora.adapters.config import AdapterConfig
-from megatron_bdlora.adapters.layout import check, head_dim, kv_heads, padded_vocab_size
+from megatron_bdlora.adapters.layout import check
+from megatron_bdlora.models.shape import head_dim, kv_heads, padded_vocab_size
 from megatron_bdlora.benchmarks.cost_model import lora_shards
 from megatron_bdlora.models.presets import get_preset
 

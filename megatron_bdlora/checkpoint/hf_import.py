@@ -13,7 +13,8 @@ import re
 
 import torch
 
-from megatron_bdlora.adapters.layout import head_dim, hf_key, kv_heads, projection_shapes
+from megatron_bdlora.adapters.layout import hf_key
+from megatron_bdlora.models.shape import head_dim, kv_heads, projection_shapes
 from megatron_bdlora.checkpoint.files import inside, read_json, whole_number
 from megatron_bdlora.checkpoint.hf_mapping import load_base_weights
 from megatron_bdlora.errors import CheckpointError

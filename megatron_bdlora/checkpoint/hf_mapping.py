@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from megatron_bdlora.adapters.layout import head_dim, kv_heads
+from megatron_bdlora.models.shape import head_dim, kv_heads
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _LAYER_MAP = {

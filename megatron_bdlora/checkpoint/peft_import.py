@@ -22,7 +22,6 @@ import torch
 from megatron_bdlora.adapters.config import AdapterConfig
 from megatron_bdlora.adapters.layout import (
     BD_A, BD_B, BY_NAME, HF_TARGETS, check, check_tensors, expected_global_shapes, megatron_key,
-    projection_shapes,
 )
 from megatron_bdlora.adapters.strategies import COLUMN, strategy_of
 from megatron_bdlora.checkpoint import peft_format
@@ -33,6 +32,7 @@ from megatron_bdlora.checkpoint.hf_import import (
     CheckpointError, check_hf_checkpoint, open_safetensors, tokenizer_dir,
 )
 from megatron_bdlora.errors import InputError
+from megatron_bdlora.models.shape import projection_shapes
 
 MAX_RANK = 2**16  # far above any LoRA rank; a larger r in a file is a broken or hostile file
 MAX_ALPHA = 1e6

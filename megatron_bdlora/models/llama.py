@@ -12,7 +12,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from megatron_bdlora.adapters.layout import check_tp, head_dim, kv_heads, padded_vocab_size
+from megatron_bdlora.models.shape import check_tp, head_dim, kv_heads, padded_vocab_size
 from megatron_bdlora.parallel.cpu_compat import apply as _cpu_compat
 from megatron_bdlora.parallel.sequence_parallel import NEEDS_TP
 

@@ -10,7 +10,8 @@ vLLM's own checks (DoRA, bias, ...) still run after these.
 import json
 import os
 
-from megatron_bdlora.adapters.layout import BD_A, BD_B, BY_NAME, divisors, projection_shapes
+from megatron_bdlora.adapters.layout import BD_A, BD_B, BY_NAME
+from megatron_bdlora.models.shape import divisors, projection_shapes
 from megatron_bdlora.adapters.strategies import STRATEGIES
 
 CONFIG = "adapter_config.json"

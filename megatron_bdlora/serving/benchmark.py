@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from megatron_bdlora.adapters.layout import BD_A, BD_B, HF_TARGETS, hf_key, projection_shapes
+from megatron_bdlora.adapters.layout import BD_A, BD_B, HF_TARGETS, hf_key
+from megatron_bdlora.models.shape import projection_shapes
 from megatron_bdlora.benchmarks.timing import bar_chart, llama_shape, percentile
 from megatron_bdlora.serving.adapter_check import CONFIG, WEIGHTS, packed_shapes
 from megatron_bdlora.serving.collectives import WORKER_EXTENSION, per_step
