@@ -25,7 +25,7 @@ def test_parser_is_the_flag_table():
         assert a.choices in (None, f.metadata["choices"])
     # the constant tuples are the modules' own (written once)
     from megatron_bdlora.adapters.layout import LAYOUTS
-    from megatron_bdlora.te.spec import IMPLS
+    from megatron_bdlora.te.guard import IMPLS
 
     assert actions["lora_layout"].choices is LAYOUTS and actions["transformer_impl"].choices is IMPLS
 

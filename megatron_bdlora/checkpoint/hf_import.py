@@ -14,7 +14,7 @@ import re
 import torch
 
 from megatron_bdlora.adapters.layout import hf_key
-from megatron_bdlora.models.shape import head_dim, kv_heads, projection_shapes
+from megatron_bdlora.models.shape import head_dim, kv_heads, projection_shapes, rope_scaling
 from megatron_bdlora.checkpoint.files import inside, read_json, whole_number
 from megatron_bdlora.checkpoint.hf_mapping import load_base_weights
 from megatron_bdlora.errors import CheckpointError
@@ -103,8 +103,6 @@ def read_hf_config(model_dir: str) -> dict:
         raise CheckpointError(f"{path}: model_type {cfg.get('model_type')!r} is not supported; "
                               "only Llama (LlamaForCausalLM) checkpoints load")
     cfg.setdefault("num_key_value_heads", cfg.get("num_attention_heads"))
-    from megatron_bdlora.models.llama import rope_scaling
-
     try:  # before any rank builds the model (there: the same error once per rank)
         rope_scaling(cfg)
     except ValueError as e:

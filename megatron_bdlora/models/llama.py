@@ -12,27 +12,10 @@ import re
 import torch
 import torch.nn.functional as F
 
-from megatron_bdlora.models.shape import check_tp, head_dim, kv_heads, padded_vocab_size
+from megatron_bdlora.models.shape import check_tp, head_dim, hf_field, kv_heads, padded_vocab_size, rope_scaling
+from megatron_bdlora.models.spec import decoder_block_spec
 from megatron_bdlora.parallel.cpu_compat import apply as _cpu_compat
 from megatron_bdlora.parallel.sequence_parallel import NEEDS_TP
-
-
-def hf_field(hf: dict, key: str, default=None):
-    """Read a config key, also from transformers v5's `rope_parameters`."""
-    if key in hf and hf[key] is not None:
-        return hf[key]
-    rope = hf.get("rope_parameters") or {}
-    return rope.get(key, default)
-
-
-def rope_scaling(hf: dict) -> dict | None:
-    scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
-    if not scaling or scaling.get("rope_type", scaling.get("type")) in (None, "default"):
-        return None
-    if scaling.get("rope_type", scaling.get("type")) != "llama3":
-        raise ValueError(f"RoPE scaling {scaling.get('rope_type', scaling.get('type'))!r} is not "
-                         "supported; only llama3 scaling (or none) is implemented")
-    return scaling
 
 
 def rope_inv_freq(hf: dict) -> torch.Tensor:
@@ -115,7 +98,7 @@ def build_model(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32,
                 vp_stage: int | None = None):
     """A Megatron-Core GPTModel for a Llama config, this rank's TP shard (local layer spec with
     `attention_backend` core attention: sdpa or Megatron's local DotProductAttention; with
-    `transformer_impl="transformer_engine"` its linears are TE's, megatron_bdlora/te/spec.py).
+    `transformer_impl="transformer_engine"` its linears are TE's, models/spec.py).
 
     With pipeline parallelism (init_distributed's pipeline_parallel_size) it is this rank's
     stage: virtual stage `vp_stage` (0.. with virtual stages, else None) holds only its decoder
@@ -127,8 +110,6 @@ def build_model(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32,
     on a model built without it; the adapter is the same either way."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-
-    from megatron_bdlora.te.spec import decoder_block_spec
 
     _cpu_compat()
     pp, vpp = pipeline_layout()

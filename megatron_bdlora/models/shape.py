@@ -1,11 +1,30 @@
 """The Llama base model's shape facts, in one place (pure Python: no torch, no Megatron-Core):
-head_dim, KV heads, the per-projection matrix sizes, the padded vocabulary and the TP check.
+the config fields (transformers v4 and v5 spellings, RoPE scaling), head_dim,
+KV heads, the per-projection matrix sizes, the padded vocabulary and the TP check.
 The model builder, the HF import and mapping, the adapter layout and the cost and memory models
 read them here."""
 
 import math
 
 from megatron_bdlora.errors import InputError
+
+
+def hf_field(hf: dict, key: str, default=None):
+    """Read a config key, also from transformers v5's `rope_parameters`."""
+    if key in hf and hf[key] is not None:
+        return hf[key]
+    rope = hf.get("rope_parameters") or {}
+    return rope.get(key, default)
+
+
+def rope_scaling(hf: dict) -> dict | None:
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
+    if not scaling or scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+        return None
+    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+        raise ValueError(f"RoPE scaling {scaling.get('rope_type', scaling.get('type'))!r} is not "
+                         "supported; only llama3 scaling (or none) is implemented")
+    return scaling
 
 
 def head_dim(hf: dict) -> int:

@@ -14,6 +14,9 @@ import sys
 
 from megatron_bdlora.errors import InputError
 
+# --transformer-impl: Megatron-Core's local linears or TE's (the block spec: models/spec.py); here,
+# not there, because the flags read it at CLI start-up, before Megatron-Core is imported
+IMPLS = ("local", "transformer_engine")
 EXTRA = "pip install 'megatron-bdlora[gpu]'"
 _status = None     # "ok" | "absent" | "<exception>: <first line>" (installed but broken)
 _injected = ()     # (column class, row class) a test installed (tests/fake_te)

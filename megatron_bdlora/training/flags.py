@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 from megatron_bdlora.adapters.layout import LAYOUTS, LORA_SHARDINGS, METHODS
-from megatron_bdlora.te.spec import IMPLS
+from megatron_bdlora.te.guard import IMPLS
 
 # Constant tuples the flags choose from (each written once; the modules that act on them read
 # these names or their own tuple of the same values, held equal by tests/test_flags.py).

@@ -1,4 +1,4 @@
-"""The decoder block spec of each `--transformer-impl`.
+"""The decoder block spec of each `--transformer-impl` (`IMPLS`, te/guard.py).
 
 local: Megatron-Core's local layer spec with our RMSNorm and core attention (models/attention.py,
 parallel/sequence_parallel.py). transformer_engine: the same layers with Megatron-Core's TE linears,
@@ -11,12 +11,14 @@ TE-vs-local comparison about the linears. The final norm stays our RMSNorm.
 
 import dataclasses
 
-IMPLS = ("local", "transformer_engine")
+from megatron.core.transformer.identity_op import IdentityOp
+
+from megatron_bdlora.models.attention import layer_spec
+from megatron_bdlora.parallel.sequence_parallel import block_spec
+from megatron_bdlora.te.guard import IMPLS, layer_classes
 
 
 def _te_layer(layer, column, row):
-    from megatron.core.transformer.identity_op import IdentityOp
-
     sub = layer.submodules
     attn, mlp = sub.self_attention, sub.mlp
     attn = dataclasses.replace(attn, submodules=dataclasses.replace(
@@ -28,10 +30,6 @@ def _te_layer(layer, column, row):
 
 
 def decoder_block_spec(config, attention_backend: str = "sdpa", transformer_impl: str = "local"):
-    from megatron_bdlora.models.attention import layer_spec
-    from megatron_bdlora.parallel.sequence_parallel import block_spec
-    from megatron_bdlora.te.guard import layer_classes
-
     if transformer_impl not in IMPLS:
         raise ValueError(f"unknown transformer impl {transformer_impl!r}; choose one of {IMPLS}")
     block = block_spec(layer_spec(attention_backend), config)
