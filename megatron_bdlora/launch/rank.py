@@ -1,6 +1,6 @@
 """What every rank does around its work: die with its launcher, and end in one line.
 
-`run_rank(fn, *args)` is the one entry point (trainer `main`):
+`run_rank(fn, *args)` is the one entry point (launch/entry.py `main`):
 - the rank asks the kernel for SIGKILL when its parent (torchrun's agent) dies, so a `kill -9`
   of the launcher leaves no orphans training and saving into the same directory;
 - an `InputError` is printed as one line by the rank that raised it and every rank exits 2 at
@@ -25,7 +25,7 @@ import sys
 import time
 import traceback
 
-from megatron_bdlora.errors import EXIT_DIVERGED, EXIT_INPUT, EXIT_RESUME, DivergedError, InputError
+from megatron_bdlora.errors import EXIT_DIVERGED, EXIT_INPUT, DivergedError, InputError
 
 PR_SET_PDEATHSIG = 1
 _cleanups = []
@@ -83,14 +83,6 @@ def interrupted_line(save: str | None) -> str:
     last = os.path.join(save, found[-1][1]) if found else "none"
     return f"interrupted at step {step}; last checkpoint: {last}" + \
         (f" (resume with --load {save})" if found else "")
-
-
-def stopped_line(reason: str, step: int, checkpoint: str | None) -> str:
-    """Rank 0's line when the run stops early (a signal, --exit-duration-in-mins, ...)."""
-    if checkpoint is None:
-        return f"stopped after step {step} ({reason}); nothing saved (no --save)"
-    return (f"stopped after step {step} ({reason}); saved {checkpoint}; rerun the same command "
-            f"(--load {os.path.dirname(checkpoint)}) to resume (exit status {EXIT_RESUME})")
 
 
 def _in_collective(e: BaseException) -> bool:

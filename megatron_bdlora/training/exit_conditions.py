@@ -14,6 +14,7 @@ get a signal at different moments; a deadline passes at different moments): ever
 after the same step.
 """
 
+import os
 import signal
 import threading
 import time
@@ -94,3 +95,11 @@ def exit_status(reason: str | None, saved: bool = True) -> int:
     if saved:
         return EXIT_RESUME
     return 128 + signal.Signals[reason] if reason in signal.Signals.__members__ else 0
+
+
+def stopped_line(reason: str, step: int, checkpoint: str | None) -> str:
+    """Rank 0's line when the run stops early (a signal, --exit-duration-in-mins, ...)."""
+    if checkpoint is None:
+        return f"stopped after step {step} ({reason}); nothing saved (no --save)"
+    return (f"stopped after step {step} ({reason}); saved {checkpoint}; rerun the same command "
+            f"(--load {os.path.dirname(checkpoint)}) to resume (exit status {EXIT_RESUME})")

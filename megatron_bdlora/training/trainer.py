@@ -3,7 +3,6 @@ checkpoints, eval, logging."""
 
 import contextlib
 import json
-import os
 import time
 
 import torch
@@ -18,7 +17,7 @@ from megatron_bdlora.training.arguments import (parse_args, recompute_config, ru
                                                 virtual_pipeline_size)
 from megatron_bdlora.training.checkpointing import CheckpointManager, TrainState
 from megatron_bdlora.training.engine import Engine, device_batch, last_stage_broadcast, run_schedule
-from megatron_bdlora.training.exit_conditions import ExitConditions, exit_status
+from megatron_bdlora.training.exit_conditions import ExitConditions, exit_status, stopped_line
 from megatron_bdlora.training.metrics import MetricsLogger
 from megatron_bdlora.training.throughput import Throughput
 from megatron_bdlora.training.timers import Timers
@@ -253,9 +252,7 @@ class Trainer:
 
     def _stopped(self, logger, last: dict) -> dict:
         """The record, the line and the exit status of a run that stopped before --train-iters
-        (the launcher reads the record: launch/rank.stopped_and_saved)."""
-        from megatron_bdlora.launch.rank import stopped_line
-
+        (launch/rank.py exits with that status)."""
         step, reason, saved = self.state.step, self.stop_reason, bool(self.args.save)
         logger.log(step, {"exit": reason, "checkpoint": self.last_checkpoint}, show=False)
         logger.close()
@@ -265,30 +262,3 @@ class Trainer:
 
 def train(args) -> dict:
     return Trainer(args).run()
-
-
-def main(argv=None):
-    """One rank: flags, then train; input errors are one line and every rank exits 2
-    (launch/rank.py); rank 0 holds the --save directory's lock while it trains."""
-    from megatron_bdlora.launch.rank import run_rank
-
-    return run_rank(_main, argv)
-
-
-def _main(argv):
-    from megatron_bdlora.checkpoint.save_lock import SaveLock
-    from megatron_bdlora.launch import rank
-    from megatron_bdlora.launch.preflight import resolve_checkpoint_flags
-
-    args = parse_args(argv)
-    resolve_checkpoint_flags(args, say=log0 if int(os.environ.get("RANK", "0")) == 0 else None)
-    rank.watch_save_dir(args.save)
-    lock = None
-    if args.save and not args.eval_only and int(os.environ.get("RANK", "0")) == 0:
-        lock = SaveLock(args.save).acquire()
-        rank.on_exit(lock.release)
-    result = train(args)
-    if lock is not None:
-        lock.release()
-    destroy_distributed()
-    return result
