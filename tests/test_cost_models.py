@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from megatron_bdlora.adapters.param_count import adapter_params_per_layer
-from megatron_bdlora.benchmarks import cost_model as cm
-from megatron_bdlora.benchmarks import memory_model as mm
+from megatron_bdlora.analytic import cost_model as cm
+from megatron_bdlora.analytic import memory_model as mm
 from megatron_bdlora.models.presets import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -125,7 +125,7 @@ def test_timers_and_throughput():
     assert set(out) == {"time_data_ms"} and out["time_data_ms"] >= 0 and t.collect() == {}
 
     from megatron_bdlora.adapters.config import AdapterConfig
-    from megatron_bdlora.benchmarks.cost_model import training_flops
+    from megatron_bdlora.analytic.cost_model import training_flops
     from megatron_bdlora.models.presets import get_preset
     from megatron_bdlora.training.throughput import Throughput
 

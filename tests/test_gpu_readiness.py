@@ -193,8 +193,8 @@ def test_memory_model_attention_and_sequence_parallel():
     recipe's micro-batch at seq 4096), flash O(s); SP splits activations; the recipes use both."""
     import yaml
 
-    from megatron_bdlora.benchmarks import memory_model as mm
-    from megatron_bdlora.benchmarks.cost_model import make_adapter
+    from megatron_bdlora.analytic import memory_model as mm
+    from megatron_bdlora.analytic.cost_model import make_adapter
     from megatron_bdlora.models.presets import get_preset
 
     hf, cfg = get_preset("llama3.1-8b"), make_adapter("bd", 64, nblocks=8)

@@ -145,7 +145,7 @@ def test_check_tensors_one_line():
 
 
 def test_padded_vocab_is_the_models():
-    from megatron_bdlora.benchmarks import memory_model
+    from megatron_bdlora.analytic import memory_model
 
     hf = PRESETS["llama3.1-8b"]
     assert shape.padded_vocab_size(128256, 8) == 128256  # not 128 * 8 = 1024's multiple 129024
@@ -157,7 +157,7 @@ def test_padded_vocab_is_the_models():
 def test_layout_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['megatron'] = None\n"
             "from megatron_bdlora.adapters import layout, param_count, strategies\n"
-            "from megatron_bdlora.benchmarks import cost_model\n"
+            "from megatron_bdlora.analytic import cost_model\n"
             "print(len(layout.PROJECTIONS), 'torch' in sys.modules and sys.modules['torch'] is not None)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["7", "False"]
@@ -183,7 +183,7 @@ def test_strategy_facts_agree_across_consumers():
     export, and where a rank runs an ordinary LoRA (no collective on u) its slices rebuild ΔW."""
     import torch
 
-    from megatron_bdlora.benchmarks.cost_model import lora_shards
+    from megatron_bdlora.analytic.cost_model import lora_shards
     from megatron_bdlora.checkpoint.export import dense_deltas, hf_factors
 
     hf = SHAPES["tiny"]

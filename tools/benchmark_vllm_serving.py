@@ -6,7 +6,7 @@
 
 Runs unchanged with stock `vllm` on a GPU (the plugin's version pin permitting). K adapters per
 mode at matched parameter count, prefill / decode latency and tokens/s, TP collectives per step
-(eager engines only), JSON + plot. Logic: megatron_bdlora/serving/benchmark.py.
+(eager engines only), JSON + plot. Logic: megatron_bdlora/benchmarks/vllm_serving.py.
 """
 
 import argparse
@@ -15,7 +15,7 @@ import tempfile
 
 
 def main():
-    from megatron_bdlora.serving.benchmark import VllmServingConfig
+    from megatron_bdlora.benchmarks.vllm_serving import VllmServingConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="a tiny model and batch (minutes on CPU)")
@@ -30,7 +30,7 @@ def main():
     args = p.parse_args()
 
     from megatron_bdlora.benchmarks.timing import write_report
-    from megatron_bdlora.serving.benchmark import format_table, plot, run
+    from megatron_bdlora.benchmarks.vllm_serving import format_table, plot, run
 
     cfg = VllmServingConfig.smoke() if args.smoke else VllmServingConfig()
     cfg = dataclasses.replace(cfg, **{f.name: getattr(args, f.name) for f in dataclasses.fields(cfg)

@@ -11,7 +11,7 @@ own flags and defaults (training/flags.py: the same names, types, defaults and c
 Models what the trainer runs: frozen base (or --adapter none: fp32 gradients, fp32 main
 parameters with --bf16, Adam, --use-distributed-optimizer sharding them over DP), pipeline
 stages (--pipeline-model-parallel-size, the worst stage), recompute as Megatron-LM's flags
-mean it. The formulas and their assumptions are in megatron_bdlora/benchmarks/memory_model.py.
+mean it. The formulas and their assumptions are in megatron_bdlora/analytic/memory_model.py.
 """
 
 import json
@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_bdlora.adapters.flags import adapter_config  # noqa: E402
-from megatron_bdlora.benchmarks import memory_model as mm  # noqa: E402
+from megatron_bdlora.analytic import memory_model as mm  # noqa: E402
 from megatron_bdlora.errors import InputError  # noqa: E402
 from megatron_bdlora.models.presets import get_preset  # noqa: E402
 from megatron_bdlora.training.arguments import (  # noqa: E402

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from megatron_bdlora.benchmarks import cost_model as cm
+from megatron_bdlora.analytic import cost_model as cm
 from megatron_bdlora.models.presets import get_preset
 
 

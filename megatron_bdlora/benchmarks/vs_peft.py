@@ -18,7 +18,7 @@ import torch
 
 from megatron_bdlora.adapters import layout
 from megatron_bdlora.adapters.strategies import for_adapter, strategy_of
-from megatron_bdlora.benchmarks.cost_model import peak_bf16_flops, training_flops
+from megatron_bdlora.analytic.cost_model import peak_bf16_flops, training_flops
 from megatron_bdlora.benchmarks.timing import (adapter_configs, bar_chart, build_models, llama_shape,
                                                paired_ratio, round_robin, run_environment, summary_ms,
                                                sync)

@@ -240,7 +240,7 @@ class ExitFlags:
 @dataclass(kw_only=True)
 class LoggingFlags:
     log_interval: int = flag(10, "steps between progress updates", type=POSITIVE, megatron=100)
-    log_throughput: bool = flag(False, "log model TFLOP/s per GPU and MFU (benchmarks/cost_model.py "
+    log_throughput: bool = flag(False, "log model TFLOP/s per GPU and MFU (analytic/cost_model.py "
                                        "FLOP count; MFU against the device's bf16 peak)")
     timing_log_level: int = flag(0, "0: no timers; 1: per step: data, forward-backward, optimizer, "
                                     "save; 2: also evaluation", type=int, choices=TIMING_LOG_LEVELS)

@@ -1,10 +1,10 @@
 """--log-throughput: model TFLOP/s per GPU and MFU of each training step, from the FLOP count the
-benchmarks use (benchmarks/cost_model.training_flops) and the device's dense BF16 peak
+benchmarks use (analytic/cost_model.training_flops) and the device's dense BF16 peak
 (cost_model.PEAK_BF16; MFU only for a bf16 run on a GPU it knows)."""
 
 import torch
 
-from megatron_bdlora.benchmarks.cost_model import peak_bf16_flops, training_flops
+from megatron_bdlora.analytic.cost_model import peak_bf16_flops, training_flops
 
 
 class Throughput:

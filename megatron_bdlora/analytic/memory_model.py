@@ -45,7 +45,7 @@ import math
 from megatron_bdlora.adapters.config import AdapterConfig
 from megatron_bdlora.adapters.layout import check
 from megatron_bdlora.models.shape import head_dim, kv_heads, padded_vocab_size
-from megatron_bdlora.benchmarks.cost_model import lora_shards
+from megatron_bdlora.analytic.cost_model import lora_shards
 from megatron_bdlora.models.presets import get_preset
 
 GiB = 1024 ** 3
