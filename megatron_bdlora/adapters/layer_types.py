@@ -3,14 +3,13 @@ a module's class (the one place that knows the classes); `target_spec` describes
 linear with the table and shapes of `layout.py`, read from its TransformerConfig."""
 
 from megatron_bdlora.adapters.layout import TargetSpec, module_spec
+from megatron_bdlora.te.guard import te_parallel_kind
 
 __all__ = ["TargetSpec", "adds_bias_before_return", "parallel_kind", "target_spec"]
 
 
 def parallel_kind(module) -> str:
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-    from megatron_bdlora.te.guard import te_parallel_kind
 
     if isinstance(module, ColumnParallelLinear):
         return "column"
@@ -26,7 +25,6 @@ def parallel_kind(module) -> str:
 def adds_bias_before_return(module) -> bool:
     """Does the layer add its own bias to its output (local: not skip_bias_add; TE: without
     te_return_bias), rather than return it separately?"""
-    from megatron_bdlora.te.guard import te_parallel_kind
 
     if te_parallel_kind(module) is not None:
         return bool(module.use_bias and not module.te_return_bias)

@@ -23,10 +23,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from megatron_bdlora.adapters import apply_adapters
 from megatron_bdlora.benchmarks.timing import (adapter_configs, bar_chart, interleaved_times,
                                                llama_shape, paired_ratio, run_environment,
                                                share_base_weights, spread_ms, summary_ms)
 from megatron_bdlora.benchmarks.training import TrainerStep, TrainingConfig, random_batch
+from megatron_bdlora.models.llama import build_model, lm_loss
+from megatron_bdlora.parallel import device, tp_rank_size
 
 VARIANTS = {"sdpa": ("sdpa", False), "local": ("local", False),
             "sdpa+sp": ("sdpa", True), "local+sp": ("local", True)}
@@ -95,10 +98,6 @@ def saved_activation_bytes(model, forward) -> int:
 
 
 def _models(cfg, hf, tp: int) -> dict:
-    from megatron_bdlora.adapters import apply_adapters
-    from megatron_bdlora.models.llama import build_model
-    from megatron_bdlora.parallel import device
-
     adapter = adapter_configs(hf, cfg.lora_rank, cfg.bd_rank, cfg.bd_nblocks or tp)["bd"]
     torch.manual_seed(cfg.seed)
     models = {}
@@ -123,9 +122,6 @@ def _clear_attention_buffer() -> None:
 def run_attention(cfg: AttentionConfig) -> dict:
     """Run on every rank of a TP group (world size = TP)."""
     import torch.distributed as dist
-
-    from megatron_bdlora.models.llama import lm_loss
-    from megatron_bdlora.parallel import device, tp_rank_size
 
     tp = tp_rank_size()[1]
     hf = llama_shape(cfg.hidden, cfg.ffn, cfg.layers, cfg.heads, cfg.kv_heads, cfg.vocab,

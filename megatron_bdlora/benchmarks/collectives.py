@@ -7,6 +7,7 @@ Frozen norms make the SP gradient reduction issue nothing."""
 import torch
 
 from megatron_bdlora.adapters import AdapterConfig, apply_adapters
+from megatron_bdlora.benchmarks.training import TrainerStep
 from megatron_bdlora.models.llama import build_model
 from megatron_bdlora.parallel import count_collectives, tp_rank_size
 from megatron_bdlora.parallel.collectives import model_collectives
@@ -49,7 +50,6 @@ def step_collectives(model, ids, labels, engine: bool = False) -> tuple:
     optimizer: grad norm, clipping, Adam), those that issue nothing left out. The model's own
     collectives (TP, PP; model_collectives) unless `engine`: then also the engine's DP gradient
     reduce and grad norm ("op[dp]", "op[mp]": they carry what trains)."""
-    from megatron_bdlora.benchmarks.training import TrainerStep
 
     step = TrainerStep(model, lr=1e-4)
     with count_collectives() as counts:

@@ -12,12 +12,21 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from megatron_bdlora.adapters import (
+    adapter_modules, adapter_params, apply_adapters, global_adapter_layout, load_global_adapter_state,
+    merge_adapters,
+)
 from megatron_bdlora.adapters.strategies import strategy_of
 from megatron_bdlora.benchmarks.timing import (METHODS, adapter_configs, bar_chart, build_models,
                                                collective_calls, collective_columns, llama_shape,
                                                paired_ratio, random_adapter_states, round_robin,
                                                run_environment, slowest_rank, spread_ms, summary_ms,
                                                sync)
+from megatron_bdlora.inference import (
+    KVCacheSession, adapter_batch, greedy_generate, load_adapter_stack,
+)
+from megatron_bdlora.models.llama import build_model
+from megatron_bdlora.parallel import count_collectives, device, tp_rank_size
 
 
 @dataclass
@@ -58,11 +67,6 @@ def check_bd_matches_merged(hf, model_bd, base, states, ids, new_tokens: int) ->
     KV cache). The generated token ids must be equal for every request; the largest logit
     difference is reported. Raises RuntimeError if any request differs, or if no request's
     output differs from the base model's (the adapters would not be exercised)."""
-    from megatron_bdlora.adapters import (adapter_modules, apply_adapters, load_global_adapter_state,
-                                          merge_adapters)
-    from megatron_bdlora.inference import adapter_batch, greedy_generate
-    from megatron_bdlora.models.llama import build_model
-    from megatron_bdlora.parallel import tp_rank_size
 
     b = ids.shape[0]
     with adapter_batch(model_bd, torch.arange(b)):
@@ -106,8 +110,6 @@ def _time_repetition(models, ids, cfg, rep: int, barrier) -> tuple:
     import contextlib
     import time
 
-    from megatron_bdlora.inference import KVCacheSession, adapter_batch
-
     def timed(fn, *args):
         sync()
         barrier()
@@ -135,9 +137,6 @@ def _time_repetition(models, ids, cfg, rep: int, barrier) -> tuple:
 def _count_collectives(model, ids, cfg, adapters: bool):
     import contextlib
 
-    from megatron_bdlora.inference import KVCacheSession, adapter_batch
-    from megatron_bdlora.parallel import count_collectives
-
     ctx = adapter_batch(model, torch.arange(cfg.batch)) if adapters else contextlib.nullcontext()
     session = KVCacheSession(model, cfg.batch, cfg.prompt_len + 2)
     with ctx, count_collectives() as counts:
@@ -151,10 +150,6 @@ def _count_collectives(model, ids, cfg, adapters: bool):
 def run_serving(cfg: ServingConfig) -> dict:
     """Run on every rank (TP = world size); returns the result dict (same on every rank)."""
     import torch.distributed as dist
-
-    from megatron_bdlora.adapters import adapter_params, global_adapter_layout
-    from megatron_bdlora.inference import load_adapter_stack
-    from megatron_bdlora.parallel import device, tp_rank_size
 
     tp = tp_rank_size()[1]
     nblocks = cfg.bd_nblocks or tp

@@ -13,6 +13,10 @@ import statistics
 
 import torch
 
+from megatron_bdlora.adapters import AdapterConfig, apply_adapters, match_bd_rank
+from megatron_bdlora.models.llama import build_model
+from megatron_bdlora.parallel import device, tp_rank_size
+
 METHODS = ("base", "replicated", "slora", "bd")
 
 
@@ -35,7 +39,6 @@ def adapter_configs(hf: dict, lora_rank: int, bd_rank: int | None, nblocks: int,
     """{method: AdapterConfig or None}; canonical layout, all four target modules.
 
     bd_rank None: parameter-matched to LoRA rank `lora_rank` (docs/design.md §1 rank matching)."""
-    from megatron_bdlora.adapters import AdapterConfig, match_bd_rank
 
     lora = dict(method="lora", rank=lora_rank, alpha=alpha_per_rank * lora_rank)
     if bd_rank is None:
@@ -53,9 +56,6 @@ def build_models(hf: dict, configs: dict, seed: int = 0, sequence_parallel: bool
                  dtype=torch.float32) -> dict:
     """{method: GPTModel}: one randomly initialised base, shared (same tensors) by every method's
     model, each wrapped with its adapter. Base weights are never modified by these models."""
-    from megatron_bdlora.adapters import apply_adapters
-    from megatron_bdlora.models.llama import build_model
-    from megatron_bdlora.parallel import device, tp_rank_size
 
     tp = tp_rank_size()[1]
     torch.manual_seed(seed)
@@ -109,8 +109,6 @@ def sync() -> None:
 def slowest_rank(times: list) -> list:
     """Element-wise max over all ranks of a list of per-step seconds (after the timed loop)."""
     import torch.distributed as dist
-
-    from megatron_bdlora.parallel import device
 
     t = torch.tensor(times, dtype=torch.float64, device=device())
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -17,11 +17,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from megatron_bdlora.adapters import adapter_params
 from megatron_bdlora.adapters.strategies import strategy_of
 from megatron_bdlora.benchmarks.timing import (METHODS, adapter_configs, bar_chart, build_models,
                                                collective_calls, collective_columns,
                                                interleaved_times, llama_shape, paired_ratio,
                                                run_environment, spread_ms, summary_ms)
+from megatron_bdlora.parallel import count_collectives, device, tp_rank_size
+from megatron_bdlora.training.arguments import build_parser
+from megatron_bdlora.training.engine import Engine, no_phase
+from megatron_bdlora.training.trainer import backward_to_embedding
 
 
 @dataclass
@@ -58,10 +63,6 @@ class TrainerStep:
     The embedding output requires grad, so even the frozen base runs its backward."""
 
     def __init__(self, model, lr: float, flags=()):
-        from megatron_bdlora.training.arguments import build_parser
-        from megatron_bdlora.training.engine import Engine
-        from megatron_bdlora.training.trainer import backward_to_embedding
-
         self.model = model
         model.train()
         backward_to_embedding(model)
@@ -74,7 +75,6 @@ class TrainerStep:
     def step(self, ids, labels, counts=None):
         """One step on (ids, labels) as one micro-batch; `counts` (count_collectives) gets each
         part of the step as a phase. Returns the engine's StepResult."""
-        from megatron_bdlora.training.engine import no_phase
 
         phase = counts.phase if counts is not None else no_phase
         result = self.engine.step([(ids, labels, None)], self.steps, phase)
@@ -103,9 +103,6 @@ def random_batch(cfg, hf: dict, dp_rank: int):
 def run_training(cfg: TrainingConfig) -> dict:
     """Run on every rank; TP from Megatron's parallel state, DP = world / TP."""
     from megatron.core import parallel_state as ps
-
-    from megatron_bdlora.adapters import adapter_params
-    from megatron_bdlora.parallel import count_collectives, device, tp_rank_size
 
     tp = tp_rank_size()[1]
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

@@ -18,9 +18,10 @@ import time
 
 import torch
 
+from megatron_bdlora.adapters import AdapterConfig, match_bd_rank
 from megatron_bdlora.adapters.layout import BD_A, BD_B, HF_TARGETS, hf_key
-from megatron_bdlora.models.shape import projection_shapes
 from megatron_bdlora.benchmarks.timing import bar_chart, llama_shape, percentile
+from megatron_bdlora.models.shape import projection_shapes
 from megatron_bdlora.serving.adapter_check import CONFIG, WEIGHTS, packed_shapes
 from megatron_bdlora.serving.collectives import WORKER_EXTENSION, per_step
 from megatron_bdlora.serving.vllm_plugin import engine_env
@@ -89,7 +90,6 @@ def write_adapter(path: str, hf: dict, rank: int, nblocks: int | None, seed: int
 
 def matched_ranks(hf: dict, cfg: VllmServingConfig, nblocks: int) -> tuple:
     """(LoRA rank, BD rank at matched parameters, --max-lora-rank) for the canonical layout."""
-    from megatron_bdlora.adapters import AdapterConfig, match_bd_rank
 
     bd = match_bd_rank(hf, AdapterConfig(method="lora", rank=cfg.lora_rank), nblocks)
     need = max(bd, cfg.lora_rank)

@@ -16,13 +16,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from megatron_bdlora.adapters import layout
+from megatron_bdlora.adapters import adapter_params, layout
 from megatron_bdlora.adapters.strategies import for_adapter, strategy_of
 from megatron_bdlora.analytic.cost_model import peak_bf16_flops, training_flops
 from megatron_bdlora.benchmarks.timing import (adapter_configs, bar_chart, build_models, llama_shape,
                                                paired_ratio, round_robin, run_environment, summary_ms,
                                                sync)
 from megatron_bdlora.benchmarks.training import TrainerStep, random_batch
+from megatron_bdlora.models.presets import get_preset
+from megatron_bdlora.parallel import device
 
 METHODS = ("ours_base", "ours_lora", "ours_bd", "peft_lora", "peft_bd")
 ADAPTERS = {"lora": ("ours_lora", "peft_lora"), "bdlora": ("ours_bd", "peft_bd")}
@@ -58,8 +60,6 @@ class VsPeftConfig:
 
     def hf(self) -> dict:
         if self.preset:
-            from megatron_bdlora.models.presets import get_preset
-
             return {**get_preset(self.preset), "num_hidden_layers": self.layers}
         return llama_shape(self.hidden, self.ffn, self.layers, self.heads, self.kv_heads, self.vocab)
 
@@ -108,9 +108,6 @@ def peft_models(hf: dict, cfg: VsPeftConfig, configs: dict, device) -> dict:
 def run_vs_peft(cfg: VsPeftConfig) -> dict:
     """Build the five methods, check they train the same adapter sizes, time them interleaved."""
     import time
-
-    from megatron_bdlora.adapters import adapter_params
-    from megatron_bdlora.parallel import device
 
     hf = cfg.hf()
     configs = adapter_configs(hf, cfg.lora_rank, cfg.bd_rank, cfg.bd_nblocks)

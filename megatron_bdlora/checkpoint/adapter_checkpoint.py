@@ -34,7 +34,12 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_bdlora.adapters import (
+    AdapterConfig, adapter_modules, apply_adapters, global_adapter_layout, global_adapter_state,
+    load_global_adapter_state,
+)
 from megatron_bdlora.adapters.layout import check, check_tensors, expected_global_shapes
+from megatron_bdlora.adapters.model import _chunks
 from megatron_bdlora.adapters.strategies import strategy_of
 from megatron_bdlora.checkpoint.files import (
     atomic_dir, disk_error, excerpt, inside, read_json, whole_number, write_atomic_text,
@@ -43,6 +48,7 @@ from megatron_bdlora.checkpoint.files import (
 from megatron_bdlora.checkpoint.hf_import import base_config_mismatch, check_sizes, open_safetensors
 from megatron_bdlora.checkpoint.stages import gather_stages
 from megatron_bdlora.errors import CheckpointError, InputError
+from megatron_bdlora.parallel import is_main_rank
 
 FORMAT = "megatron-bdlora-adapter"
 FORMAT_VERSION = 1
@@ -58,7 +64,7 @@ _TENSOR_REF = "__tensor__"
 
 
 # ---- JSON <-> tensors for arbitrary nested state ------------------------------------------------
-def _split_state(obj, prefix: str, tensors: dict):
+def split_state(obj, prefix: str, tensors: dict):
     """Nested dict/list state -> JSON-able structure; tensors moved out under dotted keys."""
     if isinstance(obj, torch.Tensor):
         tensors[prefix] = obj.detach().cpu().contiguous()
@@ -68,25 +74,25 @@ def _split_state(obj, prefix: str, tensors: dict):
         for k, v in obj.items():
             if not isinstance(k, (str, int)):
                 raise TypeError(f"checkpoint state key {prefix}.{k!r}: only str/int keys are supported")
-            out[str(k)] = _split_state(v, f"{prefix}.{k}" if prefix else str(k), tensors)
+            out[str(k)] = split_state(v, f"{prefix}.{k}" if prefix else str(k), tensors)
         return out
     if isinstance(obj, (list, tuple)):
-        return [_split_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+        return [split_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy arrays / scalars
-        return _split_state(torch.as_tensor(obj), prefix, tensors)
+        return split_state(torch.as_tensor(obj), prefix, tensors)
     raise TypeError(f"checkpoint state {prefix!r} has type {type(obj).__name__}; store tensors, "
                     "numbers, strings, lists or dicts (nothing is pickled)")
 
 
-def _join_state(obj, tensors: dict):
+def join_state(obj, tensors: dict):
     if isinstance(obj, dict):
         if set(obj) == {_TENSOR_REF}:
             return tensors[obj[_TENSOR_REF]]
-        return {k: _join_state(v, tensors) for k, v in obj.items()}
+        return {k: join_state(v, tensors) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_join_state(v, tensors) for v in obj]
+        return [join_state(v, tensors) for v in obj]
     return obj
 
 
@@ -143,10 +149,8 @@ def save_checkpoint(root: str, model, extra_state: dict | None = None, run_confi
     checkpoint directory on rank 0, None elsewhere."""
     import torch.distributed as dist
 
-    from megatron_bdlora.adapters import global_adapter_state
-    from megatron_bdlora.adapters.model import _chunks
+    # lazy: models.llama imports Megatron-Core, and the launcher's pre-flight reads this module
     from megatron_bdlora.models.llama import pipeline_layout
-    from megatron_bdlora.parallel import is_main_rank
 
     extra_state = dict(extra_state or {})
     run_config = dict(run_config or {})
@@ -177,8 +181,6 @@ def save_checkpoint(root: str, model, extra_state: dict | None = None, run_confi
 
 
 def _adapter_modules(model):
-    from megatron_bdlora.adapters import adapter_modules
-
     return adapter_modules(model)
 
 
@@ -193,7 +195,7 @@ def write_checkpoint(root, config, tensors, extra_state, optimizer_tensors=None,
         files = [CONFIG, ADAPTER, TRAINER_STATE]
         write_tensors(os.path.join(tmp, ADAPTER), tensors, {"format_version": str(FORMAT_VERSION)})
         state_tensors = {}
-        state = _split_state(extra_state, "", state_tensors)
+        state = split_state(extra_state, "", state_tensors)
         if state_tensors:
             write_tensors(os.path.join(tmp, TRAINER_TENSORS), state_tensors)
             files.append(TRAINER_TENSORS)
@@ -206,7 +208,7 @@ def write_checkpoint(root, config, tensors, extra_state, optimizer_tensors=None,
             files.append(OPTIMIZER)
         if optimizer_meta is not None:
             meta_tensors = {}
-            meta = _split_state(optimizer_meta, "", meta_tensors)
+            meta = split_state(optimizer_meta, "", meta_tensors)
             if meta_tensors:
                 raise TypeError(f"optimizer_meta holds tensor {next(iter(meta_tensors))!r}; "
                                 "put tensors in optimizer_tensors")
@@ -325,8 +327,6 @@ class AdapterCheckpoint:
     """A checkpoint read from disk: config, adapter config, global factors (lazily)."""
 
     def __init__(self, path: str):
-        from megatron_bdlora.adapters import AdapterConfig
-
         self.dir = resolve_checkpoint_dir(path)
         self.config = read_config(self.dir)
         try:
@@ -373,7 +373,7 @@ class AdapterCheckpoint:
             return {}
         tensors = read_tensors(os.path.join(self.dir, TRAINER_TENSORS), required=False) or {}
         try:
-            return _join_state(self._json[TRAINER_STATE], tensors)
+            return join_state(self._json[TRAINER_STATE], tensors)
         except (KeyError, TypeError):
             raise CheckpointError(f"{os.path.join(self.dir, TRAINER_STATE)} refers to a tensor "
                                   f"{TRAINER_TENSORS} lacks; {_CORRUPT}") from None
@@ -447,10 +447,6 @@ def load_checkpoint(path: str, model, load_optimizer: bool = True) -> LoadedChec
     rank the TP size does not divide is then run 'replicated'; the factors are the same). Every
     rank reads the files (no collectives)."""
     from megatron.core import parallel_state as ps
-
-    from megatron_bdlora.adapters import (apply_adapters, global_adapter_layout,
-                                          load_global_adapter_state)
-    from megatron_bdlora.adapters.model import _chunks
 
     ckpt = AdapterCheckpoint(path)
     tp = ps.get_tensor_model_parallel_world_size()

@@ -25,6 +25,7 @@ import torch
 from megatron_bdlora.adapters.layout import (
     HF_TARGETS, MODULE_KIND, check_tensors, expected_global_shapes, hf_key, megatron_key,
 )
+from megatron_bdlora.adapters.param_count import adapter_params
 from megatron_bdlora.adapters.strategies import COLUMN, strategy_of
 from megatron_bdlora.checkpoint import peft_format
 from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint
@@ -322,7 +323,6 @@ def export(ckpt_path: str, fmt: str, out: str, hf_checkpoint: str | None = None,
 # ---- inspect -------------------------------------------------------------------------------------
 def describe(path: str) -> str:
     """What `convert_checkpoint.py inspect` prints."""
-    from megatron_bdlora.adapters.param_count import adapter_params
 
     ckpt = AdapterCheckpoint(path)
     cfg, hf = ckpt.adapter_config, ckpt.base_config

@@ -261,6 +261,8 @@ def load_hf_llama_chunks(model_dir_or_hub_name: str, tp: int | None = None, **kw
 def _load(model_dir_or_hub_name: str, tp: int | None, vp_stages: list, build_kw: dict) -> list:
     from megatron.core import parallel_state as ps
 
+    # lazy: the launcher's pre-flight reads this module, and models.llama imports Megatron-Core
+    # (seconds and warnings before a one-line error)
     from megatron_bdlora.models.llama import build_model
 
     model_dir = resolve_model_dir(model_dir_or_hub_name)

@@ -28,6 +28,8 @@ token, with no extra broadcast. Only the last position's logits are computed
 
 import torch
 
+from megatron_bdlora.models.llama import forward_logits, gather_logits
+
 
 def padding_mask(lengths: torch.Tensor, total: int) -> torch.Tensor:
     """(b, total) bool, True at the left padding of each row."""
@@ -166,7 +168,6 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_tok
 
 def _full_forward(model, seq, lengths):
     """Last-position full-vocabulary logits of a full forward over `seq` (no cache)."""
-    from megatron_bdlora.models.llama import forward_logits, gather_logits
 
     mask = prefill_mask(padding_mask(lengths, seq.shape[1]))
     return gather_logits(forward_logits(model, seq, mask), model.hf_config["vocab_size"])[:, -1]

@@ -25,8 +25,12 @@ import signal
 import sys
 
 from megatron_bdlora.errors import EXIT_DIVERGED, EXIT_INPUT, EXIT_RESUME, InputError
+from megatron_bdlora.launch.preflight import preflight
+from megatron_bdlora.launch.rank import interrupted_line
 from megatron_bdlora.parallel.distributed import free_port
-from megatron_bdlora.training.arguments import NONNEG, POSITIVE, OneLineParser, build_parser
+from megatron_bdlora.training.arguments import (
+    NONNEG, OneLineParser, POSITIVE, build_parser, parse_args,
+)
 from megatron_bdlora.training.flags import megatron_differences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -80,8 +84,6 @@ def _torchrun(launch, trainer_argv, save) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from megatron_bdlora.launch.rank import interrupted_line
-
     port = launch.master_port or (free_port() if launch.nnodes == 1 else DEFAULT_PORT)
     parser = get_args_parser()
     agent_signals = []  # the agent handles the rest (SIGINT: the ranks' Ctrl-C line)
@@ -124,9 +126,6 @@ def _torchrun(launch, trainer_argv, save) -> int:
 
 
 def main(argv=None) -> int:
-    from megatron_bdlora.launch.preflight import preflight
-    from megatron_bdlora.training.arguments import parse_args
-
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         launch, trainer_argv = _launcher_parser().parse_known_args(argv)

@@ -10,17 +10,26 @@ import json
 import os
 from types import SimpleNamespace
 
+from megatron_bdlora.adapters.config import normalise_targets
+from megatron_bdlora.adapters.flags import FLAG_OF, adapter_config
+from megatron_bdlora.adapters.strategies import strategy_of
+from megatron_bdlora.checkpoint.adapter_checkpoint import (
+    AdapterCheckpoint, CONFIG, LATEST, check_compatible, list_checkpoints,
+)
+from megatron_bdlora.checkpoint.hf_import import check_hf_checkpoint, tokenizer_dir
+from megatron_bdlora.checkpoint.save_lock import check_unlocked
+from megatron_bdlora.data import build_dataset, load_tokenizer
+from megatron_bdlora.data.formats import check_record, detect_format
+from megatron_bdlora.data.loader import default_cache_dir, local_files, looks_local
 from megatron_bdlora.errors import CheckpointError, InputError
-from megatron_bdlora.training.arguments import virtual_pipeline_size
+from megatron_bdlora.models.presets import PRESETS, get_preset
+from megatron_bdlora.training.arguments import adapter_flag_defaults, virtual_pipeline_size
+from megatron_bdlora.training.checkpointing import full_checkpoint_dir
 
 JSON_LINES = (".jsonl", ".json")
 
 
 def _has_checkpoint(path: str) -> bool:
-    from megatron_bdlora.checkpoint.adapter_checkpoint import CONFIG, LATEST, list_checkpoints
-
-    from megatron_bdlora.training.checkpointing import full_checkpoint_dir
-
     return any(os.path.exists(os.path.join(path, f)) for f in (CONFIG, LATEST)) or \
         bool(list_checkpoints(path)) or full_checkpoint_dir(path) is not None
 
@@ -28,9 +37,6 @@ def _has_checkpoint(path: str) -> bool:
 def _take_checkpoint_adapter(args, ckpt) -> None:
     """The checkpoint's adapter for every adapter flag the user did not give; a given flag that
     disagrees with it is refused, naming both values."""
-    from megatron_bdlora.adapters.config import normalise_targets
-    from megatron_bdlora.adapters.flags import FLAG_OF
-    from megatron_bdlora.adapters.strategies import strategy_of
 
     cfg = ckpt.adapter_config
     if cfg is None:
@@ -62,8 +68,6 @@ def resolve_checkpoint_flags(args, say=None) -> None:
     """Megatron-LM habits: `--load X --save X` with nothing in X yet starts fresh (`say` gets the
     notice); `--load CKPT` takes the checkpoint's adapter for the adapter flags not given;
     `--eval-only --load CKPT` without a model takes the checkpoint's base and tokenizer."""
-    from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint
-    from megatron_bdlora.training.arguments import adapter_flag_defaults
 
     if args.load and not args.eval_only and args.save and \
             os.path.realpath(args.load) == os.path.realpath(args.save) and \
@@ -75,7 +79,6 @@ def resolve_checkpoint_flags(args, say=None) -> None:
     if not args.load:
         return
     if args.adapter == "none" and not args.eval_only:  # the whole model (training/checkpointing)
-        from megatron_bdlora.training.checkpointing import full_checkpoint_dir
 
         if full_checkpoint_dir(args.load) is None:
             raise CheckpointError(f"--load {args.load} holds no --adapter none checkpoint (hf/ "
@@ -97,8 +100,6 @@ def resolve_checkpoint_flags(args, say=None) -> None:
 
 def model_config(args) -> tuple[dict, str | None]:
     """(HF config dict, tokenizer path or None) without building the model."""
-    from megatron_bdlora.checkpoint.hf_import import check_hf_checkpoint, tokenizer_dir
-    from megatron_bdlora.models.presets import PRESETS, get_preset
 
     if args.hf_checkpoint:
         model_dir, hf = check_hf_checkpoint(args.hf_checkpoint)
@@ -110,8 +111,6 @@ def model_config(args) -> tuple[dict, str | None]:
 
 def _check_adapter(args, hf: dict) -> None:
     """The adapter flags against the model shape, and --load against both."""
-    from megatron_bdlora.adapters.flags import adapter_config
-    from megatron_bdlora.checkpoint.adapter_checkpoint import AdapterCheckpoint, check_compatible
 
     # The ranks build (and check) this same adapter; --eval-only (which needs --load) takes the
     # checkpoint's, checked by check_compatible.
@@ -125,7 +124,6 @@ def _check_adapter(args, hf: dict) -> None:
 def _scan_json_records(path: str, vocab_size: int) -> str | None:
     """Every record of a JSON / JSON-lines file parses and has its fields with the right types
     (one line naming the file and the 1-based line or record number); the file's record format."""
-    from megatron_bdlora.data.formats import check_record, detect_format
 
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
@@ -165,8 +163,6 @@ def _parquet_format(path: str) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from megatron_bdlora.data.formats import detect_format
-
     try:
         names = pq.read_schema(path).names
     except (pa.ArrowInvalid, OSError) as e:
@@ -179,10 +175,7 @@ def _parquet_format(path: str) -> str:
 
 
 def _check_data(path: str, args, tokenizer, vocab_size: int) -> None:
-    from megatron_bdlora.data import build_dataset
     import pyarrow.compute as pc
-
-    from megatron_bdlora.data.loader import local_files, looks_local
 
     if looks_local(path):
         formats = {}  # file -> record format
@@ -216,7 +209,6 @@ def _check_data(path: str, args, tokenizer, vocab_size: int) -> None:
 
 def _check_dirs(args) -> None:
     """The directories the run writes into: directories (not files), and writable."""
-    from megatron_bdlora.data.loader import default_cache_dir
 
     for flag, path in (("--save", args.save),
                        ("--data-cache-dir", args.data_cache_dir or default_cache_dir())):
@@ -249,8 +241,6 @@ def _check_flags_against_model(args, hf: dict) -> None:
 def preflight(args, check_lock: bool = True) -> None:
     """All checks that need files but no process group; raises InputError. `check_lock`: is
     --save free (node 0 only: another node cannot tell whether node 0's stale lock is dead)."""
-    from megatron_bdlora.checkpoint.save_lock import check_unlocked
-    from megatron_bdlora.data import load_tokenizer
 
     resolve_checkpoint_flags(args)
     _check_dirs(args)

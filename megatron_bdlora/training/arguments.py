@@ -13,7 +13,9 @@ import re
 import yaml
 
 from megatron_bdlora.adapters.layout import check_rank_blocks, check_tp_blocks
+from megatron_bdlora.data.loader import EXTENSIONS
 from megatron_bdlora.errors import InputError
+from megatron_bdlora.te.guard import require_te
 from megatron_bdlora.training import flags
 from megatron_bdlora.training.flags import (  # noqa: F401 - the launcher and tools import them here
     NONNEG,
@@ -162,7 +164,6 @@ def parse_flags(parser, argv=None) -> argparse.Namespace:
 
 def _local_path_error(flag: str, path: str) -> None:
     """A path that does not exist and is no hub name (or names a data file) never goes to the Hub."""
-    from megatron_bdlora.data.loader import EXTENSIONS
 
     if not path or os.path.exists(os.path.expanduser(path)):
         return
@@ -192,8 +193,6 @@ def validate(args, world: int) -> None:
     if args.prompt_template is not None and "{prompt}" not in args.prompt_template:
         raise InputError(f"--prompt-template {args.prompt_template!r} has no {{prompt}} placeholder")
     if args.transformer_impl == "transformer_engine":
-        from megatron_bdlora.te.guard import require_te
-
         require_te()
     recompute_config(args)
     if args.optimizer != "adam":

@@ -19,6 +19,21 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_bdlora.adapters import global_adapter_state, local_shards
+from megatron_bdlora.adapters.model import _chunks
+from megatron_bdlora.checkpoint.adapter_checkpoint import (
+    OPTIMIZER, OPTIMIZER_META, TRAINER_STATE, TRAINER_TENSORS, join_state, load_checkpoint,
+    save_checkpoint, split_state,
+)
+from megatron_bdlora.checkpoint.files import read_json, write_json, write_tensors
+from megatron_bdlora.checkpoint.hf_base import save_hf_base
+from megatron_bdlora.checkpoint.hf_import import SafetensorsCheckpoint
+from megatron_bdlora.checkpoint.hf_mapping import (
+    hf_state_from_model, load_base_weights, tensor_reader,
+)
+from megatron_bdlora.checkpoint.stages import gather_stages
+from megatron_bdlora.errors import CheckpointError
+from megatron_bdlora.parallel.distributed import all_reduce_flat
 from megatron_bdlora.training import rng_state
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -62,7 +77,6 @@ def _main_params(optimizer) -> dict:
 
 def _trainable(model) -> list:
     """The trainable parameters of a GPTModel or a pipeline rank's chunks."""
-    from megatron_bdlora.adapters.model import _chunks
 
     return [p for chunk in _chunks(model) for p in chunk.parameters() if p.requires_grad]
 
@@ -72,8 +86,6 @@ def _gather_full(model, optimizer, keys) -> tuple[dict, int]:
     for keys "param" (the fp32 main parameter) and the Adam moments. Collective over DP with
     the distributed optimizer (its disjoint shards summed together)."""
     from megatron.core import parallel_state as ps
-
-    from megatron_bdlora.parallel.distributed import all_reduce_flat
 
     parts = _main_params(optimizer)
     params = _trainable(model)
@@ -114,8 +126,6 @@ def global_optimizer_state(model, optimizer) -> tuple[dict, dict]:
     """Adam moments as global tensors in the TP- and PP-independent adapter layout (complete on
     rank 0), and their step count. Collective: over DP (the distributed optimizer's shards), TP
     (the adapter gather) and PP (the stages to rank 0)."""
-    from megatron_bdlora.adapters import global_adapter_state
-    from megatron_bdlora.checkpoint.stages import gather_stages
 
     full, step = _gather_full(model, optimizer, MOMENTS)
     tensors = {}
@@ -127,7 +137,6 @@ def global_optimizer_state(model, optimizer) -> tuple[dict, dict]:
 
 def load_optimizer_state(model, optimizer, tensors: dict, meta: dict) -> None:
     """Set the Adam moments from global ones (any TP, PP, DP, distributed optimizer or not)."""
-    from megatron_bdlora.adapters import local_shards
 
     local = {m: local_shards(model, {k.split("/", 1)[1]: v for k, v in tensors.items()
                                      if k.startswith(m + "/")}) for m in MOMENTS}
@@ -140,7 +149,6 @@ FULL_DIR = "hf"  # SAVE/hf: a Hugging Face checkpoint that also holds the traine
 
 def full_checkpoint_dir(path: str) -> str | None:
     """The resumable full fine-tuning checkpoint in `path` (a --save dir or its hf/), or None."""
-    from megatron_bdlora.checkpoint.adapter_checkpoint import TRAINER_STATE
 
     for d in (os.path.join(path, FULL_DIR), path):
         if os.path.isfile(os.path.join(d, TRAINER_STATE)) and \
@@ -152,13 +160,6 @@ def full_checkpoint_dir(path: str) -> str | None:
 def _save_full(model, optimizer, out_dir: str, extra: dict, tokenizer) -> None:
     """SAVE/hf: the fp32 main weights as an ordinary HF checkpoint (TP- and PP-independent,
     atomic), with the Adam moments in HF names and the trainer's state beside them."""
-    from megatron_bdlora.adapters.model import _chunks
-    from megatron_bdlora.checkpoint.adapter_checkpoint import (OPTIMIZER, OPTIMIZER_META,
-                                                               TRAINER_STATE, TRAINER_TENSORS,
-                                                               _split_state)
-    from megatron_bdlora.checkpoint.files import write_json, write_tensors
-    from megatron_bdlora.checkpoint.hf_base import save_hf_base
-    from megatron_bdlora.checkpoint.hf_mapping import hf_state_from_model
 
     full, step = _gather_full(model, optimizer, ("param",) + MOMENTS)
     hf = _chunks(model)[0].hf_config
@@ -167,7 +168,7 @@ def _save_full(model, optimizer, out_dir: str, extra: dict, tokenizer) -> None:
 
     def write_state(tmp):
         state_tensors = {}
-        state = _split_state(extra, "", state_tensors)
+        state = split_state(extra, "", state_tensors)
         write_tensors(os.path.join(tmp, TRAINER_TENSORS), state_tensors)
         write_json(os.path.join(tmp, TRAINER_STATE), state)
         write_tensors(os.path.join(tmp, OPTIMIZER), moments)
@@ -180,15 +181,7 @@ def _save_full(model, optimizer, out_dir: str, extra: dict, tokenizer) -> None:
 def _load_full(model, optimizer, ckpt_dir: str) -> dict:
     """Weights, fp32 main weights and Adam moments from `_save_full`'s directory at this TP and
     PP (each stage reads its own layers); returns the trainer's state."""
-    from megatron_bdlora.adapters.model import _chunks
     from safetensors.torch import load_file
-
-    from megatron_bdlora.checkpoint.adapter_checkpoint import (OPTIMIZER, OPTIMIZER_META,
-                                                               TRAINER_STATE, TRAINER_TENSORS,
-                                                               _join_state)
-    from megatron_bdlora.checkpoint.files import read_json
-    from megatron_bdlora.checkpoint.hf_import import SafetensorsCheckpoint
-    from megatron_bdlora.checkpoint.hf_mapping import load_base_weights, tensor_reader
 
     hf = _chunks(model)[0].hf_config
     local = {k: {p: torch.empty(p.shape, dtype=torch.float32) for p in _trainable(model)}
@@ -203,7 +196,7 @@ def _load_full(model, optimizer, ckpt_dir: str) -> dict:
                               if k.startswith(m + "/")})
         load_base_weights(model, read, hf, local[m].__getitem__)
     _set_full(optimizer, local, read_json(os.path.join(ckpt_dir, OPTIMIZER_META), fix)["step"])
-    return _join_state(read_json(os.path.join(ckpt_dir, TRAINER_STATE), fix),
+    return join_state(read_json(os.path.join(ckpt_dir, TRAINER_STATE), fix),
                        load_file(os.path.join(ckpt_dir, TRAINER_TENSORS)))
 
 
@@ -229,7 +222,6 @@ class CheckpointManager:
             _save_full(model, self.engine.optimizer, out, self._extra(),
                        self.run_config.get("tokenizer_path"))
             return out
-        from megatron_bdlora.checkpoint.adapter_checkpoint import save_checkpoint
 
         tensors, meta = global_optimizer_state(model, self.engine.optimizer)
         return save_checkpoint(self.args.save, model, extra_state=self._extra(),
@@ -239,14 +231,11 @@ class CheckpointManager:
     def load(self, path: str) -> None:
         """Resume from `path` (--load): every part a training checkpoint holds; an imported
         adapter (step 0) has the adapter alone."""
-        from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint
 
         engine = self.engine
         if getattr(engine.model, "adapter_config", None) is None:
             where = full_checkpoint_dir(path)
             if where is None:
-                from megatron_bdlora.errors import CheckpointError
-
                 raise CheckpointError(f"{path} holds no --adapter none checkpoint (hf/ with "
                                       "trainer_state.json); pass the --save dir of such a run")
             extra, step = _load_full(engine.chunks, engine.optimizer, where), None

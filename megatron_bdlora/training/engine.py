@@ -21,6 +21,9 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from megatron_bdlora.data import batch_attention_mask
+from megatron_bdlora.models.llama import stage_forward, token_losses
+from megatron_bdlora.parallel import device
 from megatron_bdlora.training import nonfinite
 
 
@@ -63,15 +66,12 @@ def last_stage_broadcast(t: torch.Tensor) -> torch.Tensor:
 def device_batch(batch) -> tuple:
     """(ids, labels) on the device and the loader's host document ids: a micro-batch's mask is
     built only when it runs (`attention_mask`), so one (b, 1, s, s) mask is alive at a time."""
-    from megatron_bdlora.parallel import device
 
     dev = device()
     return batch["input_ids"].to(dev), batch["labels"].to(dev), batch["document_ids"]
 
 
 def attention_mask(document_ids, dev):
-    from megatron_bdlora.data import batch_attention_mask
-
     # None for unpacked rows: the attention layer is causal by itself, no (b, 1, s, s) tensor
     return None if document_ids is None else batch_attention_mask(document_ids, dev)
 
@@ -91,8 +91,6 @@ def forward_step(phase, data_iterator, model):
     embeds its ids, each needs the attention mask, the last the labels."""
     from megatron.core.utils import unwrap_model
 
-    from megatron_bdlora.models.llama import stage_forward, token_losses
-
     ids, labels, docs = next(data_iterator)
     mask = attention_mask(docs, ids.device)
     with phase("forward"):
@@ -107,8 +105,6 @@ def run_schedule(chunks, batches, forward_only: bool, phase=no_phase) -> torch.T
     count of the micro-batches (fp32, on the device) on the last pipeline stage, zeros on the
     others (last_stage_broadcast)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_bdlora.parallel import device
 
     ids = batches[0][0]
     # the interleaved schedule walks one iterator per chunk

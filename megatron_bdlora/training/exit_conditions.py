@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bdlora.errors import EXIT_RESUME
+from megatron_bdlora.parallel import device
 from megatron_bdlora.training.flags import EXIT_SIGNALS
 
 SIGNALS = tuple(getattr(signal, name) for name in EXIT_SIGNALS)
@@ -62,8 +63,6 @@ class ExitConditions:
         """The reason to stop after `step` ("SIGTERM", "exit-duration-in-mins", ...) or None; the
         same on every rank (collective when a signal handler or a duration is on)."""
         if self.signals is not None or self.deadline_s is not None:
-            from megatron_bdlora.parallel import device
-
             timed_out = self.deadline_s is not None and self.clock() - self.start >= self.deadline_s
             flags = torch.tensor([self.signals.signum if self.signals else 0, int(timed_out)],
                                  dtype=torch.int64, device=device())

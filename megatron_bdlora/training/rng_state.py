@@ -9,6 +9,8 @@ loadable with safetensors and `weights_only`; nothing is pickled to disk.
 import torch
 import torch.distributed as dist
 
+from megatron_bdlora.parallel.cpu_compat import seed_model_parallel
+
 
 def device_kind() -> str:
     """Whose generators the tracker holds: CUDA's with a GPU, else the CPU's (cpu_compat)."""
@@ -35,8 +37,6 @@ def restore(state: dict, seed: int, say=print) -> None:
     the TP size saved; otherwise they are reseeded from `seed` (deterministic; `say` tells why)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    from megatron_bdlora.parallel.cpu_compat import seed_model_parallel
 
     tp = ps.get_tensor_model_parallel_world_size()
     trackers = state["tracker"]

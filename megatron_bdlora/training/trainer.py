@@ -10,9 +10,17 @@ import torch.distributed as dist
 
 from megatron_bdlora.adapters import apply_adapters, trainable_param_count
 from megatron_bdlora.adapters.flags import adapter_config
+from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint
+from megatron_bdlora.checkpoint.hf_import import load_hf_llama_chunks
+from megatron_bdlora.data import (
+    DataIterator, DistributedBatchSampler, build_dataset, load_tokenizer,
+)
 from megatron_bdlora.errors import InputError
-from megatron_bdlora.parallel import destroy_distributed, init_distributed, is_main_rank
 from megatron_bdlora.launch.preflight import model_config
+from megatron_bdlora.models.attention import pin_kernel
+from megatron_bdlora.models.llama import build_model_chunks
+from megatron_bdlora.models.presets import get_preset
+from megatron_bdlora.parallel import destroy_distributed, device, init_distributed, is_main_rank
 from megatron_bdlora.training.arguments import (parse_args, recompute_config, run_config,
                                                 virtual_pipeline_size)
 from megatron_bdlora.training.checkpointing import CheckpointManager, TrainState
@@ -30,11 +38,6 @@ def log0(*a):
 
 def build(args):
     """This rank's model chunks (with adapter; one per virtual pipeline stage), tokenizer path."""
-    from megatron_bdlora.checkpoint.hf_import import load_hf_llama_chunks
-    from megatron_bdlora.models.llama import build_model_chunks
-    from megatron_bdlora.models.presets import get_preset
-
-    from megatron_bdlora.models.attention import pin_kernel
 
     pin_kernel(args.sdpa_backend)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -64,8 +67,6 @@ def build(args):
 def data_iterator(args, tokenizer, path, seed_offset=0):
     from megatron.core import parallel_state as ps
 
-    from megatron_bdlora.data import DataIterator, DistributedBatchSampler, build_dataset
-
     def make():
         return build_dataset(path, tokenizer, args.seq_length, pack_sequences=args.pack_sequences,
                              prompt_template=args.prompt_template, cache_dir=args.data_cache_dir)
@@ -88,8 +89,6 @@ def evaluate(chunks, it, iters: int) -> dict:
     stages pass activations; the last stage's loss reaches every rank): a fresh pass from the
     start every call, so every evaluation sees the same records."""
     from megatron.core import parallel_state as ps
-
-    from megatron_bdlora.parallel import device
 
     it.sampler.set_epoch(0)
     for chunk in chunks:
@@ -123,8 +122,6 @@ class Trainer:
 
     def __init__(self, args):
         from megatron.core import parallel_state as ps
-
-        from megatron_bdlora.data import load_tokenizer
 
         self.args = args
         # first: a signal while the model loads is recorded too (and acted on after step 1)
@@ -169,7 +166,6 @@ class Trainer:
 
     def evaluate_only(self) -> dict:
         """--eval-only: the checkpoint's adapter (its own config) on the eval records."""
-        from megatron_bdlora.checkpoint.adapter_checkpoint import load_checkpoint
 
         args = self.args
         load_checkpoint(args.load, self.chunks, load_optimizer=False)
