@@ -20,7 +20,8 @@ def _reference_losses():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_bdlora.benchmarks.timing import adapter_configs, build_models
+    from megatron_bdlora.benchmarks.shared_base import build_models
+    from megatron_bdlora.benchmarks.timing import adapter_configs
     from megatron_bdlora.benchmarks.training import random_batch
     from megatron_bdlora.benchmarks.vs_peft import VsPeftConfig
     from megatron_bdlora.models.llama import lm_loss

@@ -21,6 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_bdlora.adapters.flags import adapter_config  # noqa: E402
+from megatron_bdlora.adapters.strategies import for_adapter  # noqa: E402
 from megatron_bdlora.analytic import memory_model as mm  # noqa: E402
 from megatron_bdlora.errors import InputError  # noqa: E402
 from megatron_bdlora.models.presets import get_preset  # noqa: E402
@@ -90,7 +91,8 @@ def print_table(res):
     if a is None:
         desc = "none (full fine-tuning)"
     else:
-        split = f"N={a['nblocks']}" if a["method"] == "bdlora" else a["sharding"]
+        blocked = for_adapter(a["method"], a["sharding"]).has_blocks
+        split = f"N={a['nblocks']}" if blocked else a["sharding"]
         desc = f"{a['method']} r={a['rank']} {split} ({a['layout']})"
     stage = f" ({res['stage']} pipeline stage, the larger)" if res["stage"] else ""
     print(f"{res['model_preset']}: TP={res['tp']} PP={res['pp']} DP={res['dp']} "

@@ -44,7 +44,7 @@ def breakdown(hf, name, args, hw):
     rows = []
     for s in cm.STRATEGIES:
         res = cm.decode_step(hf, args.tensor_model_parallel_size, b, ctx,
-                             cm.make_adapter(s, 2 * r if s == "bd" else r, args.bd_nblocks), hw=hw)
+                             cm.make_adapter(s, cm.served_rank(s, r, 2), args.bd_nblocks), hw=hw)
         c, tm = res["collectives"], res["time_s"]
         ar, ag = c.get("all_reduce", {}), c.get("all_gather", {})
         print(f"{s:<11}{res['rank']:>5}{sum(res['flops'].values()) / 1e9:>9.1f}"

@@ -3,7 +3,7 @@
 from megatron_bdlora.adapters.config import AdapterConfig
 from megatron_bdlora.adapters.layout import check
 from megatron_bdlora.adapters.param_count import adapter_params, match_bd_rank
-from megatron_bdlora.adapters.strategies import for_adapter
+from megatron_bdlora.adapters.strategies import of_flags
 
 # AdapterConfig field -> the trainer flag (argparse dest) that sets it; pre-flight's --load
 # resolution reads the same table
@@ -18,13 +18,14 @@ def adapter_config(args, hf: dict, say=None) -> AdapterConfig | None:
     """The adapter of flags `args` on base model `hf` (None for --adapter none), checked against
     the model shape and TP size (`layout.check`); `say` gets the rank-matching line."""
     tp = args.tensor_model_parallel_size
-    if args.adapter == "none":
+    strategy = of_flags(args.adapter, args.lora_sharding)
+    if strategy is None:
         check(hf, None, tp)
         return None
     rank = args.lora_rank
     common = {field: getattr(args, FLAG_OF[field]) for field in _COMMON}
     common.update(target_modules=tuple(common["target_modules"]), seed=args.seed)
-    if for_adapter(args.adapter, args.lora_sharding).has_blocks and args.match_lora_rank_params:
+    if strategy.has_blocks and args.match_lora_rank_params:
         lora = AdapterConfig(method="lora", rank=args.match_lora_rank_params, **common)
         rank = match_bd_rank(hf, lora, args.bd_nblocks)
         if say:

@@ -20,9 +20,6 @@ the package but `errors`, `strategies` and the base model's shape, `models/shape
 from dataclasses import dataclass
 
 from megatron_bdlora.adapters.strategies import COLUMN, METHODS, ROW, STRATEGIES, strategy_of
-from megatron_bdlora.adapters.strategies import (  # noqa: F401 (the trainer's flags read them here)
-    LORA_SHARDINGS, check_rank_blocks, check_tp_blocks,
-)
 from megatron_bdlora.errors import InputError
 from megatron_bdlora.models.shape import check_tp, kv_heads, projection_shapes
 

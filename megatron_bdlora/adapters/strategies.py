@@ -321,3 +321,11 @@ def for_adapter(method: str, sharding: str) -> Strategy:
 
 def strategy_of(cfg) -> Strategy:
     return for_adapter(cfg.method, cfg.sharding)
+
+
+NO_ADAPTER = "none"  # --adapter none: no adapter, every weight trained
+
+
+def of_flags(adapter: str, sharding: str) -> Strategy | None:
+    """The strategy --adapter / --lora-sharding select; None for --adapter none."""
+    return None if adapter == NO_ADAPTER else for_adapter(adapter, sharding)

@@ -221,7 +221,7 @@ def make_adapter(strategy: str, rank: int, nblocks: int = 8, layout: str = "cano
     """The AdapterConfig a strategy serves (None for base)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
-    if strategy == "base":
+    if strategy not in ADAPTER_STRATEGIES:  # "base": no adapter
         return None
     s = ADAPTER_STRATEGIES[strategy]
     return AdapterConfig(rank=rank, layout=layout, **s.config_fields(),
@@ -234,6 +234,13 @@ PAPER = {("llama3.1-8b", 2): (0.86, 1.63), ("llama3.1-8b", 4): (1.73, 1.30),
          ("llama3.1-70b", 2): (0.87, 1.79), ("llama3.1-70b", 4): (1.74, 1.23)}
 
 
+def served_rank(strategy: str, r: int, factor: int) -> int:
+    """The rank a strategy is compared at: a block-diagonal one at factor * r (its blocks hold
+    fewer parameters per rank), the others (and the base) at r."""
+    s = ADAPTER_STRATEGIES.get(strategy)
+    return factor * r if s is not None and s.has_blocks else r
+
+
 def speedup_grid(models: dict, ranks, batch_sizes, factors=(2, 4), tp=8, nblocks=8,
                  prompt=256, gen=256, hw=A100_SXM4_80GB_NVLINK) -> list:
     """One row per (model, factor, LoRA rank r, batch): base / replicated / slora at rank r,
@@ -242,7 +249,7 @@ def speedup_grid(models: dict, ranks, batch_sizes, factors=(2, 4), tp=8, nblocks
     for name, hf in models.items():
         for factor in factors:
             for r in ranks:
-                adapters = {s: make_adapter(s, factor * r if s == "bd" else r, nblocks)
+                adapters = {s: make_adapter(s, served_rank(s, r, factor), nblocks)
                             for s in STRATEGIES}
                 ratio = adapter_params(hf, adapters["bd"]) / adapter_params(hf, adapters["slora"])
                 for b in batch_sizes:

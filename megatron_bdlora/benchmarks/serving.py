@@ -17,14 +17,13 @@ from megatron_bdlora.adapters import (
     merge_adapters,
 )
 from megatron_bdlora.adapters.strategies import strategy_of
-from megatron_bdlora.benchmarks.timing import (METHODS, adapter_configs, bar_chart, build_models,
+from megatron_bdlora.benchmarks.shared_base import build_models
+from megatron_bdlora.benchmarks.timing import (METHODS, adapter_configs, bar_chart,
                                                collective_calls, collective_columns, llama_shape,
                                                paired_ratio, random_adapter_states, round_robin,
                                                run_environment, slowest_rank, spread_ms, summary_ms,
                                                sync)
-from megatron_bdlora.inference import (
-    KVCacheSession, adapter_batch, greedy_generate, load_adapter_stack,
-)
+from megatron_bdlora.inference import KVCacheSession, adapter_batch, greedy_generate, load_adapter_stack
 from megatron_bdlora.models.llama import build_model
 from megatron_bdlora.parallel import count_collectives, device, tp_rank_size
 

@@ -1,5 +1,5 @@
 """Shared pieces of the measured benchmarks: model shapes, adapter configs, random adapters,
-side-by-side timing statistics, the bar chart.
+side-by-side timing statistics, the bar chart (the models themselves: shared_base.py).
 
 Timing rules (docs/design.md §6): every method lives in the same processes and the methods are
 interleaved step by step (step i of every method, in an order that rotates, before step i+1 of
@@ -13,9 +13,9 @@ import statistics
 
 import torch
 
-from megatron_bdlora.adapters import AdapterConfig, apply_adapters, match_bd_rank
-from megatron_bdlora.models.llama import build_model
-from megatron_bdlora.parallel import device, tp_rank_size
+# no Megatron-Core here: the vLLM benchmark (an environment without it) reads this module
+from megatron_bdlora.adapters import AdapterConfig, match_bd_rank
+from megatron_bdlora.parallel import device
 
 METHODS = ("base", "replicated", "slora", "bd")
 
@@ -50,29 +50,6 @@ def adapter_configs(hf: dict, lora_rank: int, bd_rank: int | None, nblocks: int,
         "bd": AdapterConfig(method="bdlora", rank=bd_rank, alpha=alpha_per_rank * bd_rank,
                             nblocks=nblocks),
     }
-
-
-def build_models(hf: dict, configs: dict, seed: int = 0, sequence_parallel: bool = False,
-                 dtype=torch.float32) -> dict:
-    """{method: GPTModel}: one randomly initialised base, shared (same tensors) by every method's
-    model, each wrapped with its adapter. Base weights are never modified by these models."""
-
-    tp = tp_rank_size()[1]
-    torch.manual_seed(seed)
-    ref = build_model(hf, tp=tp, sequence_parallel=sequence_parallel, dtype=dtype).to(device())
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    models = {}
-    for method, cfg in configs.items():
-        model = ref if cfg is None else build_model(hf, tp=tp, init=False, dtype=dtype,
-                                                     sequence_parallel=sequence_parallel)
-        if model is not ref:
-            share_base_weights(model, ref)
-            model.to(device())
-        if cfg is not None:
-            apply_adapters(model, cfg)
-        models[method] = model
-    return models
 
 
 def share_base_weights(model, ref) -> None:

@@ -19,7 +19,8 @@ import torch
 
 from megatron_bdlora.adapters import adapter_params
 from megatron_bdlora.adapters.strategies import strategy_of
-from megatron_bdlora.benchmarks.timing import (METHODS, adapter_configs, bar_chart, build_models,
+from megatron_bdlora.benchmarks.shared_base import build_models
+from megatron_bdlora.benchmarks.timing import (METHODS, adapter_configs, bar_chart,
                                                collective_calls, collective_columns,
                                                interleaved_times, llama_shape, paired_ratio,
                                                run_environment, spread_ms, summary_ms)

@@ -20,13 +20,22 @@ import torch
 
 from megatron_bdlora.adapters import AdapterConfig, match_bd_rank
 from megatron_bdlora.adapters.layout import BD_A, BD_B, HF_TARGETS, hf_key
+from megatron_bdlora.adapters.strategies import STRATEGIES
 from megatron_bdlora.benchmarks.timing import bar_chart, llama_shape, percentile
 from megatron_bdlora.models.shape import projection_shapes
 from megatron_bdlora.serving.adapter_check import CONFIG, WEIGHTS, packed_shapes
 from megatron_bdlora.serving.collectives import WORKER_EXTENSION, per_step
 from megatron_bdlora.serving.vllm_plugin import engine_env
 
-MODES = ("base", "bd", "default", "fully_sharded")
+# mode -> the TP strategy vLLM serves its adapters with (None: no adapter): this package's plugin
+# the block-diagonal one, stock vLLM replicated A (its default) or S-LoRA (--fully-sharded-loras)
+MODES = {"base": None, "bd": STRATEGIES["bd"], "default": STRATEGIES["replicated"],
+         "fully_sharded": STRATEGIES["slora"]}
+
+
+def _plugin(mode: str) -> bool:
+    """Does `mode` serve with the BD plugin (a strategy with diagonal blocks)?"""
+    return MODES[mode] is not None and MODES[mode].has_blocks
 
 
 @dataclasses.dataclass
@@ -105,7 +114,7 @@ def measure(mode: str, base: str, loras: list, cfg: VllmServingConfig, max_rank:
                                           fully_sharded_loras=mode == "fully_sharded")
     memory = dict(kv_cache_memory_bytes=1 << 29, gpu_memory_utilization=0.2) if cpu else {}
     saved = dict(os.environ)
-    os.environ.update(engine_env(cfg.tp, mode == "bd", cpu))
+    os.environ.update(engine_env(cfg.tp, _plugin(mode), cpu))
     max_len = cfg.prompt_len + cfg.decode_steps + 8
     try:  # the whole batch's prefill in one step
         llm = LLM(base, tensor_parallel_size=cfg.tp, dtype="float32" if cpu else "auto",
@@ -176,7 +185,7 @@ def run(cfg: VllmServingConfig, workdir: str) -> dict:
                             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
             "results": results,
             "ratios": {f"{m}/bd": {k: results[m][k]["median"] / results["bd"][k]["median"]
-                                   for k in ("prefill_ms", "decode_step_ms")} for m in MODES if m != "bd"}}
+                                   for k in ("prefill_ms", "decode_step_ms")} for m in MODES if not _plugin(m)}}
 
 
 def _numel(path: str) -> int:

@@ -19,9 +19,10 @@ import torch
 from megatron_bdlora.adapters import adapter_params, layout
 from megatron_bdlora.adapters.strategies import for_adapter, strategy_of
 from megatron_bdlora.analytic.cost_model import peak_bf16_flops, training_flops
-from megatron_bdlora.benchmarks.timing import (adapter_configs, bar_chart, build_models, llama_shape,
-                                               paired_ratio, round_robin, run_environment, summary_ms,
-                                               sync)
+from megatron_bdlora.benchmarks.shared_base import build_models
+from megatron_bdlora.benchmarks.timing import (adapter_configs, bar_chart, llama_shape,
+                                               paired_ratio, round_robin, run_environment,
+                                               summary_ms, sync)
 from megatron_bdlora.benchmarks.training import TrainerStep, random_batch
 from megatron_bdlora.models.presets import get_preset
 from megatron_bdlora.parallel import device

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 from megatron_bdlora.adapters.config import normalise_targets
 from megatron_bdlora.adapters.flags import FLAG_OF, adapter_config
-from megatron_bdlora.adapters.strategies import strategy_of
+from megatron_bdlora.adapters.strategies import of_flags, strategy_of
 from megatron_bdlora.checkpoint.adapter_checkpoint import (
     AdapterCheckpoint, CONFIG, LATEST, check_compatible, list_checkpoints,
 )
@@ -78,7 +78,7 @@ def resolve_checkpoint_flags(args, say=None) -> None:
         adapter_flag_defaults(args)  # validate left them to here
     if not args.load:
         return
-    if args.adapter == "none" and not args.eval_only:  # the whole model (training/checkpointing)
+    if of_flags(args.adapter, args.lora_sharding) is None and not args.eval_only:  # the whole model (training/checkpointing)
 
         if full_checkpoint_dir(args.load) is None:
             raise CheckpointError(f"--load {args.load} holds no --adapter none checkpoint (hf/ "
@@ -115,7 +115,7 @@ def _check_adapter(args, hf: dict) -> None:
     # The ranks build (and check) this same adapter; --eval-only (which needs --load) takes the
     # checkpoint's, checked by check_compatible.
     cfg = None if args.eval_only else adapter_config(args, hf)
-    if args.load and (args.adapter != "none" or args.eval_only):
+    if args.load and (of_flags(args.adapter, args.lora_sharding) is not None or args.eval_only):
         ckpt = AdapterCheckpoint(args.load)
         check_compatible(ckpt, SimpleNamespace(hf_config=hf, adapter_config=cfg),
                          args.tensor_model_parallel_size)
@@ -227,7 +227,8 @@ def _check_dirs(args) -> None:
 
 def _check_flags_against_model(args, hf: dict) -> None:
     """Flags that the model or the adapter would silently ignore."""
-    if args.match_lora_rank_params and args.adapter != "bdlora":
+    strategy = of_flags(args.adapter, args.lora_sharding)
+    if args.match_lora_rank_params and not (strategy is not None and strategy.has_blocks):
         raise InputError(f"--match-lora-rank-params sets a BD-LoRA rank; with --adapter "
                          f"{args.adapter} it would be ignored: drop it, or use --adapter bdlora")
     virtual_pipeline_size(args, hf["num_hidden_layers"])  # the pipeline layout fits the layers

@@ -12,7 +12,7 @@ import re
 
 import yaml
 
-from megatron_bdlora.adapters.layout import check_rank_blocks, check_tp_blocks
+from megatron_bdlora.adapters.strategies import check_rank_blocks, check_tp_blocks, of_flags
 from megatron_bdlora.data.loader import EXTENSIONS
 from megatron_bdlora.errors import InputError
 from megatron_bdlora.te.guard import require_te
@@ -286,7 +286,8 @@ def adapter_flag_defaults(args) -> None:
     tp = args.tensor_model_parallel_size
     if args.bd_nblocks is None:
         args.bd_nblocks = tp
-    if args.adapter == "bdlora":
+    strategy = of_flags(args.adapter, args.lora_sharding)
+    if strategy is not None and strategy.has_blocks:
         check_tp_blocks(args.bd_nblocks, tp)
         if not args.match_lora_rank_params:
             check_rank_blocks(args.lora_rank, args.bd_nblocks)

@@ -16,12 +16,13 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from megatron_bdlora.adapters.layout import LAYOUTS, LORA_SHARDINGS, METHODS
+from megatron_bdlora.adapters.layout import LAYOUTS
+from megatron_bdlora.adapters.strategies import LORA_SHARDINGS, METHODS, NO_ADAPTER
 from megatron_bdlora.te.guard import IMPLS
 
 # Constant tuples the flags choose from (each written once; the modules that act on them read
 # these names or their own tuple of the same values, held equal by tests/test_flags.py).
-ADAPTERS = (*METHODS, "none")
+ADAPTERS = (*METHODS, NO_ADAPTER)
 ATTENTION_BACKENDS = ("sdpa", "local")            # models/attention.BACKENDS
 SDPA_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")  # auto + models/attention.KERNELS
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
