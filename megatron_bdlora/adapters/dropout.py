@@ -2,9 +2,9 @@
 for the same input (PEFT's one mask over the layer input), without a collective.
 
 The mask covers the layer's whole input (full sequence, full width) and is drawn from a RNG state
-of Megatron's RNG tracker of its own, seeded alike on every TP rank (`add_rng_state`, called by
-parallel/cpu_compat.seed_model_parallel): every rank draws the same full-size masks in the same
-order, so the state advances alike too. A row layer's rank keeps its input columns of the mask.
+of Megatron's RNG tracker of its own (`LORA_DROPOUT_RNG`), seeded alike on every TP rank with the
+tracker's other states (parallel/cpu_compat.seed_model_parallel): every rank draws the same
+full-size masks in the same order, so the state advances alike too. A row layer's rank keeps its input columns of the mask.
 Activation recompute redraws the same mask: Megatron's CheckpointFunction saves and restores the
 tracker's states.
 """
@@ -12,12 +12,7 @@ tracker's states.
 import torch
 import torch.nn as nn
 
-RNG_STATE = "lora-dropout-rng"
-SEED_OFFSET = 5303  # apart from Megatron-Core's tracker seeds (seed, +1024.., +2718 + TP rank)
-
-
-def add_rng_state(tracker, seed: int) -> None:
-    tracker.add(RNG_STATE, seed + SEED_OFFSET)
+from megatron_bdlora.parallel.cpu_compat import LORA_DROPOUT_RNG
 
 
 class LoRADropout(nn.Module):
@@ -33,7 +28,7 @@ class LoRADropout(nn.Module):
             return x
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-        with get_cuda_rng_tracker().fork(RNG_STATE):
+        with get_cuda_rng_tracker().fork(LORA_DROPOUT_RNG):
             keep = x.new_empty(*x.shape[:-1], x.shape[-1] * self.parts).bernoulli_(1 - self.p)
         # a copy of this rank's columns: the full mask is not kept alive for the backward
         return x * keep.chunk(self.parts, -1)[self.rank].contiguous() * (1.0 / (1.0 - self.p))

@@ -177,12 +177,15 @@ def apply() -> None:
         LanguageModule.setup_embeddings_and_output_layer)
 
 
+# LoRA dropout's own tracker state (adapters/dropout.py), seeded here with the others
+LORA_DROPOUT_RNG = "lora-dropout-rng"
+LORA_DROPOUT_SEED_OFFSET = 5303  # apart from Megatron-Core's (seed, +1024.., +2718 + TP rank)
+
+
 def seed_model_parallel(seed: int) -> None:
     """Seed the default and the tensor-parallel RNGs (Megatron's model_parallel_cuda_manual_seed)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import random as mrandom
-
-    from megatron_bdlora.adapters.dropout import add_rng_state
 
     torch.manual_seed(seed)
     if torch.cuda.is_available():
@@ -196,4 +199,4 @@ def seed_model_parallel(seed: int) -> None:
         tracker.add("expert-parallel-rng", seed + 1024 + 100 * ps.get_expert_model_parallel_rank()
                     + ps.get_expert_tensor_parallel_rank())
     # LoRA dropout's own state, seeded alike on every TP rank (adapters/dropout.py)
-    add_rng_state(mrandom.get_cuda_rng_tracker(), seed)
+    mrandom.get_cuda_rng_tracker().add(LORA_DROPOUT_RNG, seed + LORA_DROPOUT_SEED_OFFSET)
