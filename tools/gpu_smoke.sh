@@ -353,7 +353,8 @@ from megatron_bdlora.models.presets import get_preset
 cfg = VsPeftConfig(**{f.name: c[f.name] for f in dataclasses.fields(VsPeftConfig)})
 hf = cfg.hf()
 assert hf == get_preset(cfg.preset), "the estimator takes a preset's own layer count"
-from megatron_bdlora.benchmarks.timing import adapter_configs, build_models
+from megatron_bdlora.benchmarks.shared_base import build_models
+from megatron_bdlora.benchmarks.timing import adapter_configs
 from megatron_bdlora.benchmarks.training import TrainerStep, random_batch
 from megatron_bdlora.parallel import device, init_distributed
 init_distributed(1)
