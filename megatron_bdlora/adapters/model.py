@@ -23,6 +23,8 @@ def apply_adapters(model, cfg: AdapterConfig) -> list:
     """
     from megatron.core import parallel_state as ps
 
+    # lazy: models.llama imports Megatron-Core, and the launcher's pre-flight reads this module
+    # (through checkpoint/adapter_checkpoint) before any rank starts
     from megatron_bdlora.models.llama import global_name
 
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()

@@ -10,13 +10,13 @@ names of its own layers from the files, so any PP layout loads any checkpoint.
 import torch
 import torch.distributed as dist
 
+from megatron_bdlora.parallel import device
+
 
 def gather_stages(tensors: dict) -> dict:
     """{name: tensor} of every pipeline stage together on global rank 0 (on CPU); other ranks
     get their own `tensors` back. Only the ranks of rank 0's pipeline group communicate."""
     from megatron.core import parallel_state as ps
-
-    from megatron_bdlora.parallel import device
 
     if not ps.model_parallel_is_initialized() or ps.get_pipeline_model_parallel_world_size() == 1:
         return tensors
