@@ -21,7 +21,7 @@ STEPS = 2
 TRAINED_IN_BOTH = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight")
 
 
-def _chunks(hf, sd, cfg):
+def model_chunks(hf, sd, cfg):
     """This rank's model chunks with the HF weights (by global layer) and, with `cfg`, adapters
     whose factors are drawn per global name (the same at every TP and PP); without, every
     weight trains."""
@@ -60,7 +60,7 @@ def _train(hf, sd, cfg):
     """Losses and grad norms of STEPS steps; the first step's (clipped) gradients by global name."""
     from megatron_bdlora.adapters import global_adapter_state
 
-    chunks = _chunks(hf, sd, cfg)
+    chunks = model_chunks(hf, sd, cfg)
     engine = _engine(chunks)
     losses, grads = [], None
     for step in range(STEPS):
@@ -85,7 +85,7 @@ def _tied_copies(chunks) -> dict:
 
 def _tied(hf, sd):
     """Full fine-tuning with tied embeddings: the run, and the tied copies after it."""
-    chunks = _chunks(hf, sd, None)
+    chunks = model_chunks(hf, sd, None)
     engine = _engine(chunks)
     losses = []
     for step in range(STEPS):
@@ -103,7 +103,7 @@ def _collectives(hf, sd):
 
     out = {}
     for name, cfg in (("base", None), ("bd", CFG)):
-        chunks = _chunks(hf, sd, cfg)
+        chunks = model_chunks(hf, sd, cfg)
         for c in chunks:
             for n, p in c.named_parameters():
                 p.requires_grad_(".lora_" in n or n in TRAINED_IN_BOTH)

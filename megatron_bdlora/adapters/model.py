@@ -9,7 +9,7 @@ from megatron_bdlora.adapters.layout import check_tensors
 from megatron_bdlora.errors import InputError
 
 
-def _chunks(model) -> list:
+def model_chunks(model) -> list:
     """A model or a pipeline rank's list of model chunks, as a list."""
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
@@ -30,7 +30,7 @@ def apply_adapters(model, cfg: AdapterConfig) -> list:
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     found = {t: 0 for t in cfg.modules}
     wrappers = []
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         for p in chunk.parameters():
             p.requires_grad_(False)
         for name, module in list(chunk.named_modules()):
@@ -54,13 +54,13 @@ def apply_adapters(model, cfg: AdapterConfig) -> list:
 def adapter_modules(model) -> dict:
     """{module name: AdapterLinear} of a model or a pipeline rank's chunks, names as in the
     unwrapped PP=1 model (TP- and PP-independent)."""
-    return {m.name: m for chunk in _chunks(model) for m in chunk.modules()
+    return {m.name: m for chunk in model_chunks(model) for m in chunk.modules()
             if isinstance(m, AdapterLinear)}
 
 
 def trainable_param_count(model) -> int:
     """Parameters this rank trains (a BD-LoRA parameter lives on exactly one TP and PP rank)."""
-    return sum(p.numel() for chunk in _chunks(model) for p in chunk.parameters() if p.requires_grad)
+    return sum(p.numel() for chunk in model_chunks(model) for p in chunk.parameters() if p.requires_grad)
 
 
 def global_adapter_state(model: nn.Module, tensor_of=lambda p: p.detach()) -> dict:

@@ -39,7 +39,7 @@ from megatron_bdlora.adapters import (
     load_global_adapter_state,
 )
 from megatron_bdlora.adapters.layout import check, check_tensors, expected_global_shapes
-from megatron_bdlora.adapters.model import _chunks
+from megatron_bdlora.adapters.model import model_chunks
 from megatron_bdlora.adapters.strategies import strategy_of
 from megatron_bdlora.checkpoint.files import (
     atomic_dir, disk_error, excerpt, inside, read_json, whole_number, write_atomic_text,
@@ -163,7 +163,7 @@ def save_checkpoint(root: str, model, extra_state: dict | None = None, run_confi
     if is_main_rank():
         try:
             tp = getattr(next(iter(_adapter_modules(model).values()), None), "tp_size", 1)
-            config = build_config(_chunks(model)[0], step, run_config, tensors, tp,
+            config = build_config(model_chunks(model)[0], step, run_config, tensors, tp,
                                   pipeline_layout()[0])
             target = write_checkpoint(root, config, tensors, extra_state, optimizer_tensors,
                                       optimizer_meta, keep_last)
@@ -450,7 +450,7 @@ def load_checkpoint(path: str, model, load_optimizer: bool = True) -> LoadedChec
 
     ckpt = AdapterCheckpoint(path)
     tp = ps.get_tensor_model_parallel_world_size()
-    first = _chunks(model)[0]
+    first = model_chunks(model)[0]
     check_compatible(ckpt, first, tp)
     cfg = getattr(first, "adapter_config", None)
     if cfg is None:

@@ -3,6 +3,7 @@
 import os
 import shutil
 
+from megatron_bdlora.adapters.model import model_chunks
 from megatron_bdlora.checkpoint.files import atomic_dir, write_json, write_tensors
 from megatron_bdlora.checkpoint.hf_mapping import hf_state_from_model
 from megatron_bdlora.parallel import is_main_rank
@@ -17,9 +18,7 @@ def save_hf_base(model, out_dir: str, tokenizer: str | None = None, tensor_of=la
     `write_extra(dir)`: more files for the same directory (the trainer's state), on rank 0."""
     import torch.distributed as dist
 
-    from megatron_bdlora.adapters.model import _chunks
-
-    hf = _chunks(model)[0].hf_config
+    hf = model_chunks(model)[0].hf_config
     state = hf_state_from_model(model, hf, tensor_of)
     if is_main_rank():
         with atomic_dir(out_dir, flag="--save") as tmp:

@@ -252,6 +252,7 @@ def load_hf_llama(model_dir_or_hub_name: str, tp: int | None = None, dtype: torc
 def load_hf_llama_chunks(model_dir_or_hub_name: str, tp: int | None = None, **kw) -> list:
     """load_hf_llama for every model chunk of this pipeline rank (one per virtual stage, in
     order; one without virtual stages): what Megatron-Core's schedules and DDP take."""
+    # lazy: models.llama imports Megatron-Core, and the launcher's pre-flight reads this module
     from megatron_bdlora.models.llama import pipeline_layout
 
     _, vpp = pipeline_layout()

@@ -10,7 +10,9 @@ import re
 
 import torch
 
-from megatron_bdlora.models.shape import head_dim, kv_heads
+from megatron_bdlora.adapters.model import model_chunks
+from megatron_bdlora.checkpoint.stages import gather_stages
+from megatron_bdlora.models.shape import head_dim, kv_heads, padded_vocab_size
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _LAYER_MAP = {
@@ -75,11 +77,11 @@ def base_param_names(model) -> dict:
     """{Megatron name as in the unwrapped PP=1 model: parameter} for the base weights of a
     (possibly adapter-wrapped) GPTModel or a pipeline rank's list of chunks: decoder layers by
     their global index (models.llama.global_name), so a stage names only its own layers."""
-    from megatron_bdlora.adapters.model import _chunks
+    # lazy: models.llama imports Megatron-Core, and the launcher's pre-flight reads this module
     from megatron_bdlora.models.llama import global_name
 
     out = {}
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         for n, p in chunk.named_parameters():
             if ".lora_" not in n:
                 out[global_name(chunk, n.replace(".base.", "."))] = p
@@ -92,8 +94,6 @@ def load_base_weights(model, read, hf: dict, tensor_of=lambda p: p) -> None:
     goes, e.g. its Adam moment). A tied output layer's copy on the last stage (PP > 1; Megatron
     syncs it from the embedding at build) is the embedding's slice."""
     from megatron.core import parallel_state as ps
-
-    from megatron_bdlora.adapters.layout import padded_vocab_size
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     padded = padded_vocab_size(hf["vocab_size"], tp)
@@ -131,8 +131,6 @@ def hf_state_from_model(model, hf: dict, tensor_of=lambda p: p) -> dict:
     with `--adapter none` at any TP and PP is saved as an ordinary HF checkpoint."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-
-    from megatron_bdlora.checkpoint.stages import gather_stages
 
     tp = ps.get_tensor_model_parallel_world_size()
     h, heads = hf["hidden_size"], hf["num_attention_heads"]

@@ -16,14 +16,13 @@ from megatron_bdlora.adapters.strategies import of_flags, strategy_of
 from megatron_bdlora.checkpoint.adapter_checkpoint import (
     AdapterCheckpoint, CONFIG, LATEST, check_compatible, list_checkpoints,
 )
-from megatron_bdlora.checkpoint.hf_import import check_hf_checkpoint, tokenizer_dir
 from megatron_bdlora.checkpoint.save_lock import check_unlocked
 from megatron_bdlora.data import build_dataset, load_tokenizer
 from megatron_bdlora.data.formats import check_record, detect_format
 from megatron_bdlora.data.loader import default_cache_dir, local_files, looks_local
 from megatron_bdlora.errors import CheckpointError, InputError
-from megatron_bdlora.models.presets import PRESETS, get_preset
-from megatron_bdlora.training.arguments import adapter_flag_defaults, virtual_pipeline_size
+from megatron_bdlora.training.arguments import (adapter_flag_defaults, model_config,
+                                                virtual_pipeline_size)
 from megatron_bdlora.training.checkpointing import full_checkpoint_dir
 
 JSON_LINES = (".jsonl", ".json")
@@ -96,17 +95,6 @@ def resolve_checkpoint_flags(args, say=None) -> None:
         else:
             raise InputError(f"{ckpt.dir} does not record its base model; pass --hf-checkpoint DIR")
         args.tokenizer = args.tokenizer or base.get("tokenizer_path") or run.get("tokenizer_path")
-
-
-def model_config(args) -> tuple[dict, str | None]:
-    """(HF config dict, tokenizer path or None) without building the model."""
-
-    if args.hf_checkpoint:
-        model_dir, hf = check_hf_checkpoint(args.hf_checkpoint)
-        return hf, args.tokenizer or tokenizer_dir(model_dir)
-    if args.model_preset not in PRESETS:
-        raise InputError(f"unknown --model-preset {args.model_preset!r}; choose one of {sorted(PRESETS)}")
-    return get_preset(args.model_preset), args.tokenizer
 
 
 def _check_adapter(args, hf: dict) -> None:

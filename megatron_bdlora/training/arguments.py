@@ -13,8 +13,10 @@ import re
 import yaml
 
 from megatron_bdlora.adapters.strategies import check_rank_blocks, check_tp_blocks, of_flags
+from megatron_bdlora.checkpoint.hf_import import check_hf_checkpoint, tokenizer_dir
 from megatron_bdlora.data.loader import EXTENSIONS
 from megatron_bdlora.errors import InputError
+from megatron_bdlora.models.presets import PRESETS, get_preset
 from megatron_bdlora.te.guard import require_te
 from megatron_bdlora.training import flags
 from megatron_bdlora.training.flags import (  # noqa: F401 - the launcher and tools import them here
@@ -291,6 +293,17 @@ def adapter_flag_defaults(args) -> None:
         check_tp_blocks(args.bd_nblocks, tp)
         if not args.match_lora_rank_params:
             check_rank_blocks(args.lora_rank, args.bd_nblocks)
+
+
+def model_config(args) -> tuple[dict, str | None]:
+    """(HF config dict, tokenizer path or None) of --hf-checkpoint / --model-preset, without
+    building the model (pre-flight and the ranks alike)."""
+    if args.hf_checkpoint:
+        model_dir, hf = check_hf_checkpoint(args.hf_checkpoint)
+        return hf, args.tokenizer or tokenizer_dir(model_dir)
+    if args.model_preset not in PRESETS:
+        raise InputError(f"unknown --model-preset {args.model_preset!r}; choose one of {sorted(PRESETS)}")
+    return get_preset(args.model_preset), args.tokenizer
 
 
 def run_config(args) -> dict:

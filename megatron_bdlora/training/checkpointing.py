@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bdlora.adapters import global_adapter_state, local_shards
-from megatron_bdlora.adapters.model import _chunks
+from megatron_bdlora.adapters.model import model_chunks
 from megatron_bdlora.checkpoint.adapter_checkpoint import (
     OPTIMIZER, OPTIMIZER_META, TRAINER_STATE, TRAINER_TENSORS, join_state, load_checkpoint,
     save_checkpoint, split_state,
@@ -78,7 +78,7 @@ def _main_params(optimizer) -> dict:
 def _trainable(model) -> list:
     """The trainable parameters of a GPTModel or a pipeline rank's chunks."""
 
-    return [p for chunk in _chunks(model) for p in chunk.parameters() if p.requires_grad]
+    return [p for chunk in model_chunks(model) for p in chunk.parameters() if p.requires_grad]
 
 
 def _gather_full(model, optimizer, keys) -> tuple[dict, int]:
@@ -162,7 +162,7 @@ def _save_full(model, optimizer, out_dir: str, extra: dict, tokenizer) -> None:
     atomic), with the Adam moments in HF names and the trainer's state beside them."""
 
     full, step = _gather_full(model, optimizer, ("param",) + MOMENTS)
-    hf = _chunks(model)[0].hf_config
+    hf = model_chunks(model)[0].hf_config
     moments = {f"{m}/{k}": v for m in MOMENTS
                for k, v in hf_state_from_model(model, hf, full[m].__getitem__).items()}
 
@@ -183,7 +183,7 @@ def _load_full(model, optimizer, ckpt_dir: str) -> dict:
     PP (each stage reads its own layers); returns the trainer's state."""
     from safetensors.torch import load_file
 
-    hf = _chunks(model)[0].hf_config
+    hf = model_chunks(model)[0].hf_config
     local = {k: {p: torch.empty(p.shape, dtype=torch.float32) for p in _trainable(model)}
              for k in ("param",) + MOMENTS}
     fix = "it is not a complete --adapter none checkpoint; save it again"

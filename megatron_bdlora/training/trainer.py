@@ -16,13 +16,12 @@ from megatron_bdlora.data import (
     DataIterator, DistributedBatchSampler, build_dataset, load_tokenizer,
 )
 from megatron_bdlora.errors import InputError
-from megatron_bdlora.launch.preflight import model_config
 from megatron_bdlora.models.attention import pin_kernel
 from megatron_bdlora.models.llama import build_model_chunks
 from megatron_bdlora.models.presets import get_preset
 from megatron_bdlora.parallel import destroy_distributed, device, init_distributed, is_main_rank
-from megatron_bdlora.training.arguments import (parse_args, recompute_config, run_config,
-                                                virtual_pipeline_size)
+from megatron_bdlora.training.arguments import (model_config, parse_args, recompute_config,
+                                                run_config, virtual_pipeline_size)
 from megatron_bdlora.training.checkpointing import CheckpointManager, TrainState
 from megatron_bdlora.training.engine import Engine, device_batch, last_stage_broadcast, run_schedule
 from megatron_bdlora.training.exit_conditions import ExitConditions, exit_status, stopped_line
