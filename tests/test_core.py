@@ -75,7 +75,9 @@ def test_loss_and_grads_match_dense_reference(setup, name, tp):
         assert set(r["grads"]) == set(ref_grads)
         for k, g in ref_grads.items():
             scale = g.abs().max()
-            assert (r["grads"][k] - g).abs().max() <= 2e-5 * scale + 1e-7, k
+            # the reference differentiates through merged W + BA: another fp32 order, which
+            # for S-LoRA's fused q/k/v sums reaches 2.3e-5 of the largest entry on some CPUs
+            assert (r["grads"][k] - g).abs().max() <= 5e-5 * scale + 1e-7, k
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -83,7 +83,9 @@ def setup(tmp_path_factory, tiny_llama, together):
     return hf, dict(zip((1, *TP_SIZES), runs))
 
 
-def _close(a, b, rtol=2e-5):
+# 5e-5 of the largest entry: S-LoRA's fused q/k/v gradient sums reach 2.7e-5 on some CPUs' fp32
+# kernels (2.0e-5 on others); every other strategy stays under 1e-5
+def _close(a, b, rtol=5e-5):
     return (a - b).abs().max() <= rtol * b.abs().max() + 1e-7
 
 
