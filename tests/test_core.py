@@ -88,7 +88,8 @@ def test_tp_sizes_agree(setup, name):
         r = results[tp][0][name]
         assert abs(r["loss"] - r1["loss"]) <= 1e-5 * abs(r1["loss"])
         for k, g in r1["grads"].items():
-            assert (r["grads"][k] - g).abs().max() <= 2e-5 * g.abs().max() + 1e-7, k
+            # 5e-5: S-LoRA's fused q/k/v sums split over TP ranks (2.7e-5 measured on some CPUs)
+            assert (r["grads"][k] - g).abs().max() <= 5e-5 * g.abs().max() + 1e-7, k
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -104,10 +104,10 @@ def _rank(tmp):
         # UserWarning (torch: "Mismatch dtype", ...); Megatron-Core warns of its own API deprecations
         warnings.simplefilter("error", UserWarning)
         # two packed micro-batches: each one's mask is built in the loop and gone after it
-        import megatron_bdlora.data as data_mod
+        import megatron_bdlora.training.engine as engine_mod  # the name the engine calls
 
         built, alive_at_build = [], []
-        real = data_mod.batch_attention_mask
+        real = engine_mod.batch_attention_mask
 
         def counting(document_ids, dev=None):
             alive_at_build.append(sum(r() is not None for r in built))
@@ -115,12 +115,12 @@ def _rank(tmp):
             built.append(weakref.ref(m))
             return m
 
-        data_mod.batch_attention_mask = counting
+        engine_mod.batch_attention_mask = counting
         try:
             labels = ids.roll(-1, 1)
             result = engine.step([(ids, labels, docs)] * 2, 0)
         finally:
-            data_mod.batch_attention_mask = real
+            engine_mod.batch_attention_mask = real
     out["bf16"] = {"norms": norms, "loss": float(result.loss_sum),
                    "grads": all(p.grad is not None and p.grad.dtype == torch.float32 for p in params),
                    "alive_at_build": alive_at_build, "alive_after": sum(r() is not None for r in built)}

@@ -279,7 +279,7 @@ def test_memory_model_counts_the_stages(env):
     """The memory model's per-stage base and adapter parameters are those of the stages built
     at TP=2 x PP=2 (untied: the LM head on the last stage; tied: its copy of the embedding),
     also with 2 virtual stages per rank; its trainable count is the larger stage's."""
-    from megatron_bdlora.benchmarks import memory_model as mm
+    from megatron_bdlora.analytic import memory_model as mm
 
     for name in ("pp2", "pp1_to_vpp"):
         for run in RUNS:

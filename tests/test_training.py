@@ -77,7 +77,7 @@ def test_two_nodes_tp2_dp2_end_to_end_with_resume(work):
 
     # --load X --save X on a first run: a fresh start with a notice (Megatron-LM's habit)
     out = both_nodes("--exit-after-iters", "6")
-    assert "TP=2 DP=2" in out and "no checkpoint in e2e yet: starting fresh" in out
+    assert "TP=2 PP=1 DP=2" in out and "no checkpoint in e2e yet: starting fresh" in out
     assert AdapterCheckpoint(str(work / "e2e")).step == 6
     out = both_nodes()
     assert "resumed from" in out
