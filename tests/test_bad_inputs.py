@@ -379,8 +379,6 @@ def test_converter_bad_input(work, case, monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory, tiny_base):
     """A LoRA checkpoint on the tiny HF base (written in-process, no rank) and its PEFT export."""
-    from types import SimpleNamespace
-
     import torch
 
     from megatron_bdlora.adapters import AdapterConfig
@@ -388,6 +386,7 @@ def hostile(tmp_path_factory, tiny_base):
     from megatron_bdlora.checkpoint.adapter_checkpoint import build_config, write_checkpoint
     from megatron_bdlora.checkpoint.export import export
     from megatron_bdlora.checkpoint.hf_import import read_hf_config
+    from megatron_bdlora.models.info import BaseModelInfo
 
     d = tmp_path_factory.mktemp("hostile")
     cfg = AdapterConfig(method="lora", rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
@@ -395,8 +394,8 @@ def hostile(tmp_path_factory, tiny_base):
     gen = torch.Generator().manual_seed(0)
     tensors = {k: torch.randn(shape, generator=gen) * 0.1
                for k, shape in expected_global_shapes(hf, cfg).items()}
-    model = SimpleNamespace(adapter_config=cfg, hf_config=hf, hf_path=tiny_base, tokenizer_path=None)
-    write_checkpoint(str(d / "ckpt"), build_config(model, 1, {}, tensors, 1), tensors, {"step": 1})
+    info = BaseModelInfo(hf, tiny_base, None, cfg)
+    write_checkpoint(str(d / "ckpt"), build_config(info, 1, {}, tensors, 1), tensors, {"step": 1})
     export(str(d / "ckpt"), "hf-peft", str(d / "peft"))
     return d, tiny_base
 

@@ -53,7 +53,7 @@ def _runs(data, root):
     params = [p for p in model.parameters() if p.requires_grad]
     engine = Engine(model, args)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.hf_config["vocab_size"], (2, 16), generator=g)
+    ids = torch.randint(0, model.info.hf_config["vocab_size"], (2, 16), generator=g)
     labels = ids.roll(-1, 1)
     labels[:, :4] = -100
     result = engine.step([(ids, labels, None)], 0)

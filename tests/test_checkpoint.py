@@ -44,7 +44,7 @@ def _logits(model):
     from megatron_bdlora.models.llama import forward_logits, gather_logits
 
     with torch.no_grad():
-        return gather_logits(forward_logits(model.eval(), _ids()), model.hf_config["vocab_size"]).clone()
+        return gather_logits(forward_logits(model.eval(), _ids()), model.info.hf_config["vocab_size"]).clone()
 
 
 def _random_factors(model, seed):
@@ -177,7 +177,7 @@ def _run_tp4(dirs, ckpt_root):
         if name == "bd4":  # the global factors round-trip bit-exactly through TP=2 -> disk -> TP=4
             out["bd4_global"] = global_adapter_state(model)
         if name == "slora":
-            out["slora_strategy"] = model.adapter_config.strategy
+            out["slora_strategy"] = model.info.adapter_config.strategy
     out["tp_err"] = _err(load_checkpoint, os.path.join(ckpt_root, "bd2"), load_hf_llama(dirs["kv4"], tp=4))
     dist.barrier()
     return out if dist.get_rank() == 0 else None

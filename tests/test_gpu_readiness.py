@@ -71,7 +71,7 @@ def _rank(tmp):
     (model,), _ = trainer.build(args)  # one model chunk (PP=1)
     _randomise_b(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    batches = _batches(4, model.hf_config["vocab_size"])
+    batches = _batches(4, model.info.hf_config["vocab_size"])
     total = sum(int((lab != -100).sum()) for _, lab, _ in batches)
     for ids, labels, mask in batches:  # one batch of 4, by definition, no collectives
         loss, _ = lm_loss(model, ids, labels, mask, reduction="sum")
@@ -98,7 +98,7 @@ def _rank(tmp):
     from megatron_bdlora.data import DataIterator, DistributedBatchSampler, build_dataset
 
     g = torch.Generator().manual_seed(3)
-    records = {"input_ids": [torch.randint(0, model.hf_config["vocab_size"], (SEQ,), generator=g).tolist()
+    records = {"input_ids": [torch.randint(0, model.info.hf_config["vocab_size"], (SEQ,), generator=g).tolist()
                              for _ in range(24)],
                # 1 to SEQ - 1 targets per record (uneven masks)
                "loss_mask": [[0] * (i % (SEQ - 1) + 1) + [1] * (SEQ - 1 - i % (SEQ - 1)) for i in range(24)]}

@@ -67,7 +67,7 @@ def _our_logits(model_dir, ids):
 
     model = load_hf_llama(model_dir).eval()
     with torch.no_grad():
-        return gather_logits(forward_logits(model, ids), model.hf_config["vocab_size"]).clone()
+        return gather_logits(forward_logits(model, ids), model.info.hf_config["vocab_size"]).clone()
 
 
 def test_hf_import_logits_match_transformers_tp1_tp3(model_dir, tokenizer, together):

@@ -62,7 +62,7 @@ def _worker(path, factors_by_cfg, sp):
     loss, counts = step_collectives(full, ids, labels)
     out["none"] = {"loss": loss.item(), "norm_grads": _norm_grads(full), "counts": counts}
     if sp:
-        out["table"] = measure_collectives(full.hf_config, rank=8, nblocks=4, sequence_parallel=True)
+        out["table"] = measure_collectives(full.info.hf_config, rank=8, nblocks=4, sequence_parallel=True)
         try:
             lm_loss(full, ids[:, :-1], labels[:, :-1])
         except ValueError as e:

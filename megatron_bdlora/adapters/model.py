@@ -43,7 +43,7 @@ def apply_adapters(model, cfg: AdapterConfig) -> list:
             setattr(parent, leaf, wrapper)
             wrappers.append(wrapper)
             found[leaf] += 1
-        chunk.adapter_config = cfg
+        chunk.info.adapter_config = cfg
     missing = [t for t, n in found.items() if n == 0]  # every stage holds decoder layers
     if missing:
         raise ValueError(f"adapter target modules {missing} match no module of the model; "

@@ -72,7 +72,7 @@ def check_bd_matches_merged(hf, model_bd, base, states, ids, new_tokens: int) ->
         batched, batched_logits = greedy_generate(model_bd, ids, new_tokens, return_logits=True)
     base_tokens = greedy_generate(base, ids, new_tokens)
     merged = build_model(hf, tp=tp_rank_size()[1], init=False).to(ids.device)
-    apply_adapters(merged, model_bd.adapter_config)
+    apply_adapters(merged, model_bd.info.adapter_config)
     base_by_name = dict(base.named_parameters())
     copies = [(p, base_by_name[n.replace(".base.", ".")]) for n, p in merged.named_parameters()
               if ".lora_" not in n]

@@ -113,22 +113,23 @@ def list_checkpoints(root: str) -> list:
     return sorted(out)
 
 
-def _base_info(model, run_config: dict) -> dict:
-    hf = dict(getattr(model, "hf_config", {}) or {})
-    name = (getattr(model, "hf_path", None) or run_config.get("hf_checkpoint")
+def _base_info(info, run_config: dict) -> dict:
+    hf = dict(info.hf_config or {})
+    name = (info.hf_path or run_config.get("hf_checkpoint")
             or run_config.get("base_model") or run_config.get("model") or hf.get("_name_or_path"))
     return {"name_or_path": name if isinstance(name, str) else None,
-            "tokenizer_path": getattr(model, "tokenizer_path", None), "config": hf}
+            "tokenizer_path": info.tokenizer_path, "config": hf}
 
 
-def build_config(model, step: int, run_config: dict, tensors: dict, tp: int, pp: int = 1) -> dict:
-    cfg = getattr(model, "adapter_config", None)
+def build_config(info, step: int, run_config: dict, tensors: dict, tp: int, pp: int = 1) -> dict:
+    """The config.json of a checkpoint of the model `info` (models/info.BaseModelInfo) describes."""
+    cfg = info.adapter_config
     if cfg is None:
         raise CheckpointError("the model has no adapters (apply_adapters was not called); nothing to save")
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step),
         "adapter": cfg.to_dict(),
-        "base_model": _base_info(model, run_config),
+        "base_model": _base_info(info, run_config),
         "run_config": run_config,
         "saved_at_tp": tp,
         "saved_at_pp": pp,
@@ -163,7 +164,7 @@ def save_checkpoint(root: str, model, extra_state: dict | None = None, run_confi
     if is_main_rank():
         try:
             tp = getattr(next(iter(_adapter_modules(model).values()), None), "tp_size", 1)
-            config = build_config(model_chunks(model)[0], step, run_config, tensors, tp,
+            config = build_config(model_chunks(model)[0].info, step, run_config, tensors, tp,
                                   pipeline_layout()[0])
             target = write_checkpoint(root, config, tensors, extra_state, optimizer_tensors,
                                       optimizer_meta, keep_last)
@@ -395,17 +396,18 @@ def loadable_config(cfg, tp: int):
     return cfg
 
 
-def check_compatible(ckpt: AdapterCheckpoint, model, tp: int) -> None:
-    """One-line errors for an adapter checkpoint that cannot load into `model` at this TP."""
+def check_compatible(ckpt: AdapterCheckpoint, info, tp: int) -> None:
+    """One-line errors for an adapter checkpoint that cannot load at this TP into the model `info`
+    (models/info.BaseModelInfo) describes."""
     cfg = ckpt.adapter_config
     where = ckpt.dir
-    hf = getattr(model, "hf_config", None)
+    hf = info.hf_config
     if hf and ckpt.base_config:
         diff = base_config_mismatch(ckpt.base_config, hf)
         if diff:
             raise CheckpointError(f"{where} was trained on a different base model ({diff}: "
                                   "checkpoint vs model); load it on the base it was trained on")
-    have = getattr(model, "adapter_config", None)
+    have = info.adapter_config
     if have is None:  # the checkpoint's own adapter will be applied: it must fit the base and TP
         try:
             check(hf or ckpt.base_config or None, loadable_config(cfg, tp), tp)
@@ -450,9 +452,9 @@ def load_checkpoint(path: str, model, load_optimizer: bool = True) -> LoadedChec
 
     ckpt = AdapterCheckpoint(path)
     tp = ps.get_tensor_model_parallel_world_size()
-    first = model_chunks(model)[0]
-    check_compatible(ckpt, first, tp)
-    cfg = getattr(first, "adapter_config", None)
+    info = model_chunks(model)[0].info
+    check_compatible(ckpt, info, tp)
+    cfg = info.adapter_config
     if cfg is None:
         cfg = loadable_config(ckpt.adapter_config, tp)
         if cfg is not ckpt.adapter_config:
@@ -461,8 +463,7 @@ def load_checkpoint(path: str, model, load_optimizer: bool = True) -> LoadedChec
         apply_adapters(model, cfg)
     # the whole adapter checked, then this rank's pipeline stage takes its own layers
     where = os.path.join(ckpt.dir, ADAPTER)
-    check_tensors(ckpt.tensors, expected_global_shapes(getattr(first, "hf_config", None) or
-                                                       ckpt.base_config, cfg),
+    check_tensors(ckpt.tensors, expected_global_shapes(info.hf_config or ckpt.base_config, cfg),
                   where, f"it does not fit this base model and adapter config; {_CORRUPT}",
                   CheckpointError)
     stage = global_adapter_layout(model)

@@ -18,7 +18,7 @@ def save_hf_base(model, out_dir: str, tokenizer: str | None = None, tensor_of=la
     `write_extra(dir)`: more files for the same directory (the trainer's state), on rank 0."""
     import torch.distributed as dist
 
-    hf = model_chunks(model)[0].hf_config
+    hf = model_chunks(model)[0].info.hf_config
     state = hf_state_from_model(model, hf, tensor_of)
     if is_main_rank():
         with atomic_dir(out_dir, flag="--save") as tmp:

@@ -241,8 +241,8 @@ def load_hf_llama(model_dir_or_hub_name: str, tp: int | None = None, dtype: torc
     pipeline parallelism its stage (virtual stage `vp_stage`), which reads only its own layers
     (load_hf_llama_chunks: all of this rank's chunks).
 
-    `tp` defaults to the initialised TP size (it must equal it). The returned model carries
-    `hf_config`, `hf_path` (the resolved local directory) and `tokenizer_path` (or None).
+    `tp` defaults to the initialised TP size (it must equal it). The returned model's `info`
+    (models/info.BaseModelInfo) holds the resolved local directory and the tokenizer (or None).
     Needs Megatron-Core parallel state (`megatron_bdlora.parallel.init_distributed`)."""
     return _load(model_dir_or_hub_name, tp, [vp_stage], dict(
         dtype=dtype, recompute=recompute, attention_backend=attention_backend,
@@ -280,8 +280,8 @@ def _load(model_dir_or_hub_name: str, tp: int | None, vp_stages: list, build_kw:
             if torch.cuda.is_available():  # filled in place on the GPU, slice by slice
                 model.cuda()
             load_base_weights(model, ckpt.read, hf)
-            model.hf_path = os.path.abspath(model_dir)
-            model.tokenizer_path = tokenizer_dir(model_dir)
+            model.info.hf_path = os.path.abspath(model_dir)
+            model.info.tokenizer_path = tokenizer_dir(model_dir)
     return chunks
 
 

@@ -15,7 +15,6 @@ output appears atomically (files.atomic_dir), or not at all.
 import contextlib
 import math
 import os
-import types
 
 import torch
 
@@ -32,6 +31,7 @@ from megatron_bdlora.checkpoint.hf_import import (
     CheckpointError, check_hf_checkpoint, open_safetensors, tokenizer_dir,
 )
 from megatron_bdlora.errors import InputError
+from megatron_bdlora.models.info import BaseModelInfo
 from megatron_bdlora.models.shape import projection_shapes
 
 MAX_RANK = 2**16  # far above any LoRA rank; a larger r in a file is a broken or hostile file
@@ -253,12 +253,10 @@ def import_peft(peft_dir: str, hf_checkpoint: str, out: str) -> list:
     cfg, tensors = load_peft(peft_dir, hf)
     base_path = os.path.abspath(base_dir)
     tokenizer = tokenizer_dir(base_path)
-    # build_config reads these attributes of a model; the import has no model to build
-    model = types.SimpleNamespace(adapter_config=cfg, hf_config=hf, hf_path=base_path,
-                                  tokenizer_path=tokenizer)
+    info = BaseModelInfo(hf, base_path, tokenizer, cfg)  # the import builds no model
     run_config = {"imported_from": os.path.abspath(peft_dir), "hf_checkpoint": base_path,
                   "tokenizer_path": tokenizer, "trainer_flags": trainer_flags(cfg)}
-    config = build_config(model, 0, run_config, tensors, tp=1)
+    config = build_config(info, 0, run_config, tensors, tp=1)
     with atomic_dir(out, flag="--out") as tmp:
         step_dir = write_checkpoint(tmp, config, tensors, {"step": 0})
     strategy = strategy_of(cfg)

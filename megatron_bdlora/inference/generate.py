@@ -65,7 +65,7 @@ class KVCacheSession:
             raise ValueError("generation runs on a model built without --sequence-parallel "
                              "(the adapter is the same); rebuild it with sequence_parallel=False")
         self.model = model
-        self.vocab = model.hf_config["vocab_size"]
+        self.vocab = model.info.hf_config["vocab_size"]
         self.batch_size, self.max_length = batch_size, max_length
         self.context = StaticInferenceContext(batch_size, max_length)
         self.pad = None  # (b, max_length) True at pad slots
@@ -170,7 +170,7 @@ def _full_forward(model, seq, lengths):
     """Last-position full-vocabulary logits of a full forward over `seq` (no cache)."""
 
     mask = prefill_mask(padding_mask(lengths, seq.shape[1]))
-    return gather_logits(forward_logits(model, seq, mask), model.hf_config["vocab_size"])[:, -1]
+    return gather_logits(forward_logits(model, seq, mask), model.info.hf_config["vocab_size"])[:, -1]
 
 
 def left_pad(prompts: list, pad_id: int = 0) -> tuple:

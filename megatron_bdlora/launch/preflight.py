@@ -8,7 +8,6 @@ Entry point: `preflight(args)` (args from training/arguments.parse_args). The ra
 
 import json
 import os
-from types import SimpleNamespace
 
 from megatron_bdlora.adapters.config import normalise_targets
 from megatron_bdlora.adapters.flags import FLAG_OF, adapter_config
@@ -21,6 +20,7 @@ from megatron_bdlora.data import build_dataset, load_tokenizer
 from megatron_bdlora.data.formats import check_record, detect_format
 from megatron_bdlora.data.loader import default_cache_dir, local_files, looks_local
 from megatron_bdlora.errors import CheckpointError, InputError
+from megatron_bdlora.models.info import BaseModelInfo
 from megatron_bdlora.training.arguments import (adapter_flag_defaults, model_config,
                                                 virtual_pipeline_size)
 from megatron_bdlora.training.checkpointing import full_checkpoint_dir
@@ -105,7 +105,7 @@ def _check_adapter(args, hf: dict) -> None:
     cfg = None if args.eval_only else adapter_config(args, hf)
     if args.load and (of_flags(args.adapter, args.lora_sharding) is not None or args.eval_only):
         ckpt = AdapterCheckpoint(args.load)
-        check_compatible(ckpt, SimpleNamespace(hf_config=hf, adapter_config=cfg),
+        check_compatible(ckpt, BaseModelInfo(hf, adapter_config=cfg),
                          args.tensor_model_parallel_size)
 
 

@@ -12,6 +12,7 @@ import re
 import torch
 import torch.nn.functional as F
 
+from megatron_bdlora.models.info import BaseModelInfo
 from megatron_bdlora.models.shape import check_tp, head_dim, hf_field, kv_heads, padded_vocab_size, rope_scaling
 from megatron_bdlora.models.spec import decoder_block_spec
 from megatron_bdlora.parallel.cpu_compat import apply as _cpu_compat
@@ -128,7 +129,7 @@ def build_model(hf: dict, tp: int = 1, dtype: torch.dtype = torch.float32,
         parallel_output=True, **stage,
     )
     model.rotary_pos_emb.inv_freq = rope_inv_freq(hf).to(model.rotary_pos_emb.inv_freq.device)
-    model.hf_config = dict(hf)
+    model.info = BaseModelInfo(dict(hf))
     if not init:
         _mark_tensor_parallel(model)
     return model
@@ -196,7 +197,7 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     from megatron.core.utils import unwrap_model
 
     logits = stage_forward(model, input_ids, attention_mask)
-    return _mask_padded_vocab(logits, unwrap_model(model).hf_config["vocab_size"])
+    return _mask_padded_vocab(logits, unwrap_model(model).info.hf_config["vocab_size"])
 
 
 def stage_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):

@@ -162,7 +162,7 @@ def _save_full(model, optimizer, out_dir: str, extra: dict, tokenizer) -> None:
     atomic), with the Adam moments in HF names and the trainer's state beside them."""
 
     full, step = _gather_full(model, optimizer, ("param",) + MOMENTS)
-    hf = model_chunks(model)[0].hf_config
+    hf = model_chunks(model)[0].info.hf_config
     moments = {f"{m}/{k}": v for m in MOMENTS
                for k, v in hf_state_from_model(model, hf, full[m].__getitem__).items()}
 
@@ -183,7 +183,7 @@ def _load_full(model, optimizer, ckpt_dir: str) -> dict:
     PP (each stage reads its own layers); returns the trainer's state."""
     from safetensors.torch import load_file
 
-    hf = model_chunks(model)[0].hf_config
+    hf = model_chunks(model)[0].info.hf_config
     local = {k: {p: torch.empty(p.shape, dtype=torch.float32) for p in _trainable(model)}
              for k in ("param",) + MOMENTS}
     fix = "it is not a complete --adapter none checkpoint; save it again"
@@ -217,7 +217,7 @@ class CheckpointManager:
         """Save at the current step into --save (collective: every rank calls it). --adapter
         none: the whole model and its state in SAVE/hf (a Hugging Face checkpoint)."""
         model, step = self.engine.chunks, self.train_state.step
-        if getattr(self.engine.model, "adapter_config", None) is None:
+        if self.engine.model.info.adapter_config is None:
             out = os.path.join(self.args.save, FULL_DIR)
             _save_full(model, self.engine.optimizer, out, self._extra(),
                        self.run_config.get("tokenizer_path"))
@@ -233,7 +233,7 @@ class CheckpointManager:
         adapter (step 0) has the adapter alone."""
 
         engine = self.engine
-        if getattr(engine.model, "adapter_config", None) is None:
+        if engine.model.info.adapter_config is None:
             where = full_checkpoint_dir(path)
             if where is None:
                 raise CheckpointError(f"{path} holds no --adapter none checkpoint (hf/ with "

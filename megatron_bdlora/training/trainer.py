@@ -45,14 +45,14 @@ def build(args):
               sequence_parallel=args.sequence_parallel, transformer_impl=args.transformer_impl)
     if args.hf_checkpoint:
         chunks = load_hf_llama_chunks(args.hf_checkpoint, **kw)
-        tokenizer = args.tokenizer or chunks[0].tokenizer_path
+        tokenizer = args.tokenizer or chunks[0].info.tokenizer_path
     else:
         chunks = build_model_chunks(get_preset(args.model_preset),
                                     tp=args.tensor_model_parallel_size, **kw)
         tokenizer = args.tokenizer
     # --eval-only: load_checkpoint applies the checkpoint's own adapter config (the adapter flags'
     # defaults would otherwise not match it)
-    cfg = None if args.eval_only else adapter_config(args, chunks[0].hf_config, say=log0)
+    cfg = None if args.eval_only else adapter_config(args, chunks[0].info.hf_config, say=log0)
     if cfg is not None:
         apply_adapters(chunks, cfg)
         if recompute and chunks[0].pre_process:
@@ -159,7 +159,7 @@ class Trainer:
              f"TP={ps.get_tensor_model_parallel_world_size()} "
              f"PP={ps.get_pipeline_model_parallel_world_size()} DP={self.dp}")
         self.throughput = Throughput(
-            self.model.hf_config, getattr(self.model, "adapter_config", None),
+            self.model.info.hf_config, self.model.info.adapter_config,
             args.global_batch_size, args.seq_length, dist.get_world_size(), args.bf16,
         ) if args.log_throughput else None
 
