@@ -163,7 +163,7 @@ def save_checkpoint(root: str, model, extra_state: dict | None = None, run_confi
     error = None
     if is_main_rank():
         try:
-            tp = getattr(next(iter(_adapter_modules(model).values()), None), "tp_size", 1)
+            tp = getattr(next(iter(adapter_modules(model).values()), None), "tp_size", 1)
             config = build_config(model_chunks(model)[0].info, step, run_config, tensors, tp,
                                   pipeline_layout()[0])
             target = write_checkpoint(root, config, tensors, extra_state, optimizer_tensors,
@@ -179,10 +179,6 @@ def save_checkpoint(root: str, model, extra_state: dict | None = None, run_confi
     if int(failed.item()):
         raise CheckpointError(f"saving the checkpoint to {root} failed on rank 0 (see its error)")
     return target
-
-
-def _adapter_modules(model):
-    return adapter_modules(model)
 
 
 def write_checkpoint(root, config, tensors, extra_state, optimizer_tensors=None,
