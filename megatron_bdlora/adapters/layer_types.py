@@ -25,7 +25,6 @@ def parallel_kind(module) -> str:
 def adds_bias_before_return(module) -> bool:
     """Does the layer add its own bias to its output (local: not skip_bias_add; TE: without
     te_return_bias), rather than return it separately?"""
-
     if te_parallel_kind(module) is not None:
         return bool(module.use_bias and not module.te_return_bias)
     return not module.skip_bias_add and module.bias is not None

@@ -50,7 +50,6 @@ def step_collectives(model, ids, labels, engine: bool = False) -> tuple:
     optimizer: grad norm, clipping, Adam), those that issue nothing left out. The model's own
     collectives (TP, PP; model_collectives) unless `engine`: then also the engine's DP gradient
     reduce and grad norm ("op[dp]", "op[mp]": they carry what trains)."""
-
     step = TrainerStep(model, lr=1e-4)
     with count_collectives() as counts:
         result = step.step(ids, labels, counts)

@@ -66,7 +66,6 @@ def check_bd_matches_merged(hf, model_bd, base, states, ids, new_tokens: int) ->
     KV cache). The generated token ids must be equal for every request; the largest logit
     difference is reported. Raises RuntimeError if any request differs, or if no request's
     output differs from the base model's (the adapters would not be exercised)."""
-
     b = ids.shape[0]
     with adapter_batch(model_bd, torch.arange(b)):
         batched, batched_logits = greedy_generate(model_bd, ids, new_tokens, return_logits=True)

@@ -39,7 +39,6 @@ def adapter_configs(hf: dict, lora_rank: int, bd_rank: int | None, nblocks: int,
     """{method: AdapterConfig or None}; canonical layout, all four target modules.
 
     bd_rank None: parameter-matched to LoRA rank `lora_rank` (docs/design.md §1 rank matching)."""
-
     lora = dict(method="lora", rank=lora_rank, alpha=alpha_per_rank * lora_rank)
     if bd_rank is None:
         bd_rank = match_bd_rank(hf, AdapterConfig(**lora), nblocks)

@@ -76,7 +76,6 @@ class TrainerStep:
     def step(self, ids, labels, counts=None):
         """One step on (ids, labels) as one micro-batch; `counts` (count_collectives) gets each
         part of the step as a phase. Returns the engine's StepResult."""
-
         phase = counts.phase if counts is not None else no_phase
         result = self.engine.step([(ids, labels, None)], self.steps, phase)
         self.steps += 1

@@ -99,7 +99,6 @@ def write_adapter(path: str, hf: dict, rank: int, nblocks: int | None, seed: int
 
 def matched_ranks(hf: dict, cfg: VllmServingConfig, nblocks: int) -> tuple:
     """(LoRA rank, BD rank at matched parameters, --max-lora-rank) for the canonical layout."""
-
     bd = match_bd_rank(hf, AdapterConfig(method="lora", rank=cfg.lora_rank), nblocks)
     need = max(bd, cfg.lora_rank)
     return cfg.lora_rank, bd, next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= need and r % nblocks == 0)

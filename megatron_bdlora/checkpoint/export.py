@@ -323,7 +323,6 @@ def export(ckpt_path: str, fmt: str, out: str, hf_checkpoint: str | None = None,
 # ---- inspect -------------------------------------------------------------------------------------
 def describe(path: str) -> str:
     """What `convert_checkpoint.py inspect` prints."""
-
     ckpt = AdapterCheckpoint(path)
     cfg, hf = ckpt.adapter_config, ckpt.base_config
     strategy = strategy_of(cfg)

@@ -109,7 +109,6 @@ def load_base_weights(model, read, hf: dict, tensor_of=lambda p: p) -> None:
 
 def tensor_reader(state_dict: dict):
     """`read` over in-memory HF tensors (tests, freshly built models)."""
-
     def read(name, rows=None, cols=None):
         t = state_dict[name]
         if rows is not None:

@@ -91,7 +91,6 @@ def write_jsonl(path: str, records):
 def write_demo_data(out_dir: str, seed: int = 0, num_train: int = 2000, num_eval: int = 200,
                     num_pretrain: int = 4000, task: str | list = "shift") -> dict:
     """Write pretrain.jsonl, train.jsonl, eval.jsonl and tokenizer/ under out_dir; returns paths."""
-
     data = generate_task(seed, num_train, num_eval, num_pretrain, task)
     os.makedirs(out_dir, exist_ok=True)
     paths = {}

@@ -168,7 +168,6 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_tok
 
 def _full_forward(model, seq, lengths):
     """Last-position full-vocabulary logits of a full forward over `seq` (no cache)."""
-
     mask = prefill_mask(padding_mask(lengths, seq.shape[1]))
     return gather_logits(forward_logits(model, seq, mask), model.info.hf_config["vocab_size"])[:, -1]
 

@@ -36,7 +36,6 @@ def _has_checkpoint(path: str) -> bool:
 def _take_checkpoint_adapter(args, ckpt) -> None:
     """The checkpoint's adapter for every adapter flag the user did not give; a given flag that
     disagrees with it is refused, naming both values."""
-
     cfg = ckpt.adapter_config
     if cfg is None:
         return
@@ -67,7 +66,6 @@ def resolve_checkpoint_flags(args, say=None) -> None:
     """Megatron-LM habits: `--load X --save X` with nothing in X yet starts fresh (`say` gets the
     notice); `--load CKPT` takes the checkpoint's adapter for the adapter flags not given;
     `--eval-only --load CKPT` without a model takes the checkpoint's base and tokenizer."""
-
     if args.load and not args.eval_only and args.save and \
             os.path.realpath(args.load) == os.path.realpath(args.save) and \
             not (os.path.isdir(args.load) and _has_checkpoint(args.load)):
@@ -112,7 +110,6 @@ def _check_adapter(args, hf: dict) -> None:
 def _scan_json_records(path: str, vocab_size: int) -> str | None:
     """Every record of a JSON / JSON-lines file parses and has its fields with the right types
     (one line naming the file and the 1-based line or record number); the file's record format."""
-
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
             text = f.read()
@@ -197,7 +194,6 @@ def _check_data(path: str, args, tokenizer, vocab_size: int) -> None:
 
 def _check_dirs(args) -> None:
     """The directories the run writes into: directories (not files), and writable."""
-
     for flag, path in (("--save", args.save),
                        ("--data-cache-dir", args.data_cache_dir or default_cache_dir())):
         if not path:
@@ -230,7 +226,6 @@ def _check_flags_against_model(args, hf: dict) -> None:
 def preflight(args, check_lock: bool = True) -> None:
     """All checks that need files but no process group; raises InputError. `check_lock`: is
     --save free (node 0 only: another node cannot tell whether node 0's stale lock is dead)."""
-
     resolve_checkpoint_flags(args)
     _check_dirs(args)
     if args.save and check_lock:

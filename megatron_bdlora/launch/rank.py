@@ -73,7 +73,6 @@ def _exit(status: int) -> None:
 
 def interrupted_line(save: str | None) -> str:
     """'interrupted at step N; last checkpoint: DIR' from what the run left in --save."""
-
     step, found = "?", list_checkpoints(save) if save else []
     try:
         with open(os.path.join(save, "metrics.jsonl")) as f:

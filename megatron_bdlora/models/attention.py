@@ -69,7 +69,6 @@ def _needs_repeat(q, masked: bool) -> bool:
 
 def _log_kernel(q, k, v, kw) -> None:
     """Once per kind of call: the kernel that runs (torch's own choice under auto)."""
-
     key = (kw["attn_mask"] is not None, kw["is_causal"], q.device.type)
     if key in _logged:
         return

@@ -98,7 +98,6 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
 def _cuda_type_names(init):
     """`init` (a Megatron optimizer's constructor, which sorts parameters into fp32 / 16-bit
     groups by their CUDA type name) with CPU parameters answering `.type()` by that name."""
-
     def wrapped(*a, **k):
         original = torch.nn.Parameter.type
 
@@ -119,7 +118,6 @@ def _tensor_cuda_is_identity(fn):
     """`fn` (LanguageModule.setup_embeddings_and_output_layer, which moves the tied embedding
     ``.cuda()`` before all-reducing it over the first and last stages) with ``.cuda()`` leaving
     a CPU tensor where it is."""
-
     def wrapped(*a, **k):
         original = torch.Tensor.cuda
         torch.Tensor.cuda = lambda self, *args, **kwargs: self

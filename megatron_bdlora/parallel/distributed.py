@@ -13,7 +13,6 @@ from megatron_bdlora.parallel import cpu_compat
 def check_local_devices() -> None:
     """More ranks on this node than visible GPUs would fail at init with "invalid device
     ordinal": say so in one line first."""
-
     if not torch.cuda.is_available():
         return
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -51,7 +51,6 @@ def check_tool_flags(parser, sequence_parallel: bool, tp: int,
                      transformer_impl: str = "local") -> None:
     """A tool's --sequence-parallel without TP, or --transformer-impl transformer_engine where TE
     cannot run: one line from rank 0, exit status 2 everywhere."""
-
     error = NEEDS_TP if sequence_parallel and tp < 2 else None
     if error is None and transformer_impl == "transformer_engine":
         try:

@@ -166,7 +166,6 @@ def parse_flags(parser, argv=None) -> argparse.Namespace:
 
 def _local_path_error(flag: str, path: str) -> None:
     """A path that does not exist and is no hub name (or names a data file) never goes to the Hub."""
-
     if not path or os.path.exists(os.path.expanduser(path)):
         return
     if not HUB_NAME.match(path) or (flag.endswith("data-path") and

@@ -77,7 +77,6 @@ def _main_params(optimizer) -> dict:
 
 def _trainable(model) -> list:
     """The trainable parameters of a GPTModel or a pipeline rank's chunks."""
-
     return [p for chunk in model_chunks(model) for p in chunk.parameters() if p.requires_grad]
 
 
@@ -126,7 +125,6 @@ def global_optimizer_state(model, optimizer) -> tuple[dict, dict]:
     """Adam moments as global tensors in the TP- and PP-independent adapter layout (complete on
     rank 0), and their step count. Collective: over DP (the distributed optimizer's shards), TP
     (the adapter gather) and PP (the stages to rank 0)."""
-
     full, step = _gather_full(model, optimizer, MOMENTS)
     tensors = {}
     for m in MOMENTS:
@@ -137,7 +135,6 @@ def global_optimizer_state(model, optimizer) -> tuple[dict, dict]:
 
 def load_optimizer_state(model, optimizer, tensors: dict, meta: dict) -> None:
     """Set the Adam moments from global ones (any TP, PP, DP, distributed optimizer or not)."""
-
     local = {m: local_shards(model, {k.split("/", 1)[1]: v for k, v in tensors.items()
                                      if k.startswith(m + "/")}) for m in MOMENTS}
     _set_full(optimizer, local, meta["step"])
@@ -149,7 +146,6 @@ FULL_DIR = "hf"  # SAVE/hf: a Hugging Face checkpoint that also holds the traine
 
 def full_checkpoint_dir(path: str) -> str | None:
     """The resumable full fine-tuning checkpoint in `path` (a --save dir or its hf/), or None."""
-
     for d in (os.path.join(path, FULL_DIR), path):
         if os.path.isfile(os.path.join(d, TRAINER_STATE)) and \
                 os.path.isfile(os.path.join(d, "config.json")):
@@ -160,7 +156,6 @@ def full_checkpoint_dir(path: str) -> str | None:
 def _save_full(model, optimizer, out_dir: str, extra: dict, tokenizer) -> None:
     """SAVE/hf: the fp32 main weights as an ordinary HF checkpoint (TP- and PP-independent,
     atomic), with the Adam moments in HF names and the trainer's state beside them."""
-
     full, step = _gather_full(model, optimizer, ("param",) + MOMENTS)
     hf = model_chunks(model)[0].info.hf_config
     moments = {f"{m}/{k}": v for m in MOMENTS
@@ -231,7 +226,6 @@ class CheckpointManager:
     def load(self, path: str) -> None:
         """Resume from `path` (--load): every part a training checkpoint holds; an imported
         adapter (step 0) has the adapter alone."""
-
         engine = self.engine
         if engine.model.info.adapter_config is None:
             where = full_checkpoint_dir(path)

@@ -66,7 +66,6 @@ def last_stage_broadcast(t: torch.Tensor) -> torch.Tensor:
 def device_batch(batch) -> tuple:
     """(ids, labels) on the device and the loader's host document ids: a micro-batch's mask is
     built only when it runs (`attention_mask`), so one (b, 1, s, s) mask is alive at a time."""
-
     dev = device()
     return batch["input_ids"].to(dev), batch["labels"].to(dev), batch["document_ids"]
 

@@ -37,7 +37,6 @@ def log0(*a):
 
 def build(args):
     """This rank's model chunks (with adapter; one per virtual pipeline stage), tokenizer path."""
-
     pin_kernel(args.sdpa_backend)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     recompute = recompute_config(args)  # Megatron-LM's recompute flags, its meanings
@@ -165,7 +164,6 @@ class Trainer:
 
     def evaluate_only(self) -> dict:
         """--eval-only: the checkpoint's adapter (its own config) on the eval records."""
-
         args = self.args
         load_checkpoint(args.load, self.chunks, load_optimizer=False)
         it, _ = data_iterator(args, self.tokenizer, args.eval_data_path or args.data_path, 1)
